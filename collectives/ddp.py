@@ -1,0 +1,191 @@
+"""Data parallelism with bucketed all-reduce that overlaps the backward pass.
+
+Every rank holds the whole model in one flat buffer (see ``flat.py``) and its
+gradients in another. Gradients are grouped into buckets of contiguous flat
+ranges, in reverse layout order (the order backward produces them); as soon as
+the last gradient of a bucket has been accumulated, that bucket's all-reduce is
+launched asynchronously, so communication runs while autograd computes the
+gradients of earlier layers. This is the scheme of PyTorch's DDP, on shoal's
+flat layout.
+
+Loss scaling contract: the caller scales each rank's loss so that the *sum*
+over ranks of the gradients is the global-batch gradient (e.g. a token-sum
+loss divided by the global token count). The all-reduce is therefore a SUM,
+which keeps the result exact when ranks hold different numbers of samples.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
+from collectives.optim import FlatOptimizer, OptimizerSpec
+
+
+# read(key, lo, hi) -> the flat range [lo, hi) of checkpointed tensor `key`
+FlatReader = Callable[[str, int, int], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class StepStats:
+    grad_norm: float
+    comm_wait_s: float
+
+
+@dataclass(frozen=True)
+class Bucket:
+    lo: int  # flat offsets of the bucket's gradients
+    hi: int
+    n_params: int
+
+
+def plan_buckets(layout: FlatLayout, bucket_numel: int) -> list[Bucket]:
+    """Group parameters, last first, into contiguous buckets of about ``bucket_numel`` elements."""
+    buckets: list[Bucket] = []
+    hi = layout.numel
+    count = 0
+    lo = hi
+    for slot in reversed(layout.slots):
+        lo = slot.offset
+        count += 1
+        if hi - lo >= bucket_numel:
+            buckets.append(Bucket(lo, hi, count))
+            hi, count = lo, 0
+    if count:
+        buckets.append(Bucket(lo, hi, count))
+    return buckets
+
+
+class DDPEngine:
+    """Replicated parameters, all-reduced gradients, one optimizer over the flat model.
+
+    ``group=None`` uses the default process group; with one rank no
+    communication happens at all.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerSpec,
+        *,
+        grad_clip: float = 0.0,
+        bucket_mb: float = 25.0,
+        group: dist.ProcessGroup | None = None,
+    ):
+        self.model = model
+        self.group = group
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.grad_clip = grad_clip
+        self.layout = FlatLayout.of(model)
+        self.flat_param = flatten_into(model, self.layout, torch.float32)
+        self.flat_grad = torch.zeros_like(self.flat_param)
+        attach_grad_views(model, self.layout, self.flat_grad)
+        self.optimizer = FlatOptimizer(optimizer, self.flat_param, self.flat_grad)
+
+        bucket_numel = max(1, int(bucket_mb * 2**20) // self.flat_param.element_size())
+        self.buckets = plan_buckets(self.layout, bucket_numel)
+        self._bucket_of_param: dict[int, int] = {}
+        params = dict(model.named_parameters())
+        for b_idx, bucket in enumerate(self.buckets):
+            for slot in self.layout.slots:
+                if bucket.lo <= slot.offset < bucket.hi:
+                    self._bucket_of_param[id(params[slot.name])] = b_idx
+        self._pending: list[int] = [0] * len(self.buckets)
+        self._works: dict[int, dist.Work | None] = {}
+        self._sync = True
+        if self.world_size > 1:
+            for slot in self.layout.slots:
+                params[slot.name].register_post_accumulate_grad_hook(self._on_grad_ready)
+
+    # -- backward ---------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        self.flat_grad.zero_()
+        self._pending = [b.n_params for b in self.buckets]
+        self._works = {}
+
+    def backward(self, loss: torch.Tensor, *, sync: bool = True) -> None:
+        """Backward one micro-batch; ``sync=False`` accumulates locally (gradient accumulation)."""
+        self._sync = sync
+        loss.backward()
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        if not self._sync:
+            return
+        b_idx = self._bucket_of_param[id(param)]
+        self._pending[b_idx] -= 1
+        if self._pending[b_idx] == 0:
+            self._launch(b_idx)
+
+    def _launch(self, b_idx: int) -> None:
+        bucket = self.buckets[b_idx]
+        view = self.flat_grad[bucket.lo : bucket.hi]
+        self._works[b_idx] = dist.all_reduce(view, group=self.group, async_op=True)
+
+    def _finish_reduction(self) -> float:
+        """Wait for every bucket; returns seconds spent waiting after backward ended."""
+        if self.world_size == 1:
+            return 0.0
+        start = time.perf_counter()
+        # Buckets whose parameters got no gradient this step (unused parameters)
+        # never fired their hook; reduce them now, in a fixed order on every rank.
+        for b_idx in range(len(self.buckets)):
+            if b_idx not in self._works:
+                self._launch(b_idx)
+        for b_idx in range(len(self.buckets)):
+            self._works[b_idx].wait()
+        return time.perf_counter() - start
+
+    # -- optimizer --------------------------------------------------------
+
+    def step(self, lr: float) -> StepStats:
+        """Finish the gradient all-reduce, clip by global norm, and update the parameters."""
+        wait_s = self._finish_reduction()
+        norm = self.flat_grad.norm(2)
+        if self.grad_clip > 0:
+            # Same rule as torch.nn.utils.clip_grad_norm_.
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            self.flat_grad.mul_(coef)
+        self.optimizer.step(lr)
+        return StepStats(grad_norm=float(norm), comm_wait_s=wait_s)
+
+    # -- state ------------------------------------------------------------
+
+    def checkpoint_slice(self) -> tuple[int, int, dict[str, torch.Tensor]]:
+        """``(lo, hi, tensors)``: the flat range this rank writes in a checkpoint.
+
+        Every rank holds everything, so the ranks split the writing evenly;
+        ``tensors`` maps ``param`` and each optimizer-state name to its
+        ``[lo, hi)`` slice (views: copy them before training goes on).
+        """
+        lo, hi = split_evenly(self.layout.numel, self.world_size)[self.rank]
+        out = {"param": self.flat_param[lo:hi]}
+        for key, t in self.optimizer.state_tensors().items():
+            out[key] = t[lo:hi]
+        return lo, hi, out
+
+    def load_state(self, read: FlatReader, step_count: int) -> None:
+        """Restore parameters and optimizer state; ``read(key, lo, hi)`` returns a flat range."""
+        n = self.layout.numel
+        with torch.no_grad():
+            self.flat_param.copy_(read("param", 0, n))
+        state = {key: read(key, 0, n) for key in self.optimizer.spec.state_keys()}
+        self.optimizer.load_state(state, step_count)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's parameters by name (a collective for sharded engines)."""
+        return {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+
+    def memory_bytes(self) -> dict[str, int]:
+        return {
+            "params": self.flat_param.numel() * self.flat_param.element_size(),
+            "grads": self.flat_grad.numel() * self.flat_grad.element_size(),
+            "optimizer": self.optimizer.state_bytes(),
+        }
