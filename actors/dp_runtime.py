@@ -1,0 +1,226 @@
+"""The data-parallel worker's runtime: one rank's model replica (or shard) and its steps.
+
+This is a plain class so tests can drive it in one process; ``actors/worker.py``
+wraps it as the ``DataParallelWorker`` Ray actor. The controller decides
+*what* happens (which step, which learning rate, which samples, when to save);
+the runtime only does it.
+"""
+
+from __future__ import annotations
+
+import os
+import resource
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from actors.data import VOCAB_SIZE, ByteCorpus, batch_offsets, make_batch
+from actors.models.build import build_model
+from collectives.ddp import DDPEngine
+from collectives.optim import OptimizerSpec
+from collectives.process_group import Rendezvous, host_store, join_group, leave_group
+from orchestrator.spec import JobSpec
+from storage.checkpoint import CheckpointReader, Manifest, write_shard
+from storage.object_store import open_store
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    rank: int
+    pid: int
+    host: str
+    node_ip: str
+    device: str
+    threads: int
+
+
+@dataclass(frozen=True)
+class StepResult:
+    step: int
+    rank: int
+    loss_sum: float  # summed token losses of this rank's samples
+    n_tokens: int
+    grad_norm: float
+    compute_s: float  # forward + backward
+    comm_wait_s: float  # waiting for gradient reduction after backward
+    step_s: float
+
+
+def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
+    t = spec.train
+    return OptimizerSpec(
+        name=t.optimizer,
+        weight_decay=t.weight_decay,
+        beta1=t.beta1,
+        beta2=t.beta2,
+        momentum=t.momentum,
+    )
+
+
+class DataParallelRuntime:
+    """One data-parallel rank. Call order: ``setup`` → ``train_step``\\* (+ save/load) → ``shutdown``."""
+
+    def __init__(self, spec: JobSpec, rank: int, tokens: np.ndarray):
+        self.spec = spec
+        self.rank = rank
+        self.tokens = tokens
+        self._store = None
+        self._rdzv_store: torch.distributed.TCPStore | None = None
+        self.engine: DDPEngine | None = None
+        torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
+        use_cuda = spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
+        self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
+
+    # -- lifecycle ----------------------------------------------------------
+
+    def host_rendezvous(self, world_size: int) -> tuple[str, int]:
+        """Rank 0 only: host the rendezvous store; returns ``(host, port)`` for the other ranks."""
+        import ray
+
+        host = ray.util.get_node_ip_address()
+        self._rdzv_store = host_store(host, world_size, self.spec.cluster.collective_timeout_s)
+        return host, self._rdzv_store.port
+
+    def setup(self, rdzv: Rendezvous) -> WorkerInfo:
+        """Join the process group and build the model and engine (same seed on every rank)."""
+        join_group(rdzv, self.rank, self._rdzv_store)
+        torch.manual_seed(self.spec.train.seed)
+        model = build_model(self.spec.model, VOCAB_SIZE).to(self.device)
+        self.engine = DDPEngine(
+            model,
+            optimizer_spec(self.spec),
+            grad_clip=self.spec.train.grad_clip,
+            bucket_mb=self.spec.strategy.bucket_mb,
+        )
+        # Per-rank stream for dropout and the like, different on every rank.
+        torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank)
+        import ray
+
+        return WorkerInfo(
+            rank=self.rank,
+            pid=os.getpid(),
+            host=socket.gethostname(),
+            node_ip=ray.util.get_node_ip_address(),
+            device=str(self.device),
+            threads=torch.get_num_threads(),
+        )
+
+    def shutdown(self) -> None:
+        leave_group()
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    # -- training -----------------------------------------------------------
+
+    def train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
+        """One optimizer step on samples ``[batch_lo, batch_hi)`` of global batch ``step``."""
+        t = self.spec.train
+        seq_len = self.spec.seq_len
+        start = time.perf_counter()
+        offsets = batch_offsets(t.seed, step, t.global_batch, len(self.tokens), seq_len)
+        x, y = make_batch(self.tokens, offsets[batch_lo:batch_hi], seq_len)
+        x, y = x.to(self.device), y.to(self.device)
+        # Normalise by the *global* token count: summed over ranks, the
+        # gradients are exactly the global-batch mean gradient, even when
+        # ranks hold different numbers of samples.
+        global_tokens = t.global_batch * seq_len
+        engine = self.engine
+        engine.zero_grad()
+        micro = np.array_split(np.arange(len(x)), min(t.micro_batches, len(x)))
+        loss_sum = 0.0
+        for i, rows in enumerate(micro):
+            rows_t = torch.from_numpy(rows).to(self.device)
+            logits = engine.model(x[rows_t])
+            loss = F.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), y[rows_t].reshape(-1), reduction="sum"
+            )
+            engine.backward(loss / global_tokens, sync=i == len(micro) - 1)
+            loss_sum += float(loss.detach())
+        compute_s = time.perf_counter() - start
+        stats = engine.step(lr)
+        if not np.isfinite(loss_sum):
+            raise FloatingPointError(
+                f"rank {self.rank}: loss is {loss_sum} at step {step}; lower train.lr or set "
+                "train.grad_clip"
+            )
+        return StepResult(
+            step=step,
+            rank=self.rank,
+            loss_sum=loss_sum,
+            n_tokens=int(y.numel()),
+            grad_norm=stats.grad_norm,
+            compute_s=compute_s,
+            comm_wait_s=stats.comm_wait_s,
+            step_s=time.perf_counter() - start,
+        )
+
+    # -- checkpoints --------------------------------------------------------
+
+    def _checkpoint_store(self):
+        if self._store is None:
+            s = self.spec.storage
+            self._store = open_store(
+                self.spec.checkpoint.uri,
+                endpoint_url=s.endpoint_url,
+                region=s.region,
+                path_style=s.path_style,
+            )
+        return self._store
+
+    def save_shard(self, step: int) -> dict[str, Any]:
+        """Write this rank's slice of the flat state for ``step``; returns its ``ShardRecord``."""
+        lo, hi, tensors = self.engine.checkpoint_slice()
+        record = write_shard(
+            self._checkpoint_store(), step, self.rank, lo, hi, tensors, torch.get_rng_state()
+        )
+        return asdict(record)
+
+    def load_checkpoint(self, root_uri: str, manifest_json: str) -> int:
+        """Restore state from a committed checkpoint (any world size); returns its step."""
+        s = self.spec.storage
+        store = open_store(
+            root_uri, endpoint_url=s.endpoint_url, region=s.region, path_style=s.path_style
+        )
+        manifest = Manifest.from_json(manifest_json, root_uri)
+        reader = CheckpointReader(store, manifest)
+        self.engine.load_state(reader.read, manifest.optimizer["step_count"])
+        rng = reader.rng_state(self.rank) if manifest.world_size == self.engine.world_size else None
+        if rng is not None:
+            torch.set_rng_state(rng)
+        return manifest.step
+
+    # -- reporting ----------------------------------------------------------
+
+    def memory_report(self) -> dict[str, int]:
+        """Bytes of state this rank holds, and its peak resident set size."""
+        report = dict(self.engine.memory_bytes())
+        report["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        return report
+
+    def layout_json(self) -> list[dict]:
+        return self.engine.layout.to_json()
+
+    def generate(self, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0) -> str | None:
+        """Continue ``prompt`` with the trained model. A collective: every rank must call it;
+        rank 0 returns the text, the others ``None``."""
+        state = self.engine.full_state_dict()
+        if self.rank != 0:
+            return None
+        model = build_model(self.spec.model, VOCAB_SIZE)
+        model.load_state_dict(state)
+        model.eval()
+        seq_len = self.spec.seq_len
+        gen = torch.Generator().manual_seed(seed)
+        ids = ByteCorpus.encode(prompt) or [10]
+        with torch.no_grad():
+            for _ in range(n_tokens):
+                context = torch.tensor([ids[-seq_len:]])
+                logits = model(context)[0, -1] / max(temperature, 1e-5)
+                ids.append(int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)))
+        return ByteCorpus.decode(ids)

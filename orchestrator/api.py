@@ -1,0 +1,164 @@
+"""The programmatic job API: ``submit(spec) -> JobHandle``.
+
+    from orchestrator import JobSpec, submit
+    handle = submit(JobSpec.from_overrides(["cluster.workers=2", "train.steps=100"]))
+    final = handle.wait()
+    print(final.state, final.loss, handle.run_dir)
+
+``submit`` connects to Ray (or starts an embedded local instance when
+``cluster.address`` is null), loads the dataset once and puts it in Ray's
+object store, writes the resolved ``config.yaml`` to the run folder, and
+starts the job's controller actor. It returns at once; the job runs in the
+background.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import ray
+
+from actors.models.build import build_dataset
+from orchestrator.controller import controller_actor_class
+from orchestrator.spec import ConfigError, JobSpec
+from orchestrator.status import JobState, JobStatus, read_status
+
+NAMESPACE = "shoal"
+
+
+def ensure_ray(spec: JobSpec) -> None:
+    """Connect to ``cluster.address``, or start a local Ray sized for the job's workers."""
+    if ray.is_initialized():
+        return
+    cl = spec.cluster
+    kwargs: dict[str, Any] = {
+        "namespace": NAMESPACE,
+        "logging_level": logging.WARNING,
+        "log_to_driver": True,
+    }
+    if cl.address is None:
+        # Enough logical CPUs for every worker, even on a small machine: the
+        # workers then share cores (slower) rather than wait forever.
+        needed = int(np.ceil(cl.workers * cl.cpus_per_worker))
+        kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+        if cl.gpus_per_worker > 0:
+            import torch
+
+            kwargs["num_gpus"] = torch.cuda.device_count()
+    else:
+        kwargs["address"] = cl.address
+    ray.init(**kwargs)
+
+
+class JobHandle:
+    """A submitted job. Methods are cheap calls to the job's controller actor."""
+
+    def __init__(self, spec: JobSpec, controller: Any, run_ref: ray.ObjectRef):
+        self.spec = spec
+        self.job_id = spec.job_id
+        self.run_dir: Path = spec.run_dir
+        self._controller = controller
+        self._run_ref = run_ref
+        self._final: JobStatus | None = None
+
+    def status(self) -> JobStatus:
+        """The job's current state, step, loss, workers and error (if any)."""
+        if self._final is not None:
+            return self._final
+        try:
+            return ray.get(self._controller.status.remote(), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as e:
+            return self._lost(e)
+
+    def wait(self, timeout: float | None = None) -> JobStatus:
+        """Block until the job ends (or ``timeout`` seconds pass); returns its status.
+
+        A failed job does not raise here: check ``status.state`` and ``status.error``.
+        """
+        ready, _ = ray.wait([self._run_ref], timeout=timeout)
+        if not ready:
+            return self.status()
+        try:
+            self._final = ray.get(self._run_ref)
+        except ray.exceptions.RayError as e:
+            self._final = self._lost(e)
+        return self._final
+
+    def done(self) -> bool:
+        ready, _ = ray.wait([self._run_ref], timeout=0)
+        return bool(ready)
+
+    def metrics(self, since: int = 0) -> list[dict[str, Any]]:
+        """Per-step records (step, loss, lr, grad_norm, step_time_s, tokens_per_s, ...)."""
+        try:
+            return ray.get(self._controller.metrics.remote(since), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            return _read_metrics(self.run_dir)[since:]
+
+    def cancel(self) -> None:
+        """Ask the job to stop at the next step boundary; ``wait()`` then returns CANCELLED."""
+        self._controller.cancel.remote()
+
+    def worker_pids(self) -> list[int]:
+        """Process ids of the workers (for operators and fault-injection tests)."""
+        return ray.get(self._controller.worker_pids.remote(), timeout=30)
+
+    def close(self) -> None:
+        """Release the controller actor (after the job has ended)."""
+        ray.kill(self._controller, no_restart=True)
+
+    def _lost(self, e: Exception) -> JobStatus:
+        last = read_status(self.run_dir)
+        status = last or JobStatus(self.job_id, JobState.FAILED, str(self.run_dir))
+        status.state = JobState.FAILED
+        status.error = f"the job's controller is gone: {type(e).__name__}: {str(e).splitlines()[0]}"
+        return status
+
+
+def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    import json
+
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def submit(spec: JobSpec) -> JobHandle:
+    """Start ``spec`` in the background and return its handle.
+
+    Raises ``ConfigError`` if the dataset cannot be loaded; everything that
+    goes wrong after the job has started is reported by ``JobHandle.status()``.
+    """
+    ensure_ray(spec)
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
+    try:
+        corpus = build_dataset(spec.data)
+    except Exception as e:  # noqa: BLE001 - a user's dataset may raise anything
+        cause = e.__cause__ or e
+        raise ConfigError(f"data: cannot load {spec.data._target_}: {cause}") from None
+    if len(corpus.tokens) <= spec.seq_len + 1:
+        raise ConfigError(
+            f"data: the corpus has {len(corpus.tokens)} tokens; it needs more than "
+            f"model.seq_len + 1 = {spec.seq_len + 1}"
+        )
+    tokens_ref = ray.put(corpus.tokens)
+    controller = controller_actor_class().options(name=f"shoal-{spec.job_id}").remote(
+        spec, [tokens_ref], os.getpid()
+    )
+    run_ref = controller.run.remote()
+    return JobHandle(spec, controller, run_ref)
+
+
+def run(spec: JobSpec, poll_s: float = 1.0) -> JobStatus:
+    """Submit and wait: the simplest way to train from Python."""
+    handle = submit(spec)
+    while not handle.done():
+        time.sleep(poll_s)
+    return handle.wait()

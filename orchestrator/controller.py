@@ -1,0 +1,345 @@
+"""The per-job controller: a Ray actor that drives the workers through the steps.
+
+It owns the job's state machine (``JobState``), decides everything (which
+step, which learning rate, which samples each rank takes, when to save), and
+holds no tensors: workers compute, the controller collects numbers and writes
+the run folder (``metrics.jsonl``, ``status.json``, ``loss.png``,
+``sample.txt``).
+
+Steps are pipelined two deep: step ``s+1`` is queued on every worker before
+the results of step ``s`` are collected, so Ray's per-call latency hides
+behind computation. Actor calls from one caller run in order, and steps are
+never queued past a checkpoint boundary, so a checkpoint always sees a
+quiescent, fully committed step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import traceback
+from collections import deque
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import ray
+
+from collectives.process_group import Rendezvous, default_backend
+from orchestrator.report import plot_loss
+from orchestrator.schedule import lr_at
+from orchestrator.shard_plan import batch_shares
+from orchestrator.spec import JobSpec
+from orchestrator.status import JobState, JobStatus, write_status
+from storage.checkpoint import Manifest, ShardRecord, commit, resolve, step_dir
+from storage.object_store import open_store
+
+PIPELINE_DEPTH = 2
+_POLL_S = 0.5
+
+
+class JobCancelled(Exception):
+    pass
+
+
+class JobController:
+    """Runs one job. ``run()`` blocks until the job ends; ``status``/``metrics``/``cancel``
+    may be called concurrently (the actor is threaded)."""
+
+    def __init__(self, spec: JobSpec, tokens_ref: list[ray.ObjectRef], driver_pid: int | None = None):
+        self.spec = spec
+        # Wrapped in a list so Ray passes the reference, not the array, to us:
+        # the controller never holds the data, it hands the reference to workers.
+        self._tokens_ref = tokens_ref[0]
+        self.run_dir = spec.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._metrics: list[dict[str, Any]] = []
+        self._workers: list[Any] = []
+        self._worker_pids: list[int] = []
+        self._status = JobStatus(
+            job_id=spec.job_id,
+            state=JobState.PENDING,
+            run_dir=str(self.run_dir),
+            total_steps=spec.train.steps,
+            driver_pid=driver_pid,
+        )
+        self._started = time.time()
+        self._write_status()
+
+    # -- queries (called concurrently with run) ------------------------------
+
+    def status(self) -> JobStatus:
+        with self._lock:
+            self._status.elapsed_s = time.time() - self._started
+            return self._status
+
+    def metrics(self, since: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._metrics[since:]
+
+    def cancel(self) -> None:
+        self._cancel.set()
+
+    def worker_pids(self) -> list[int]:
+        return list(self._worker_pids)
+
+    # -- the job -------------------------------------------------------------
+
+    def run(self) -> JobStatus:
+        try:
+            self._set(state=JobState.STARTING)
+            store = self._checkpoint_store()
+            store.check()  # a bad bucket or credentials fail now, not at the first checkpoint
+            self._start_workers()
+            start_step = self._restore()
+            self._set(state=JobState.RUNNING, step=start_step)
+            self._train(start_step, store)
+            self._finish()
+            self._set(state=JobState.SUCCEEDED)
+        except JobCancelled:
+            self._set(state=JobState.CANCELLED, error="cancelled by the user")
+        except Exception as e:  # noqa: BLE001 - every failure becomes the job's error
+            self._set(state=JobState.FAILED, error=self._describe(e))
+        finally:
+            self._stop_workers()
+            self._write_status()
+        return self.status()
+
+    def _start_workers(self) -> None:
+        from actors.worker import DataParallelWorker
+
+        cl = self.spec.cluster
+        self._workers = [
+            DataParallelWorker.options(
+                num_cpus=cl.cpus_per_worker,
+                num_gpus=cl.gpus_per_worker,
+                name=f"shoal-{self.spec.job_id}-rank{rank}",
+            ).remote(self.spec, rank, self._tokens_ref)
+            for rank in range(cl.workers)
+        ]
+        try:
+            self._worker_pids = ray.get(
+                [w.pid.remote() for w in self._workers], timeout=cl.start_timeout_s
+            )
+        except ray.exceptions.GetTimeoutError:
+            free = ray.available_resources()
+            raise RuntimeError(
+                f"Ray could not place {cl.workers} workers with {cl.cpus_per_worker} CPU and "
+                f"{cl.gpus_per_worker} GPU each within cluster.start_timeout_s="
+                f"{cl.start_timeout_s:g}s (free now: {free.get('CPU', 0):g} CPU, "
+                f"{free.get('GPU', 0):g} GPU). Lower cluster.workers or the per-worker "
+                "resources, or add nodes."
+            ) from None
+        host, port = ray.get(self._workers[0].host_rendezvous.remote(cl.workers))
+        rdzv = Rendezvous(
+            host, port, cl.workers, default_backend(cl.gpus_per_worker > 0), cl.collective_timeout_s
+        )
+        infos = self._gather([w.setup.remote(rdzv) for w in self._workers], "setup")
+        self._set(workers=[asdict(i) for i in infos])
+
+    def _restore(self) -> int:
+        """Load the checkpoint named by ``resume``; returns the first step to run."""
+        if self.spec.resume is None:
+            return 0
+        s = self.spec.storage
+        store, manifest = resolve(
+            self.spec.resume,
+            latest_root=self.spec.checkpoint.uri,
+            endpoint_url=s.endpoint_url,
+            region=s.region,
+            path_style=s.path_style,
+        )
+        layout = ray.get(self._workers[0].layout_json.remote())
+        if layout != manifest.layout:
+            raise RuntimeError(
+                f"resume: checkpoint {store.uri}/{step_dir(manifest.step)} was saved for a "
+                "different model (parameter names or shapes differ); resume it with the model "
+                "config it was saved with"
+            )
+        uri = f"{store.uri}/{step_dir(manifest.step)}"
+        self._gather(
+            [w.load_checkpoint.remote(store.uri, manifest.to_json()) for w in self._workers],
+            "restore",
+        )
+        self._keep_metrics_before(manifest.step)
+        self._set(resumed_from=uri, last_checkpoint=uri)
+        return manifest.step
+
+    def _train(self, start_step: int, store) -> None:
+        t, every = self.spec.train, self.spec.checkpoint.every
+        total = t.steps
+        shares = batch_shares(t.global_batch, [1.0] * len(self._workers))
+        bounds = [(sum(shares[:r]), sum(shares[: r + 1])) for r in range(len(shares))]
+        tokens_per_step = t.global_batch * self.spec.seq_len
+
+        inflight: deque[tuple[int, float, list[ray.ObjectRef]]] = deque()
+        next_step = start_step
+        last_done = time.perf_counter()
+        while next_step < total or inflight:
+            boundary = total if every == 0 else min(total, (next_step // every + 1) * every)
+            while next_step < boundary and len(inflight) < PIPELINE_DEPTH:
+                lr = lr_at(next_step, t)
+                refs = [
+                    w.train_step.remote(next_step, lr, lo, hi)
+                    for w, (lo, hi) in zip(self._workers, bounds, strict=True)
+                ]
+                inflight.append((next_step, lr, refs))
+                next_step += 1
+            step, lr, refs = inflight.popleft()
+            results = self._gather(refs, f"step {step}")
+            now = time.perf_counter()
+            step_time = now - last_done
+            last_done = now
+            record = {
+                "step": step,
+                "loss": sum(r.loss_sum for r in results) / sum(r.n_tokens for r in results),
+                "lr": lr,
+                "grad_norm": results[0].grad_norm,
+                "step_time_s": step_time,
+                "tokens_per_s": tokens_per_step / step_time,
+                "compute_s": [round(r.compute_s, 5) for r in results],
+                "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
+                "elapsed_s": time.time() - self._started,
+            }
+            self._record(record, done=step + 1)
+            done = step + 1
+            if not inflight and (done == total or (every and done % every == 0)):
+                self._checkpoint(done, store)
+            if self._cancel.is_set():
+                # Let queued steps finish (they are already running), then stop.
+                for _, _, queued in inflight:
+                    self._gather(queued, "drain")
+                raise JobCancelled()
+
+    def _checkpoint(self, step: int, store) -> None:
+        records = self._gather([w.save_shard.remote(step) for w in self._workers], "checkpoint")
+        layout = ray.get(self._workers[0].layout_json.remote())
+        numel = max(r["hi"] for r in records)
+        t = self.spec.train
+        manifest = Manifest(
+            step=step,
+            world_size=len(self._workers),
+            strategy=self.spec.strategy.name,
+            numel=numel,
+            layout=layout,
+            optimizer={"name": t.optimizer, "step_count": step},
+            shards=[ShardRecord(**r) for r in records],
+            data={"position": step, "seed": t.seed, "global_batch": t.global_batch},
+            config=self.spec.to_dict(),
+        )
+        commit(store, manifest, keep=self.spec.checkpoint.keep)
+        self._set(last_checkpoint=f"{store.uri}/{step_dir(step)}")
+        plot_loss(self.metrics(), self.run_dir / "loss.png")
+
+    def _finish(self) -> None:
+        memory = ray.get([w.memory_report.remote() for w in self._workers])
+        t = self.spec.train
+        sample = None
+        if t.sample_tokens > 0:
+            texts = self._gather(
+                [w.generate.remote(t.sample_prompt, t.sample_tokens, 0.8, t.seed) for w in self._workers],
+                "sample",
+            )
+            sample = texts[0]
+            (self.run_dir / "sample.txt").write_text(sample)
+        plot_loss(self.metrics(), self.run_dir / "loss.png")
+        self._set(memory=memory, sample=sample)
+
+    # -- helpers ---------------------------------------------------------------
+
+    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
+        """Results of one call per worker; the first worker error fails fast (no waiting on
+        the survivors, which may be blocked in a collective with the failed rank)."""
+        pending = list(refs)
+        while pending:
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+            for ref in ready:
+                try:
+                    ray.get(ref)
+                except Exception as e:
+                    rank = refs.index(ref)
+                    raise WorkerError(rank, self._pid(rank), what, e) from None
+        return ray.get(refs)
+
+    def _pid(self, rank: int) -> int | None:
+        return self._worker_pids[rank] if rank < len(self._worker_pids) else None
+
+    def _stop_workers(self) -> None:
+        for w in self._workers:
+            ray.kill(w, no_restart=True)
+        self._workers = []
+
+    def _checkpoint_store(self):
+        s = self.spec.storage
+        return open_store(
+            self.spec.checkpoint.uri,
+            endpoint_url=s.endpoint_url,
+            region=s.region,
+            path_style=s.path_style,
+        )
+
+    def _record(self, record: dict[str, Any], done: int) -> None:
+        with self._lock:
+            self._metrics.append(record)
+            self._status.step = done
+            self._status.loss = record["loss"]
+            self._status.tokens_per_s = record["tokens_per_s"]
+        with open(self.run_dir / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if done % self.spec.train.log_every == 0 or done == self.spec.train.steps:
+            self._write_status()
+
+    def _keep_metrics_before(self, step: int) -> None:
+        """On resume in the same run folder, drop records of steps that will be redone."""
+        path = self.run_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        path.write_text("".join(line + "\n" for line in kept))
+        with self._lock:
+            self._metrics = [json.loads(line) for line in kept]
+
+    def _set(self, **fields: Any) -> None:
+        with self._lock:
+            for k, v in fields.items():
+                setattr(self._status, k, v)
+        self._write_status()
+
+    def _write_status(self) -> None:
+        with self._lock:
+            self._status.elapsed_s = time.time() - self._started
+            write_status(self.run_dir, self._status)
+
+    @staticmethod
+    def _describe(e: Exception) -> str:
+        if isinstance(e, WorkerError):
+            return str(e)
+        return f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)[-3:])}".strip()
+
+
+class WorkerError(RuntimeError):
+    """A worker raised or died; the message says which, where, and why."""
+
+    def __init__(self, rank: int, pid: int | None, what: str, cause: Exception):
+        where = f"worker {rank}" + (f" (pid {pid})" if pid else "")
+        if isinstance(cause, ray.exceptions.RayTaskError):
+            inner = cause.cause if getattr(cause, "cause", None) is not None else cause
+            detail = f"{type(inner).__name__}: {inner}"
+            # Keep the end of the remote traceback: where in the worker it failed.
+            tail = str(cause).strip().splitlines()[-12:]
+            msg = f"{where} raised during {what}: {detail.splitlines()[0]}\n" + "\n".join(tail)
+        elif isinstance(cause, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
+            msg = f"{where} died during {what} (process killed or node lost): {str(cause).splitlines()[0]}"
+        else:
+            msg = f"{where} failed during {what}: {type(cause).__name__}: {cause}"
+        super().__init__(msg)
+        self.rank = rank
+
+
+def controller_actor_class():
+    """The Ray actor class, created lazily so importing this module does not need Ray started."""
+    return ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)(JobController)
+

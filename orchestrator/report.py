@@ -1,0 +1,81 @@
+"""What a person sees: the loss plot and the end-of-run summary."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from orchestrator.status import JobStatus
+
+
+def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
+    """Write the training-loss curve (raw and smoothed) to ``path`` as a PNG."""
+    if not metrics:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display on cluster nodes
+    import matplotlib.pyplot as plt
+
+    steps = [m["step"] for m in metrics]
+    loss = [m["loss"] for m in metrics]
+    smooth, ema = [], loss[0]
+    for v in loss:
+        ema = 0.9 * ema + 0.1 * v
+        smooth.append(ema)
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot(steps, loss, alpha=0.35, label="loss")
+    ax.plot(steps, smooth, label="loss (EMA 0.9)")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(f"training loss: {loss[0]:.3f} -> {loss[-1]:.3f}")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} TiB"
+
+
+def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
+    """A short end-of-run report: outcome, loss, time, throughput, memory, outputs."""
+    lines = [f"job {status.job_id}: {status.state.value}"]
+    if metrics:
+        first, last = metrics[0], metrics[-1]
+        n = min(10, len(metrics))
+        tail_loss = sum(m["loss"] for m in metrics[-n:]) / n
+        steady = metrics[min(len(metrics) - 1, 2) :]  # skip warm-up steps
+        tok_s = sum(m["tokens_per_s"] for m in steady) / len(steady)
+        lines.append(
+            f"  loss        {first['loss']:.3f} (step {first['step']}) -> {tail_loss:.3f} "
+            f"(mean of last {n} steps)"
+        )
+        lines.append(
+            f"  steps       {status.step}/{status.total_steps} in {status.elapsed_s:.1f}s, "
+            f"{tok_s:,.0f} tokens/s"
+        )
+    if status.resumed_from:
+        lines.append(f"  resumed     from {status.resumed_from}")
+    for w, mem in zip(status.workers, status.memory, strict=False):
+        lines.append(
+            f"  worker {w['rank']}    pid {w['pid']} on {w['node_ip']} ({w['device']}): "
+            f"params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
+            f"optimizer {human_bytes(mem['optimizer'])}, peak RSS {human_bytes(mem['peak_rss'])}"
+        )
+    if status.error:
+        lines.append("  error       " + status.error.replace("\n", "\n              "))
+    lines.append(f"  run folder  {status.run_dir}  (config.yaml, metrics.jsonl, loss.png)")
+    if status.last_checkpoint:
+        lines.append(f"  checkpoint  {status.last_checkpoint}")
+    if status.sample:
+        lines.append("  sample      " + status.sample.replace("\n", "\n              "))
+    return "\n".join(lines)

@@ -1,0 +1,151 @@
+"""The typed job schema: dataclasses registered in Hydra's ConfigStore.
+
+Hydra checks types and unknown keys while it composes the YAML in
+``configs/`` with the user's overrides (``train.steps=abc`` or ``train.step=3``
+fail there, naming the key); ``validate()`` then checks values and the
+relations between them, again naming the field and what is allowed. Nothing
+starts until both pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+STRATEGIES = ("ddp",)
+OPTIMIZERS = ("adamw", "sgd")
+LR_SCHEDULES = ("cosine", "constant")
+
+
+@dataclass
+class StrategyConfig:
+    """How the data-parallel ranks share the model (``strategy=<name>``)."""
+
+    name: str = "ddp"
+    # Gradient bucket size for the overlapped all-reduce; bigger buckets mean
+    # fewer, larger messages but less overlap with the backward pass.
+    bucket_mb: float = 25.0
+
+
+@dataclass
+class ClusterConfig:
+    """Where the workers run (``cluster=local`` by default)."""
+
+    workers: int = 2
+    cpus_per_worker: float = 1.0
+    gpus_per_worker: float = 0.0
+    # null: start an embedded local Ray instance. Otherwise an existing
+    # cluster: "auto", "ray://host:10001" or "host:6379".
+    address: str | None = None
+    # How long to wait for Ray to place all workers before giving up.
+    start_timeout_s: float = 120.0
+    # Upper bound on any single collective (and on rendezvous); a dead peer
+    # becomes an error after this long instead of a hang.
+    collective_timeout_s: float = 300.0
+
+
+@dataclass
+class GPTConfig:
+    """``model=gpt_tiny``: the decoder-only transformer in ``actors/models/gpt.py``."""
+
+    _target_: str = "actors.models.gpt.GPT"
+    n_layer: int = 3
+    n_head: int = 4
+    d_model: int = 128
+    seq_len: int = 64
+    dropout: float = 0.0
+
+
+@dataclass
+class StdlibTextConfig:
+    """``data=stdlib_text``: the Python standard library's own source, as bytes."""
+
+    _target_: str = "actors.data.stdlib_text"
+    max_bytes: int = 4_000_000
+
+
+@dataclass
+class TextFileConfig:
+    """``data=text_file data.path=...``: your own text file, as bytes."""
+
+    _target_: str = "actors.data.text_file"
+    path: str = MISSING
+    max_bytes: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 300
+    # Samples (sequences of model.seq_len tokens) per optimizer step, summed
+    # over all workers. Need not divide evenly by the number of workers.
+    global_batch: int = 32
+    # Gradient accumulation: each worker splits its share into this many
+    # micro-batches (less activation memory, same result).
+    micro_batches: int = 1
+    optimizer: str = "adamw"
+    lr: float = 3e-3
+    lr_schedule: str = "cosine"
+    warmup_steps: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    momentum: float = 0.9
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    # After training, the model continues this prompt for this many tokens.
+    sample_prompt: str = "def "
+    sample_tokens: int = 200
+
+
+@dataclass
+class CheckpointConfig:
+    # null: file://<run_dir>/checkpoints
+    uri: str | None = None
+    # Save every this many steps (0: only at the end of the run).
+    every: int = 100
+    # Committed checkpoints to keep; older ones are deleted after a newer one commits.
+    keep: int = 2
+
+
+@dataclass
+class StorageConfig:
+    """Object-store options, used when ``checkpoint.uri`` is ``s3://...``."""
+
+    endpoint_url: str | None = None
+    region: str | None = None
+    path_style: bool = False
+
+
+@dataclass
+class JobConfig:
+    strategy: StrategyConfig = field(default_factory=StrategyConfig)
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    # Any: the model and dataset groups carry their own schemas (a user's
+    # model has its own fields); their _target_ is instantiated by workers.
+    model: Any = MISSING
+    data: Any = MISSING
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    storage: StorageConfig = field(default_factory=StorageConfig)
+    # null: ./runs/<job-id>
+    run_dir: str | None = None
+    # null: start fresh. "latest": the newest committed checkpoint under
+    # checkpoint.uri. Or a checkpoint URI such as file:///.../checkpoints/step-100.
+    resume: str | None = None
+
+
+def register_schemas() -> None:
+    """Register the schema nodes that ``configs/*.yaml`` extend (idempotent)."""
+    cs = ConfigStore.instance()
+    cs.store(name="job_schema", node=JobConfig)
+    cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+    cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
+    cs.store(group="storage", name="storage_schema", node=StorageConfig)
+    cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="data", name="stdlib_text_schema", node=StdlibTextConfig)
+    cs.store(group="data", name="text_file_schema", node=TextFileConfig)

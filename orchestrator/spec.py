@@ -1,0 +1,216 @@
+"""``JobSpec``: a composed, typed and validated job configuration.
+
+``JobSpec.from_overrides(["strategy=ddp", "train.steps=50"])`` composes
+``configs/job.yaml`` with the overrides through Hydra, converts the result to
+the dataclasses of ``orchestrator/schema.py`` and checks every value. Any
+problem raises ``ConfigError`` naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import secrets
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from orchestrator.schema import (
+    LR_SCHEDULES,
+    OPTIMIZERS,
+    STRATEGIES,
+    ClusterConfig,
+    JobConfig,
+    register_schemas,
+)
+
+
+class ConfigError(ValueError):
+    """A job configuration that cannot run; the message names the field."""
+
+
+def new_job_id() -> str:
+    return time.strftime("%Y%m%d-%H%M%S") + "-" + secrets.token_hex(2)
+
+
+@dataclass
+class JobSpec:
+    """A job, ready to submit. ``config`` is the typed configuration tree."""
+
+    config: JobConfig
+    job_id: str
+
+    # -- construction -------------------------------------------------------
+
+    @classmethod
+    def from_overrides(cls, overrides: list[str] | None = None, job_id: str | None = None) -> JobSpec:
+        """Compose ``configs/job.yaml`` with Hydra-style ``overrides`` and validate the result."""
+        cfg = compose(list(overrides or []))
+        spec = cls(config=cfg, job_id=job_id or new_job_id())
+        spec._resolve_paths()
+        validate(spec.config)
+        return spec
+
+    def _resolve_paths(self) -> None:
+        c = self.config
+        c.run_dir = str(Path(c.run_dir or f"runs/{self.job_id}").expanduser().resolve())
+        if c.checkpoint.uri is None:
+            c.checkpoint.uri = f"file://{c.run_dir}/checkpoints"
+
+    # -- convenient access --------------------------------------------------
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.run_dir)
+
+    @property
+    def seq_len(self) -> int:
+        """Tokens per sample: the model's ``seq_len``."""
+        return int(_field(self.config.model, "seq_len"))
+
+    def __getattr__(self, name: str) -> Any:
+        # spec.train.steps reads as spec.config.train.steps.
+        if name.startswith("_") or name in ("config", "job_id"):
+            raise AttributeError(name)
+        return getattr(self.config, name)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self.config)
+
+    def to_yaml(self) -> str:
+        return OmegaConf.to_yaml(OmegaConf.create(self.to_dict()))
+
+
+def compose(overrides: list[str]) -> JobConfig:
+    """Hydra composition of ``configs/`` plus overrides, as schema dataclasses."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    register_schemas()
+    try:
+        with initialize_config_module(config_module="configs", version_base=None):
+            cfg = hydra_compose(config_name="job", overrides=overrides)
+        return OmegaConf.to_object(cfg)
+    except (HydraException, OmegaConfBaseException) as e:
+        raise ConfigError(_explain_hydra_error(e)) from None
+
+
+def _explain_hydra_error(e: Exception) -> str:
+    msg = str(e).strip()
+    if "MISSING" in type(e).__name__ or "Missing mandatory value" in msg:
+        return f"{msg}\n(this field has no default: set it, e.g. data.path=/path/to/text.txt)"
+    if "not in" in msg and "Key" in msg:
+        return f"{msg}\n(unknown field: check the spelling; `shoal run --help` lists every field)"
+    return msg
+
+
+def _check(cond: bool, field_name: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{field_name}: must be {allowed}, got {value!r}")
+
+
+def validate(c: JobConfig) -> None:
+    """Check values and their relations; raise ``ConfigError`` naming the first bad field."""
+    _check(c.strategy.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", c.strategy.name)
+    _check(c.strategy.bucket_mb > 0, "strategy.bucket_mb", "> 0", c.strategy.bucket_mb)
+    _validate_cluster(c.cluster)
+
+    t = c.train
+    _check(t.steps >= 1, "train.steps", ">= 1", t.steps)
+    _check(t.global_batch >= 1, "train.global_batch", ">= 1", t.global_batch)
+    _check(
+        t.global_batch >= c.cluster.workers,
+        "train.global_batch",
+        f">= cluster.workers ({c.cluster.workers}) so that every worker gets a sample",
+        t.global_batch,
+    )
+    _check(t.micro_batches >= 1, "train.micro_batches", ">= 1", t.micro_batches)
+    _check(
+        t.global_batch >= c.cluster.workers * t.micro_batches,
+        "train.micro_batches",
+        "at most train.global_batch / cluster.workers (every micro-batch needs a sample)",
+        t.micro_batches,
+    )
+    _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {list(OPTIMIZERS)}", t.optimizer)
+    _check(t.lr > 0, "train.lr", "> 0", t.lr)
+    _check(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {list(LR_SCHEDULES)}", t.lr_schedule)
+    _check(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
+    _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "between 0 and 1", t.min_lr_ratio)
+    _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
+    _check(0 <= t.beta1 < 1, "train.beta1", "in [0, 1)", t.beta1)
+    _check(0 <= t.beta2 < 1, "train.beta2", "in [0, 1)", t.beta2)
+    _check(0 <= t.momentum < 1, "train.momentum", "in [0, 1)", t.momentum)
+    _check(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
+    _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
+    _check(t.sample_tokens >= 0, "train.sample_tokens", ">= 0", t.sample_tokens)
+
+    ck = c.checkpoint
+    _check(ck.every >= 0, "checkpoint.every", ">= 0 (0: only at the end)", ck.every)
+    _check(ck.keep >= 1, "checkpoint.keep", ">= 1", ck.keep)
+    _check(
+        ck.uri is not None and ck.uri.split("://")[0] in ("file", "s3") and "://" in ck.uri,
+        "checkpoint.uri",
+        "a file:// or s3:// URI",
+        ck.uri,
+    )
+    _check(
+        c.resume is None or c.resume == "latest" or "://" in c.resume,
+        "resume",
+        "null, 'latest' or a checkpoint URI (file://... or s3://.../step-N)",
+        c.resume,
+    )
+    _validate_targets(c)
+
+
+def _validate_cluster(cl: ClusterConfig) -> None:
+    _check(cl.workers >= 1, "cluster.workers", ">= 1", cl.workers)
+    _check(cl.cpus_per_worker > 0, "cluster.cpus_per_worker", "> 0", cl.cpus_per_worker)
+    _check(cl.gpus_per_worker >= 0, "cluster.gpus_per_worker", ">= 0", cl.gpus_per_worker)
+    _check(cl.start_timeout_s > 0, "cluster.start_timeout_s", "> 0", cl.start_timeout_s)
+    _check(cl.collective_timeout_s > 0, "cluster.collective_timeout_s", "> 0", cl.collective_timeout_s)
+
+
+def _validate_targets(c: JobConfig) -> None:
+    """The model and dataset targets must import; the model must build (on the meta device)."""
+    for group in ("model", "data"):
+        node = getattr(c, group)
+        target = _target_of(node)
+        _check(bool(target), f"{group}._target_", "a dotted path to a class or function", target)
+        try:
+            module_name, _, attr = target.rpartition(".")
+            getattr(importlib.import_module(module_name), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"{group}._target_: cannot import {target!r} ({e})") from None
+    if _target_of(c.data) == "actors.data.text_file":
+        path = Path(str(c.data.path)).expanduser()
+        _check(path.is_file(), "data.path", "an existing text file", str(path))
+    seq_len = _field(c.model, "seq_len")
+    _check(isinstance(seq_len, int) and seq_len >= 1, "model.seq_len", "an int >= 1", seq_len)
+    try:
+        import torch
+
+        from actors.data import VOCAB_SIZE
+        from actors.models.build import build_model
+
+        # Building on the meta device allocates nothing, but runs the
+        # constructor's own checks (e.g. d_model divisible by n_head).
+        with torch.device("meta"):
+            build_model(c.model, VOCAB_SIZE)
+    except ConfigError:
+        raise
+    except Exception as e:  # noqa: BLE001 - a user's model may raise anything
+        cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
+        raise ConfigError(f"model: cannot build {_target_of(c.model)!r}: {cause}") from None
+
+
+def _target_of(node: Any) -> str:
+    return str(_field(node, "_target_") or "")
+
+
+def _field(node: Any, name: str) -> Any:
+    return node.get(name) if isinstance(node, dict) else getattr(node, name, None)

@@ -1,0 +1,75 @@
+"""A job's state as plain data, and its ``status.json`` in the run folder.
+
+``status.json`` is rewritten (atomically) on every state change and every
+logged step, so ``shoal status`` can report on a run from another terminal,
+and after the process that ran it has gone.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+
+class JobState(str, Enum):
+    PENDING = "pending"  # submitted; the controller has not started
+    STARTING = "starting"  # placing workers, forming the process group, restoring
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED)
+
+
+@dataclass
+class JobStatus:
+    job_id: str
+    state: JobState
+    run_dir: str
+    step: int = 0  # steps completed (the next step to run)
+    total_steps: int = 0
+    loss: float | None = None
+    tokens_per_s: float | None = None
+    elapsed_s: float = 0.0
+    error: str | None = None
+    last_checkpoint: str | None = None  # URI of the newest committed checkpoint
+    resumed_from: str | None = None
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    memory: list[dict[str, int]] = field(default_factory=list)  # per rank, bytes
+    sample: str | None = None
+    driver_pid: int | None = None
+    updated_at: float = 0.0
+
+    def to_json(self) -> str:
+        d = asdict(self)
+        d["state"] = self.state.value
+        return json.dumps(d, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> JobStatus:
+        d = json.loads(text)
+        d["state"] = JobState(d["state"])
+        known = cls.__dataclass_fields__
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+def write_status(run_dir: Path, status: JobStatus) -> None:
+    status.updated_at = time.time()
+    tmp = run_dir / ".status.json.tmp"
+    tmp.write_text(status.to_json())
+    os.replace(tmp, run_dir / "status.json")
+
+
+def read_status(run_dir: Path) -> JobStatus | None:
+    try:
+        return JobStatus.from_json((run_dir / "status.json").read_text())
+    except (FileNotFoundError, ValueError, KeyError):
+        return None

@@ -1,0 +1,35 @@
+"""Shared fixtures: one local Ray instance per test session."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """A real local Ray instance, started once (a start costs seconds).
+
+    num_cpus is set explicitly and above the core count so that tests with
+    up to 4 one-CPU workers are placed on a 2-core CI machine. PYTHONPATH
+    lets workers import test-only models from ``tests/``.
+    """
+    import ray
+
+    os.environ["PYTHONPATH"] = os.pathsep.join(
+        p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
+    )
+    ray.init(
+        num_cpus=4,
+        include_dashboard=False,
+        namespace="shoal-tests",
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,25 @@
+"""Fault injection as test code: models that fail the way real ones do."""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+from actors.models.gpt import GPT
+
+
+class RaisingGPT(GPT):
+    """Raises on rank 1 at its third forward pass (a bug in user code on one worker)."""
+
+    FAIL_RANK = 1
+    FAIL_AT_CALL = 3
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._calls = 0
+
+    def forward(self, idx):
+        self._calls += 1
+        rank = dist.get_rank() if dist.is_initialized() else 0
+        if rank == self.FAIL_RANK and self._calls == self.FAIL_AT_CALL:
+            raise RuntimeError("injected fault: RaisingGPT failed on purpose")
+        return super().forward(idx)
