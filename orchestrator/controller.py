@@ -176,10 +176,11 @@ class JobController:
         tokens_per_step = t.global_batch * self.spec.seq_len
 
         inflight: deque[tuple[int, float, list[ray.ObjectRef]]] = deque()
-        next_step = start_step
+        next_step = done = start_step
         last_done = time.perf_counter()
         while next_step < total or inflight:
-            boundary = total if every == 0 else min(total, (next_step // every + 1) * every)
+            # Never queue past the next checkpoint: it must see a quiescent step.
+            boundary = total if every == 0 else min(total, (done // every + 1) * every)
             while next_step < boundary and len(inflight) < PIPELINE_DEPTH:
                 lr = lr_at(next_step, t)
                 refs = [
@@ -204,8 +205,8 @@ class JobController:
                 "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
                 "elapsed_s": time.time() - self._started,
             }
-            self._record(record, done=step + 1)
             done = step + 1
+            self._record(record, done=done)
             if not inflight and (done == total or (every and done % every == 0)):
                 self._checkpoint(done, store)
             if self._cancel.is_set():

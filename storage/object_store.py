@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import uuid
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +67,8 @@ class ObjectStore(ABC):
 
     def check(self) -> None:
         """Fail now, with a clear message, if the store cannot be written and read back."""
-        key = ".shoal-write-check"
+        # A unique key: several workers may check the same store at once.
+        key = f".shoal-write-check-{uuid.uuid4().hex}"
         try:
             self.put(key, b"ok")
             if self.get(key) != b"ok":
@@ -93,14 +95,30 @@ class LocalStore(ObjectStore):
 
     def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".partial")
+        for attempt in range(3):
+            path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                fd, tmp = tempfile.mkstemp(
+                    dir=path.parent, prefix=f".{path.name}.", suffix=".partial"
+                )
+                break
+            except FileNotFoundError:
+                # A concurrent delete() pruned the (then empty) folder; make it again.
+                if attempt == 2:
+                    raise
         try:
             with os.fdopen(fd, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(tmp, path)
+            # fsync the folder too, or the rename (a commit, for manifests) may
+            # not survive a power loss.
+            dir_fd = os.open(path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -112,6 +130,8 @@ class LocalStore(ObjectStore):
             raise StoreError(f"{self.uri}/{key} does not exist") from e
 
     def get_range(self, key: str, start: int, end: int) -> bytes:
+        if start < 0 or end < start:
+            raise ValueError(f"bad byte range [{start}, {end})")
         try:
             with open(self._path(key), "rb") as f:
                 f.seek(start)
@@ -138,7 +158,10 @@ class LocalStore(ObjectStore):
         # Drop directories left empty, up to the root, so listings stay clean.
         parent = path.parent
         while parent != self.root and parent.exists() and not any(parent.iterdir()):
-            parent.rmdir()
+            try:
+                parent.rmdir()
+            except OSError:  # a concurrent put() just wrote into it: keep it
+                break
             parent = parent.parent
 
 
@@ -159,4 +182,6 @@ def open_store(uri: str, **options: object) -> ObjectStore:
         from storage.s3_store import S3Store  # boto3 is only imported when S3 is used
 
         return S3Store.from_uri(uri, **options)
-    raise StoreError(f"unsupported checkpoint URI scheme {parsed.scheme!r} in {uri!r}: use file:// or s3://")
+    raise StoreError(
+        f"unsupported checkpoint URI scheme {parsed.scheme!r} in {uri!r}: use file:// or s3://"
+    )

@@ -1,0 +1,58 @@
+"""Config composition and validation: every bad value names its field, before anything starts."""
+
+from __future__ import annotations
+
+import pytest
+
+from orchestrator.spec import ConfigError, JobSpec
+
+
+def test_defaults_compose_and_resolve_paths(tmp_path):
+    spec = JobSpec.from_overrides([f"run_dir={tmp_path}/r"])
+    assert spec.strategy.name == "ddp"
+    assert spec.cluster.workers == 2
+    assert spec.model._target_ == "actors.models.gpt.GPT"
+    assert spec.data._target_ == "actors.data.stdlib_text"
+    assert spec.checkpoint.uri == f"file://{tmp_path}/r/checkpoints"
+    assert "train:" in spec.to_yaml()
+
+
+def test_overrides_are_typed(tmp_path):
+    spec = JobSpec.from_overrides(["train.steps=7", "train.lr=0.01", "model.n_layer=1"])
+    assert spec.train.steps == 7 and spec.train.lr == 0.01 and spec.model.n_layer == 1
+
+
+@pytest.mark.parametrize(
+    "overrides, must_mention",
+    [
+        (["train.steps=0"], "train.steps"),
+        (["train.steps=abc"], "train.steps"),
+        (["train.stepz=3"], "train.stepz"),
+        (["train.lr=-1"], "train.lr"),
+        (["train.optimizer=adam"], "adamw"),
+        (["train.lr_schedule=linear"], "cosine"),
+        (["cluster.workers=0"], "cluster.workers"),
+        (["cluster.workers=4", "train.global_batch=3"], "train.global_batch"),
+        (["train.micro_batches=20"], "train.micro_batches"),
+        (["strategy=zero9"], "ddp"),
+        (["model=gpt_huge"], "gpt_tiny"),
+        (["model.n_head=5"], "n_head"),
+        (["model._target_=no.such.Model"], "model._target_"),
+        (["data=text_file"], "data.path"),
+        (["data=text_file", "data.path=/definitely/not/here.txt"], "data.path"),
+        (["checkpoint.keep=0"], "checkpoint.keep"),
+        (["checkpoint.uri=ftp://x/y"], "checkpoint.uri"),
+        (["resume=yesterday"], "resume"),
+    ],
+)
+def test_bad_values_name_the_field(overrides, must_mention):
+    with pytest.raises(ConfigError) as err:
+        JobSpec.from_overrides(overrides)
+    assert must_mention in str(err.value)
+
+
+def test_text_file_that_exists(tmp_path):
+    f = tmp_path / "t.txt"
+    f.write_text("hello world " * 100)
+    spec = JobSpec.from_overrides(["data=text_file", f"data.path={f}"])
+    assert spec.data.path == str(f)
