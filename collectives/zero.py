@@ -1,0 +1,607 @@
+"""ZeRO stages 1, 2 and 3 over shoal's flat parameter layout, with uneven shards.
+
+Rank ``r`` owns the contiguous flat range ``shard_bounds[r] = [lo_r, hi_r)`` of
+the model's :class:`~collectives.flat.FlatLayout`. Shards may differ in size
+(a worker with more memory owns more), so every collective here takes per-rank
+split sizes instead of assuming ``numel / world_size``:
+
+* **reduce-scatter** is ``dist.reduce_scatter(out, [chunk_0, ..., chunk_{n-1}])``
+  with one input chunk per rank; gloo accepts chunks of different (even zero)
+  lengths.
+* **all-gather** is ``dist.all_to_all_single`` with ``output_split_sizes`` set to
+  the shard sizes: every rank sends its own piece to every rank (the input is
+  the piece repeated ``world_size`` times) and receives rank ``r``'s piece at
+  rank ``r``'s offset of the output. gloo's ``all_gather`` rejects uneven
+  sizes, and padding to the largest shard would waste the bandwidth the uneven
+  split exists to save.
+
+Both run per *group*: a contiguous flat range (a DDP-style gradient bucket for
+stages 1-2, a module *unit* for stage 3), so transient buffers are bounded by a
+group's size and reductions overlap the backward pass.
+
+What each stage keeps persistently on a rank (``Ψ`` = model numel, ``Ψ_r`` =
+its shard):
+
+========  ==========  =========  ====================
+stage     parameters  gradients  optimizer state
+========  ==========  =========  ====================
+1         Ψ           Ψ          Ψ_r
+2         Ψ           Ψ_r        Ψ_r
+3         Ψ_r         Ψ_r        Ψ_r
+========  ==========  =========  ====================
+
+Communication per step is a reduce-scatter plus an all-gather of ``Ψ`` for
+stages 1-2 (never an all-reduce of the gradients), and for stage 3 one
+reduce-scatter plus two all-gathers (before forward and before backward).
+
+Loss contract (as for :class:`~collectives.ddp.DDPEngine`): each rank's loss is
+scaled so that the SUM over ranks of the gradients is the global-batch
+gradient, so every reduction is a SUM and ranks may hold different batch sizes.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from collectives.ddp import DDPEngine, FlatReader, StepStats, plan_buckets
+from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
+from collectives.optim import FlatOptimizer, OptimizerSpec
+
+STAGE_OF_STRATEGY = {"zero1": 1, "zero2": 2, "zero3": 3}
+
+
+def weighted_bounds(total: int, weights: list[float]) -> list[tuple[int, int]]:
+    """Contiguous ``[lo, hi)`` ranges covering ``range(total)`` in proportion to ``weights``.
+
+    Largest-remainder rounding, ties to the lower index; every range is
+    non-empty when ``total >= len(weights)``. This is the ``align=1`` case of
+    ``orchestrator.shard_plan.shard_bounds`` (kept here because ``collectives``
+    must not import the control plane; a test checks that the two agree).
+    """
+    if not weights:
+        raise ValueError("weights must not be empty")
+    if any(not (math.isfinite(w) and w > 0) for w in weights):
+        raise ValueError(f"weights must all be positive, got {weights}")
+    if total < 0:
+        raise ValueError(f"total must be >= 0, got {total}")
+    wsum = float(sum(weights))
+    quotas = [total * w / wsum for w in weights]
+    sizes = [int(q) for q in quotas]
+    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - sizes[i]), i))
+    for i in order[: total - sum(sizes)]:
+        sizes[i] += 1
+    if total >= len(weights):
+        # A tiny weight may round to zero; take one element from the largest.
+        for i in range(len(sizes)):
+            if sizes[i] == 0:
+                donor = max(range(len(sizes)), key=lambda j: (sizes[j], -j))
+                sizes[donor] -= 1
+                sizes[i] = 1
+    bounds = []
+    lo = 0
+    for s in sizes:
+        bounds.append((lo, lo + s))
+        lo += s
+    return bounds
+
+
+def _check_bounds(bounds: list[tuple[int, int]], total: int, world_size: int) -> None:
+    if len(bounds) != world_size:
+        raise ValueError(f"shard_bounds has {len(bounds)} ranges for world size {world_size}")
+    expect = 0
+    for lo, hi in bounds:
+        if lo != expect or hi < lo:
+            raise ValueError(f"shard_bounds must be contiguous and ordered, got {bounds}")
+        expect = hi
+    if expect != total:
+        raise ValueError(f"shard_bounds cover [0, {expect}) but the model has {total} elements")
+
+
+def _intersect(a_lo: int, a_hi: int, b_lo: int, b_hi: int) -> tuple[int, int]:
+    lo = max(a_lo, b_lo)
+    return lo, max(lo, min(a_hi, b_hi))
+
+
+@dataclass
+class _Group:
+    """A contiguous flat range that is reduce-scattered (and gathered) as one collective."""
+
+    lo: int
+    hi: int
+    n_params: int  # parameters whose gradient completes this group
+    splits: list[int]  # per rank: elements of its shard inside [lo, hi)
+    mine: tuple[int, int]  # this rank's shard ∩ [lo, hi), flat offsets
+    pending: int = 0
+    launched: bool = False
+    buf: torch.Tensor | None = None  # stages 2-3: transient full-size gradient buffer
+
+
+@dataclass
+class _Unit:
+    """Stage 3: a contiguous flat range whose parameters are gathered and freed together.
+
+    ``buf`` always exists; its storage is resized to zero bytes while the unit
+    is not gathered, so the parameters (views of it) stay valid Python objects
+    without holding memory.
+    """
+
+    lo: int
+    hi: int
+    buf: torch.Tensor
+    group: int  # index of the gradient group with the same range
+    refs: int = 0  # forward calls currently using it
+    held_for_backward: bool = False
+    gathered: bool = False
+
+
+@dataclass
+class _Pending:
+    """An in-flight reduce-scatter and what to do with its result."""
+
+    work: dist.Work | None
+    out: torch.Tensor
+    group: int
+    keep: list[torch.Tensor] = field(default_factory=list)  # inputs alive until wait()
+
+
+class ZeroEngine:
+    """ZeRO data parallelism (stage 1, 2 or 3) with contiguous, possibly uneven flat shards.
+
+    Same interface as :class:`~collectives.ddp.DDPEngine`: ``zero_grad()``,
+    ``backward(loss, sync=...)`` per micro-batch, ``step(lr)``, and the state
+    methods. ``shard_bounds`` (default: an even split) gives every rank's
+    ``[lo, hi)``; all ranks must pass the same list. ``group=None`` uses the
+    default process group; without an initialized group the engine runs as
+    one rank.
+
+    Gradient accumulation: ``backward(loss, sync=False)`` for every micro-batch
+    but the last. Stage 1 keeps full gradients anyway, so it accumulates
+    locally and reduces once. Stages 2-3 reduce-scatter every micro-batch and
+    accumulate into the shard (as DeepSpeed does): holding unreduced full
+    gradients across micro-batches would undo the gradient sharding. The
+    result is the same because the reduction is a sum.
+
+    Every rank must produce gradients for the same parameters in the same
+    order (a fixed graph); groups that got no gradient are reduced as zeros at
+    the end of backward, in a fixed order.
+
+    Stage 3 gathers a unit's parameters in a forward pre-hook of every module
+    that uses them (so tied weights work) and frees them after that module's
+    forward; a hook on the module's outputs gathers them again when backward
+    reaches the module, and they are freed once all of the unit's gradients
+    have been accumulated. Units are the top-level children of the model
+    (descending into ``ModuleList``/``ModuleDict``, e.g. one unit per
+    transformer block), plus runs of parameters that belong to no child, which
+    the root module itself gathers. Between steps, ``model.parameters()``
+    have empty storage: use :meth:`full_state_dict` to read them. Stage-3
+    gathers are synchronous (no prefetch of the next unit yet), so they do not
+    overlap compute; reduce-scatters are asynchronous in every stage.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: OptimizerSpec,
+        *,
+        stage: int,
+        shard_bounds: list[tuple[int, int]] | None = None,
+        grad_clip: float = 0.0,
+        bucket_mb: float = 25.0,
+        group: dist.ProcessGroup | None = None,
+    ):
+        if stage not in (1, 2, 3):
+            raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
+        self.model = model
+        self.stage = stage
+        self.group = group
+        self.grad_clip = grad_clip
+        self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        self.rank = dist.get_rank(group) if dist.is_initialized() else 0
+        self.layout = FlatLayout.of(model)
+        numel = self.layout.numel
+        bounds = split_evenly(numel, self.world_size) if shard_bounds is None else shard_bounds
+        bounds = [(int(lo), int(hi)) for lo, hi in bounds]
+        _check_bounds(bounds, numel, self.world_size)
+        self.shard_bounds = bounds
+        self.lo, self.hi = bounds[self.rank]
+
+        params = dict(model.named_parameters())
+        self._params = [params[s.name] for s in self.layout.slots]
+        flat = flatten_into(model, self.layout, torch.float32)
+
+        if stage < 3:
+            self.flat_param: torch.Tensor | None = flat
+            shard_param = flat[self.lo : self.hi]
+            bucket_numel = max(1, int(bucket_mb * 2**20) // flat.element_size())
+            ranges = [(b.lo, b.hi) for b in plan_buckets(self.layout, bucket_numel)]
+            self.units: list[_Unit] = []
+        else:
+            self.flat_param = None
+            shard_param = flat[self.lo : self.hi].clone()
+            ranges = self._plan_units()
+        self.shard_param = shard_param
+        self.groups = [self._make_group(lo, hi) for lo, hi in ranges]
+        # Which group each parameter's gradient completes, and where it sits in it.
+        self._slot_of: dict[int, int] = {id(p): i for i, p in enumerate(self._params)}
+        self._group_of_slot: list[int] = [0] * len(self._params)
+        for g_idx, g in enumerate(self.groups):
+            for i, slot in enumerate(self.layout.slots):
+                if g.lo <= slot.offset < g.hi:
+                    self._group_of_slot[i] = g_idx
+                    g.n_params += 1
+
+        if stage == 1:
+            # Full gradients, as views (autograd accumulates straight into them).
+            self.flat_grad: torch.Tensor | None = torch.zeros_like(flat)
+            attach_grad_views(model, self.layout, self.flat_grad)
+            self.shard_grad = self.flat_grad[self.lo : self.hi]
+        else:
+            self.flat_grad = None
+            self.shard_grad = torch.zeros(self.hi - self.lo, dtype=torch.float32)
+        self.optimizer = FlatOptimizer(optimizer, self.shard_param, self.shard_grad)
+
+        if stage == 3:
+            self._build_units(flat)
+            del flat  # the full fp32 copy is gone; only the shard and empty unit buffers remain
+
+        self._sync = True
+        self._inflight: list[_Pending] = []
+        for p in self._params:
+            p.register_post_accumulate_grad_hook(self._on_grad_ready)
+        self.zero_grad()
+
+    # -- planning ---------------------------------------------------------
+
+    def _make_group(self, lo: int, hi: int) -> _Group:
+        splits = [max(0, min(hi, r_hi) - max(lo, r_lo)) for r_lo, r_hi in self.shard_bounds]
+        return _Group(lo, hi, 0, splits, _intersect(self.lo, self.hi, lo, hi))
+
+    def _unit_modules(self) -> list[nn.Module]:
+        """Top-level children, descending into containers that have no forward of their own."""
+        out: list[nn.Module] = []
+
+        def visit(m: nn.Module) -> None:
+            for child in m.children():
+                if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+                    visit(child)
+                elif any(True for _ in child.parameters()):
+                    out.append(child)
+
+        visit(self.model)
+        return out
+
+    def _plan_units(self) -> list[tuple[int, int]]:
+        """Stage 3: split the layout into unit ranges and remember which module needs which."""
+        slot_index = {id(p): i for i, p in enumerate(self._params)}
+        owner = [-1] * len(self._params)  # slot -> unit module index (-1: the root)
+        self._hook_modules = self._unit_modules()
+        for m_idx, m in enumerate(self._hook_modules):
+            # A parameter is owned by the first module in layout order that holds it,
+            # which matches named_parameters()' de-duplication of tied weights.
+            for p in m.parameters():
+                i = slot_index.get(id(p))
+                if i is not None and owner[i] == -1:
+                    owner[i] = m_idx
+        # Maximal runs of consecutive slots with the same owner become units.
+        ranges: list[tuple[int, int]] = []
+        self._unit_owner: list[int] = []
+        for i, slot in enumerate(self.layout.slots):
+            if ranges and self._unit_owner[-1] == owner[i]:
+                ranges[-1] = (ranges[-1][0], slot.end)
+            else:
+                ranges.append((slot.offset, slot.end))
+                self._unit_owner.append(owner[i])
+        self._unit_of_slot = []
+        u = 0
+        for slot in self.layout.slots:
+            while slot.offset >= ranges[u][1]:
+                u += 1
+            self._unit_of_slot.append(u)
+        return ranges
+
+    def _build_units(self, flat: torch.Tensor) -> None:
+        """Stage 3: give every unit its own buffer, point parameters into it, free it, add hooks."""
+        self.units = []
+        for g_idx, g in enumerate(self.groups):
+            buf = flat[g.lo : g.hi].clone()
+            self.units.append(_Unit(g.lo, g.hi, buf, g_idx))
+        for i, slot in enumerate(self.layout.slots):
+            u = self.units[self._unit_of_slot[i]]
+            self._params[i].data = u.buf[slot.offset - u.lo : slot.end - u.lo].view(slot.shape)
+        for u in self.units:
+            self._free(u)
+        # Every module that uses a unit's parameters needs that unit gathered.
+        slot_index = {id(p): i for i, p in enumerate(self._params)}
+        modules = [*self._hook_modules, self.model]
+        for m in modules:
+            if m is self.model:
+                needed = {u for u, o in enumerate(self._unit_owner) if o == -1}
+            else:
+                needed = {self._unit_of_slot[slot_index[id(p)]] for p in m.parameters()}
+            if not needed:
+                continue
+            needed_sorted = sorted(needed)
+            m.register_forward_pre_hook(self._make_pre_forward(needed_sorted))
+            m.register_forward_hook(self._make_post_forward(needed_sorted))
+
+    # -- stage 3: gather / free -------------------------------------------
+
+    def _gather(self, u: _Unit) -> None:
+        if u.gathered:
+            return
+        u.buf.untyped_storage().resize_(u.buf.numel() * u.buf.element_size())
+        g = self.groups[u.group]
+        piece = self.shard_param[g.mine[0] - self.lo : g.mine[1] - self.lo]
+        work = self._all_gather(u.buf, piece, g.splits)
+        if work is not None:
+            work.wait()
+        u.gathered = True
+
+    def _free(self, u: _Unit) -> None:
+        u.buf.untyped_storage().resize_(0)
+        u.gathered = False
+        u.refs = 0
+        u.held_for_backward = False
+
+    def _make_pre_forward(self, needed: list[int]):
+        def hook(module: nn.Module, args: tuple) -> None:
+            for u_idx in needed:
+                u = self.units[u_idx]
+                self._gather(u)
+                u.refs += 1
+
+        return hook
+
+    def _make_post_forward(self, needed: list[int]):
+        def pre_backward(grad: torch.Tensor) -> None:
+            for u_idx in needed:
+                u = self.units[u_idx]
+                self._gather(u)
+                u.held_for_backward = True
+
+        def hook(module: nn.Module, args: tuple, output):
+            for u_idx in needed:
+                u = self.units[u_idx]
+                u.refs -= 1
+                if u.refs == 0 and not u.held_for_backward:
+                    self._free(u)
+            if torch.is_grad_enabled():
+                for t in tree_flatten(output)[0]:
+                    if isinstance(t, torch.Tensor) and t.requires_grad:
+                        t.register_hook(pre_backward)
+            return None
+
+        return hook
+
+    # -- collectives ------------------------------------------------------
+
+    def _all_gather(
+        self, out: torch.Tensor, piece: torch.Tensor, splits: list[int]
+    ) -> dist.Work | None:
+        """Uneven all-gather: rank r's ``piece`` (``splits[r]`` elements) lands at its offset."""
+        if self.world_size == 1:
+            out.copy_(piece)
+            return None
+        return dist.all_to_all_single(
+            out,
+            piece.repeat(self.world_size),
+            output_split_sizes=splits,
+            input_split_sizes=[piece.numel()] * self.world_size,
+            group=self.group,
+            async_op=True,
+        )
+
+    def _launch(self, g_idx: int) -> None:
+        """Start the reduce-scatter of one group's gradients (summed over ranks)."""
+        g = self.groups[g_idx]
+        g.launched = True
+        if self.stage == 1:
+            full = self.flat_grad[g.lo : g.hi]
+        else:
+            full = g.buf if g.buf is not None else torch.zeros(g.hi - g.lo)
+            g.buf = None  # the in-flight record keeps it alive until the wait
+        chunks = []
+        for (r_lo, _), n in zip(self.shard_bounds, g.splits, strict=True):
+            a = max(r_lo, g.lo) - g.lo
+            chunks.append(full[a : a + n])
+        if self.world_size == 1:
+            self._inflight.append(_Pending(None, chunks[0], g_idx, [full]))
+            return
+        out = torch.empty(g.splits[self.rank])
+        work = dist.reduce_scatter(
+            out, chunks, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+        )
+        self._inflight.append(_Pending(work, out, g_idx, [full]))
+
+    def _on_grad_ready(self, param: torch.Tensor) -> None:
+        i = self._slot_of[id(param)]
+        g_idx = self._group_of_slot[i]
+        g = self.groups[g_idx]
+        if self.stage == 1:
+            if not self._sync:
+                return  # accumulate locally in the full gradient; reduce on the last micro-batch
+        else:
+            if g.buf is None:
+                g.buf = torch.zeros(g.hi - g.lo)
+            slot = self.layout.slots[i]
+            g.buf[slot.offset - g.lo : slot.end - g.lo].copy_(param.grad.reshape(-1))
+            param.grad = None  # the transient per-parameter gradient is not kept
+        g.pending -= 1
+        if g.pending == 0 and not g.launched:
+            self._launch(g_idx)
+            if self.stage == 3:
+                # Every gradient of the unit exists, so nothing in backward reads it any more.
+                self._free(self.units[g_idx])
+
+    def _drain(self) -> None:
+        """Wait for every in-flight reduce-scatter and fold the results into the shard gradient."""
+        for pend in self._inflight:
+            if pend.work is not None:
+                pend.work.wait()
+            g = self.groups[pend.group]
+            dst = self.shard_grad[g.mine[0] - self.lo : g.mine[1] - self.lo]
+            if self.stage == 1:
+                dst.copy_(pend.out)  # the full local gradient was reduced in one go
+            else:
+                dst.add_(pend.out)  # one reduced micro-batch more
+        self._inflight = []
+
+    # -- backward ---------------------------------------------------------
+
+    def zero_grad(self) -> None:
+        self._drain()
+        if self.stage == 1:
+            self.flat_grad.zero_()
+        else:
+            self.shard_grad.zero_()
+        self._reset_groups()
+
+    def _reset_groups(self) -> None:
+        for g in self.groups:
+            g.pending = g.n_params
+            g.launched = False
+            g.buf = None
+
+    def backward(self, loss: torch.Tensor, *, sync: bool = True) -> None:
+        """Backward one micro-batch; ``sync=False`` for all but the last one of a step."""
+        self._sync = sync
+        loss.backward()
+        if self.stage == 1 and not sync:
+            return
+        # Groups that got no (or only some) gradients never fired; reduce them now,
+        # in the same fixed order on every rank.
+        for g_idx, g in enumerate(self.groups):
+            if not g.launched:
+                self._launch(g_idx)
+        for u in self.units:
+            if u.gathered:
+                self._free(u)
+        if self.stage > 1 and not sync:
+            # Bound transient memory: fold this micro-batch in before the next one.
+            self._drain()
+            self._reset_groups()
+
+    # -- optimizer --------------------------------------------------------
+
+    def step(self, lr: float) -> StepStats:
+        """Finish the reduce-scatter, clip by global norm, update the shard, re-gather (1-2)."""
+        start = time.perf_counter()
+        self._drain()
+        wait_s = time.perf_counter() - start
+        # The global norm: sum of the shards' squared norms (shards are disjoint).
+        sq = self.shard_grad.double().pow(2).sum()
+        if self.world_size > 1:
+            dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
+        norm = sq.sqrt().float()
+        if self.grad_clip > 0:
+            # Same rule as torch.nn.utils.clip_grad_norm_.
+            coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
+            self.shard_grad.mul_(coef)
+        self.optimizer.step(lr)
+        if self.stage < 3 and self.world_size > 1:
+            # Every rank needs the whole updated model for the next forward.
+            start = time.perf_counter()
+            works = []
+            for g in self.groups:
+                piece = self.flat_param[g.mine[0] : g.mine[1]]
+                works.append(self._all_gather(self.flat_param[g.lo : g.hi], piece, g.splits))
+            for w in works:
+                w.wait()
+            wait_s += time.perf_counter() - start
+        self._reset_groups()
+        return StepStats(grad_norm=float(norm), comm_wait_s=wait_s)
+
+    # -- state ------------------------------------------------------------
+
+    def checkpoint_slice(self) -> tuple[int, int, dict[str, torch.Tensor]]:
+        """``(lo, hi, tensors)``: this rank's shard of ``param`` and of each optimizer state.
+
+        The slices of all ranks tile ``[0, numel)``. Tensors are views: copy
+        them before training goes on.
+        """
+        out = {"param": self.shard_param}
+        out.update(self.optimizer.state_tensors())
+        return self.lo, self.hi, out
+
+    def load_state(self, read: FlatReader, step_count: int) -> None:
+        """Restore from a checkpoint of any world size or stage; ``read(key, lo, hi)``.
+
+        Stages 1-2 read the whole ``param`` (every rank holds the full model);
+        stage 3 reads only its shard. Optimizer state: only the shard.
+        """
+        with torch.no_grad():
+            if self.stage < 3:
+                self.flat_param.copy_(read("param", 0, self.layout.numel))
+            else:
+                self.shard_param.copy_(read("param", self.lo, self.hi))
+        state = {k: read(k, self.lo, self.hi) for k in self.optimizer.spec.state_keys()}
+        self.optimizer.load_state(state, step_count)
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """The whole model's state by name. For stage 3 a collective: every rank must call it."""
+        for u in self.units:
+            self._gather(u)
+        out = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+        for u in self.units:
+            self._free(u)
+        return out
+
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes held by this rank's persistent tensors (stage 3: gathered units count too)."""
+
+        def nbytes(t: torch.Tensor) -> int:
+            return t.numel() * t.element_size()
+
+        if self.stage < 3:
+            params = nbytes(self.flat_param)
+        else:
+            params = nbytes(self.shard_param)
+            params += sum(u.buf.untyped_storage().nbytes() for u in self.units)
+        grads = nbytes(self.flat_grad) if self.stage == 1 else nbytes(self.shard_grad)
+        return {"params": params, "grads": grads, "optimizer": self.optimizer.state_bytes()}
+
+
+def build_engine(
+    strategy: str,
+    model: nn.Module,
+    optimizer: OptimizerSpec,
+    *,
+    grad_clip: float = 0.0,
+    bucket_mb: float = 25.0,
+    shard_weights: list[float] | None = None,
+    group: dist.ProcessGroup | None = None,
+) -> DDPEngine | ZeroEngine:
+    """The engine for ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``).
+
+    ``shard_weights`` (one positive weight per rank, e.g. free memory) sizes
+    the ZeRO shards proportionally; ``None`` splits evenly. DDP has no shards
+    and ignores it.
+    """
+    if strategy == "ddp":
+        return DDPEngine(model, optimizer, grad_clip=grad_clip, bucket_mb=bucket_mb, group=group)
+    if strategy not in STAGE_OF_STRATEGY:
+        raise ValueError(f"strategy must be one of ddp, zero1, zero2, zero3; got {strategy!r}")
+    bounds = None
+    if shard_weights is not None:
+        world_size = dist.get_world_size(group) if dist.is_initialized() else 1
+        if len(shard_weights) != world_size:
+            raise ValueError(
+                f"shard_weights has {len(shard_weights)} entries for world size {world_size}"
+            )
+        bounds = weighted_bounds(FlatLayout.of(model).numel, list(shard_weights))
+    return ZeroEngine(
+        model,
+        optimizer,
+        stage=STAGE_OF_STRATEGY[strategy],
+        shard_bounds=bounds,
+        grad_clip=grad_clip,
+        bucket_mb=bucket_mb,
+        group=group,
+    )
