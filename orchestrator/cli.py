@@ -137,27 +137,40 @@ def _stream_progress(handle, quiet: bool, t0: float) -> None:
     shown_start = False
     while not handle.done():
         time.sleep(0.5)
-        new = handle.metrics(since=seen)
-        if not new:
-            if not shown_start and not quiet and handle.status().state == JobState.STARTING:
+        if bar is None:
+            status = handle.status()
+            if status.state == JobState.STARTING and not shown_start and not quiet:
                 print("shoal: starting workers...", file=sys.stderr)
                 shown_start = True
+            if status.state != JobState.RUNNING:
+                continue
+            if not quiet:
+                # Created when training starts, so the rate and ETA exclude start-up.
+                bar = tqdm(
+                    total=total,
+                    initial=status.step,
+                    unit="step",
+                    dynamic_ncols=True,
+                    file=sys.stderr,
+                )
+        new = handle.metrics(since=seen)
+        if not new:
             continue
-        if bar is None and not quiet:
-            first = new[0]["step"]
+        if seen == 0 and not quiet:
             print(f"shoal: first step after {time.time() - t0:.1f}s", file=sys.stderr)
-            bar = tqdm(total=total, initial=first, unit="step", dynamic_ncols=True, file=sys.stderr)
         seen += len(new)
-        last = new[-1]
         if bar is not None:
-            bar.update(last["step"] + 1 - bar.n)
-            bar.set_postfix(loss=f"{last['loss']:.3f}", tok_s=f"{last['tokens_per_s']:,.0f}")
+            _show(bar, new[-1])
     if bar is not None:
         rest = handle.metrics(since=seen)
         if rest:
-            bar.update(rest[-1]["step"] + 1 - bar.n)
-            bar.set_postfix(loss=f"{rest[-1]['loss']:.3f}")
+            _show(bar, rest[-1])
         bar.close()
+
+
+def _show(bar, record: dict) -> None:
+    bar.update(record["step"] + 1 - bar.n)
+    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
 
 
 def cmd_status(run_dir: str | None, runs_root: Path) -> int:
@@ -182,7 +195,10 @@ def cmd_status(run_dir: str | None, runs_root: Path) -> int:
     print(f"{'job':24} {'state':12} {'step':>11} {'loss':>8}  run folder")
     for s in rows:
         loss = f"{s.loss:.3f}" if s.loss is not None else "-"
-        print(f"{s.job_id:24} {s.state.value:12} {f'{s.step}/{s.total_steps}':>11} {loss:>8}  {s.run_dir}")
+        print(
+            f"{s.job_id:24} {s.state.value:12} {f'{s.step}/{s.total_steps}':>11} {loss:>8}  "
+            f"{s.run_dir}"
+        )
     return EXIT_OK
 
 

@@ -52,7 +52,7 @@ class GPTConfig:
     """``model=gpt_tiny``: the decoder-only transformer in ``actors/models/gpt.py``."""
 
     _target_: str = "actors.models.gpt.GPT"
-    n_layer: int = 3
+    n_layer: int = 4
     n_head: int = 4
     d_model: int = 128
     seq_len: int = 64
@@ -78,7 +78,7 @@ class TextFileConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = 500
     # Samples (sequences of model.seq_len tokens) per optimizer step, summed
     # over all workers. Need not divide evenly by the number of workers.
     global_batch: int = 32
