@@ -27,7 +27,6 @@ from torch import nn
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
 from collectives.optim import FlatOptimizer, OptimizerSpec
 
-
 # read(key, lo, hi) -> the flat range [lo, hi) of checkpointed tensor `key`
 FlatReader = Callable[[str, int, int], torch.Tensor]
 

@@ -41,7 +41,6 @@ gradient, so every reduction is a SUM and ranks may hold different batch sizes.
 
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 
@@ -55,41 +54,6 @@ from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_
 from collectives.optim import FlatOptimizer, OptimizerSpec
 
 STAGE_OF_STRATEGY = {"zero1": 1, "zero2": 2, "zero3": 3}
-
-
-def weighted_bounds(total: int, weights: list[float]) -> list[tuple[int, int]]:
-    """Contiguous ``[lo, hi)`` ranges covering ``range(total)`` in proportion to ``weights``.
-
-    Largest-remainder rounding, ties to the lower index; every range is
-    non-empty when ``total >= len(weights)``. This is the ``align=1`` case of
-    ``orchestrator.shard_plan.shard_bounds`` (kept here because ``collectives``
-    must not import the control plane; a test checks that the two agree).
-    """
-    if not weights:
-        raise ValueError("weights must not be empty")
-    if any(not (math.isfinite(w) and w > 0) for w in weights):
-        raise ValueError(f"weights must all be positive, got {weights}")
-    if total < 0:
-        raise ValueError(f"total must be >= 0, got {total}")
-    wsum = float(sum(weights))
-    quotas = [total * w / wsum for w in weights]
-    sizes = [int(q) for q in quotas]
-    order = sorted(range(len(weights)), key=lambda i: (-(quotas[i] - sizes[i]), i))
-    for i in order[: total - sum(sizes)]:
-        sizes[i] += 1
-    if total >= len(weights):
-        # A tiny weight may round to zero; take one element from the largest.
-        for i in range(len(sizes)):
-            if sizes[i] == 0:
-                donor = max(range(len(sizes)), key=lambda j: (sizes[j], -j))
-                sizes[donor] -= 1
-                sizes[i] = 1
-    bounds = []
-    lo = 0
-    for s in sizes:
-        bounds.append((lo, lo + s))
-        lo += s
-    return bounds
 
 
 def _check_bounds(bounds: list[tuple[int, int]], total: int, world_size: int) -> None:
@@ -575,32 +539,24 @@ def build_engine(
     *,
     grad_clip: float = 0.0,
     bucket_mb: float = 25.0,
-    shard_weights: list[float] | None = None,
+    shard_bounds: list[tuple[int, int]] | None = None,
     group: dist.ProcessGroup | None = None,
 ) -> DDPEngine | ZeroEngine:
     """The engine for ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``).
 
-    ``shard_weights`` (one positive weight per rank, e.g. free memory) sizes
-    the ZeRO shards proportionally; ``None`` splits evenly. DDP has no shards
-    and ignores it.
+    ``shard_bounds`` (rank ``r`` owns flat range ``shard_bounds[r]``; made by
+    the planner, ``orchestrator.shard_plan.shard_bounds``) may be uneven;
+    ``None`` splits evenly. DDP has no shards and ignores it.
     """
     if strategy == "ddp":
         return DDPEngine(model, optimizer, grad_clip=grad_clip, bucket_mb=bucket_mb, group=group)
     if strategy not in STAGE_OF_STRATEGY:
         raise ValueError(f"strategy must be one of ddp, zero1, zero2, zero3; got {strategy!r}")
-    bounds = None
-    if shard_weights is not None:
-        world_size = dist.get_world_size(group) if dist.is_initialized() else 1
-        if len(shard_weights) != world_size:
-            raise ValueError(
-                f"shard_weights has {len(shard_weights)} entries for world size {world_size}"
-            )
-        bounds = weighted_bounds(FlatLayout.of(model).numel, list(shard_weights))
     return ZeroEngine(
         model,
         optimizer,
         stage=STAGE_OF_STRATEGY[strategy],
-        shard_bounds=bounds,
+        shard_bounds=shard_bounds,
         grad_clip=grad_clip,
         bucket_mb=bucket_mb,
         group=group,

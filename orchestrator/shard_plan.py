@@ -132,7 +132,7 @@ class ShardPlan:
 
     @property
     def shard_weights(self) -> list[float]:
-        """The shard sizes as weights (what ``collectives.zero.build_engine`` takes)."""
+        """The shard sizes as weights."""
         return [float(hi - lo) for lo, hi in self.bounds]
 
 
