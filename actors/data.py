@@ -80,7 +80,9 @@ def text_file(path: str, max_bytes: int | None = None) -> ByteCorpus:
     return ByteCorpus(np.frombuffer(data, dtype=np.uint8).copy(), str(p.resolve()))
 
 
-def batch_offsets(seed: int, step: int, global_batch: int, n_tokens: int, seq_len: int) -> np.ndarray:
+def batch_offsets(
+    seed: int, step: int, global_batch: int, n_tokens: int, seq_len: int
+) -> np.ndarray:
     """Start offsets of the ``global_batch`` windows of step ``step`` (pure function)."""
     high = n_tokens - seq_len - 1
     if high <= 0:

@@ -24,6 +24,7 @@ from actors.models.build import build_model
 from collectives.ddp import DDPEngine
 from collectives.optim import OptimizerSpec
 from collectives.process_group import Rendezvous, host_store, join_group, leave_group
+from collectives.zero import ZeroEngine, build_engine
 from orchestrator.spec import JobSpec
 from storage.checkpoint import CheckpointReader, Manifest, write_shard
 from storage.object_store import open_store
@@ -62,8 +63,24 @@ def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
     )
 
 
+def available_memory_bytes() -> int:
+    """Memory the OS could give this process now (Linux MemAvailable; total pages elsewhere)."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
 class DataParallelRuntime:
-    """One data-parallel rank. Call order: ``setup`` → ``train_step``\\* (+ save/load) → ``shutdown``."""
+    """One data-parallel rank.
+
+    Call order: ``setup``, then ``train_step`` (and save/load) any number of times, then
+    ``shutdown``.
+    """
 
     def __init__(self, spec: JobSpec, rank: int, tokens: np.ndarray):
         self.spec = spec
@@ -71,7 +88,7 @@ class DataParallelRuntime:
         self.tokens = tokens
         self._store = None
         self._rdzv_store: torch.distributed.TCPStore | None = None
-        self.engine: DDPEngine | None = None
+        self.engine: DDPEngine | ZeroEngine | None = None
         torch.set_num_threads(max(1, int(spec.cluster.cpus_per_worker)))
         use_cuda = spec.cluster.gpus_per_worker > 0 and torch.cuda.is_available()
         self.device = torch.device("cuda", 0) if use_cuda else torch.device("cpu")
@@ -86,16 +103,21 @@ class DataParallelRuntime:
         self._rdzv_store = host_store(host, world_size, self.spec.cluster.collective_timeout_s)
         return host, self._rdzv_store.port
 
-    def setup(self, rdzv: Rendezvous) -> WorkerInfo:
-        """Join the process group and build the model and engine (same seed on every rank)."""
+    def setup(self, rdzv: Rendezvous, shard_bounds: list[tuple[int, int]] | None) -> WorkerInfo:
+        """Join the process group and build the model and engine (same seed on every rank).
+
+        ``shard_bounds`` (ZeRO only) are the planner's flat ranges, one per rank.
+        """
         join_group(rdzv, self.rank, self._rdzv_store)
         torch.manual_seed(self.spec.train.seed)
         model = build_model(self.spec.model, VOCAB_SIZE).to(self.device)
-        self.engine = DDPEngine(
+        self.engine = build_engine(
+            self.spec.strategy.name,
             model,
             optimizer_spec(self.spec),
             grad_clip=self.spec.train.grad_clip,
             bucket_mb=self.spec.strategy.bucket_mb,
+            shard_bounds=shard_bounds,
         )
         # Per-rank stream for dropout and the like, different on every rank.
         torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank)
@@ -113,8 +135,9 @@ class DataParallelRuntime:
     def shutdown(self) -> None:
         leave_group()
 
-    def pid(self) -> int:
-        return os.getpid()
+    def probe(self) -> dict[str, int]:
+        """What the planner needs before the group forms: pid and memory available here."""
+        return {"pid": os.getpid(), "available_memory": available_memory_bytes()}
 
     # -- training -----------------------------------------------------------
 
@@ -206,7 +229,9 @@ class DataParallelRuntime:
     def layout_json(self) -> list[dict]:
         return self.engine.layout.to_json()
 
-    def generate(self, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0) -> str | None:
+    def generate(
+        self, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0
+    ) -> str | None:
         """Continue ``prompt`` with the trained model. A collective: every rank must call it;
         rank 0 returns the text, the others ``None``."""
         state = self.engine.full_state_dict()

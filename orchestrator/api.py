@@ -149,8 +149,10 @@ def submit(spec: JobSpec) -> JobHandle:
             f"model.seq_len + 1 = {spec.seq_len + 1}"
         )
     tokens_ref = ray.put(corpus.tokens)
-    controller = controller_actor_class().options(name=f"shoal-{spec.job_id}").remote(
-        spec, [tokens_ref], os.getpid()
+    controller = (
+        controller_actor_class()
+        .options(name=f"shoal-{spec.job_id}")
+        .remote(spec, [tokens_ref], os.getpid())
     )
     run_ref = controller.run.remote()
     return JobHandle(spec, controller, run_ref)

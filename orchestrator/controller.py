@@ -21,15 +21,23 @@ import time
 import traceback
 from collections import deque
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 
+from actors.data import VOCAB_SIZE
+from actors.models.build import build_model
+from collectives.flat import FlatLayout
 from collectives.process_group import Rendezvous, default_backend
 from orchestrator.report import plot_loss
 from orchestrator.schedule import lr_at
-from orchestrator.shard_plan import batch_shares
+from orchestrator.shard_plan import (
+    batch_shares,
+    shard_bounds,
+    weights_from_memory,
+    weights_from_throughput,
+)
 from orchestrator.spec import JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
 from storage.checkpoint import Manifest, ShardRecord, commit, resolve, step_dir
@@ -47,7 +55,9 @@ class JobController:
     """Runs one job. ``run()`` blocks until the job ends; ``status``/``metrics``/``cancel``
     may be called concurrently (the actor is threaded)."""
 
-    def __init__(self, spec: JobSpec, tokens_ref: list[ray.ObjectRef], driver_pid: int | None = None):
+    def __init__(
+        self, spec: JobSpec, tokens_ref: list[ray.ObjectRef], driver_pid: int | None = None
+    ):
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
         # the controller never holds the data, it hands the reference to workers.
@@ -121,9 +131,7 @@ class JobController:
             for rank in range(cl.workers)
         ]
         try:
-            self._worker_pids = ray.get(
-                [w.pid.remote() for w in self._workers], timeout=cl.start_timeout_s
-            )
+            probes = ray.get([w.probe.remote() for w in self._workers], timeout=cl.start_timeout_s)
         except ray.exceptions.GetTimeoutError:
             free = ray.available_resources()
             raise RuntimeError(
@@ -133,12 +141,30 @@ class JobController:
                 f"{free.get('GPU', 0):g} GPU). Lower cluster.workers or the per-worker "
                 "resources, or add nodes."
             ) from None
+        self._worker_pids = [p["pid"] for p in probes]
+        bounds = self._plan_shards([p["available_memory"] for p in probes])
         host, port = ray.get(self._workers[0].host_rendezvous.remote(cl.workers))
         rdzv = Rendezvous(
             host, port, cl.workers, default_backend(cl.gpus_per_worker > 0), cl.collective_timeout_s
         )
-        infos = self._gather([w.setup.remote(rdzv) for w in self._workers], "setup")
-        self._set(workers=[asdict(i) for i in infos])
+        infos = self._gather([w.setup.remote(rdzv, bounds) for w in self._workers], "setup")
+        workers = [asdict(i) for i in infos]
+        for w, (lo, hi) in zip(workers, bounds or [(0, self._numel)] * len(workers), strict=True):
+            w["shard"] = [lo, hi]
+        self._set(workers=workers)
+
+    def _plan_shards(self, available_memory: list[int]) -> list[tuple[int, int]] | None:
+        """ZeRO shard ranges from ``strategy.shard_weights`` (None for ddp: nothing is sharded)."""
+        with torch.device("meta"):  # shapes only, no memory
+            self._numel = FlatLayout.of(build_model(self.spec.model, VOCAB_SIZE)).numel
+        if self.spec.strategy.name == "ddp":
+            return None
+        weights = self.spec.strategy.shard_weights
+        if weights is None:
+            weights = [1.0] * len(self._workers)
+        elif weights == "auto":
+            weights = weights_from_memory(available_memory)
+        return shard_bounds(self._numel, list(weights))
 
     def _restore(self) -> int:
         """Load the checkpoint named by ``resume``; returns the first step to run."""
@@ -171,8 +197,9 @@ class JobController:
     def _train(self, start_step: int, store) -> None:
         t, every = self.spec.train, self.spec.checkpoint.every
         total = t.steps
-        shares = batch_shares(t.global_batch, [1.0] * len(self._workers))
-        bounds = [(sum(shares[:r]), sum(shares[: r + 1])) for r in range(len(shares))]
+        balancer = BatchBalancer(
+            t.global_batch, len(self._workers), t.balance == "auto", t.balance_every
+        )
         tokens_per_step = t.global_batch * self.spec.seq_len
 
         inflight: deque[tuple[int, float, list[ray.ObjectRef]]] = deque()
@@ -185,12 +212,13 @@ class JobController:
                 lr = lr_at(next_step, t)
                 refs = [
                     w.train_step.remote(next_step, lr, lo, hi)
-                    for w, (lo, hi) in zip(self._workers, bounds, strict=True)
+                    for w, (lo, hi) in zip(self._workers, balancer.bounds(), strict=True)
                 ]
                 inflight.append((next_step, lr, refs))
                 next_step += 1
             step, lr, refs = inflight.popleft()
             results = self._gather(refs, f"step {step}")
+            balancer.observe(results)
             now = time.perf_counter()
             step_time = now - last_done
             last_done = now
@@ -201,6 +229,7 @@ class JobController:
                 "grad_norm": results[0].grad_norm,
                 "step_time_s": step_time,
                 "tokens_per_s": tokens_per_step / step_time,
+                "batch": [r.n_tokens // self.spec.seq_len for r in results],
                 "compute_s": [round(r.compute_s, 5) for r in results],
                 "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
                 "elapsed_s": time.time() - self._started,
@@ -241,7 +270,10 @@ class JobController:
         sample = None
         if t.sample_tokens > 0:
             texts = self._gather(
-                [w.generate.remote(t.sample_prompt, t.sample_tokens, 0.8, t.seed) for w in self._workers],
+                [
+                    w.generate.remote(t.sample_prompt, t.sample_tokens, 0.8, t.seed)
+                    for w in self._workers
+                ],
                 "sample",
             )
             sample = texts[0]
@@ -298,7 +330,11 @@ class JobController:
         path = self.run_dir / "metrics.jsonl"
         if not path.exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] < step]
+        kept = [
+            line
+            for line in path.read_text().splitlines()
+            if line and json.loads(line)["step"] < step
+        ]
         path.write_text("".join(line + "\n" for line in kept))
         with self._lock:
             self._metrics = [json.loads(line) for line in kept]
@@ -321,6 +357,42 @@ class JobController:
         return f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)[-3:])}".strip()
 
 
+class BatchBalancer:
+    """Per-worker batch shares: equal, or proportional to measured throughput.
+
+    With ``auto``, each window of ``every`` steps measures every rank's
+    samples per second of compute (forward + backward, which excludes time
+    spent waiting for slower peers) and re-plans the shares for the next
+    window. Only how the global batch is split changes, never its content.
+    """
+
+    def __init__(self, global_batch: int, workers: int, auto: bool, every: int):
+        self.global_batch = global_batch
+        self.auto = auto
+        self.every = every
+        self.shares = batch_shares(global_batch, [1.0] * workers)
+        self._samples = [0] * workers
+        self._seconds = [0.0] * workers
+        self._steps = 0
+
+    def bounds(self) -> list[tuple[int, int]]:
+        starts = [sum(self.shares[:r]) for r in range(len(self.shares))]
+        return [(lo, lo + n) for lo, n in zip(starts, self.shares, strict=True)]
+
+    def observe(self, results: list[Any]) -> None:
+        if not self.auto:
+            return
+        for r in results:
+            self._samples[r.rank] += r.n_tokens
+            self._seconds[r.rank] += max(r.compute_s, 1e-9)
+        self._steps += 1
+        if self._steps % self.every == 0:
+            rates = [n / s for n, s in zip(self._samples, self._seconds, strict=True)]
+            self.shares = batch_shares(self.global_batch, weights_from_throughput(rates))
+            self._samples = [0] * len(rates)
+            self._seconds = [0.0] * len(rates)
+
+
 class WorkerError(RuntimeError):
     """A worker raised or died; the message says which, where, and why."""
 
@@ -332,8 +404,11 @@ class WorkerError(RuntimeError):
             # Keep the end of the remote traceback: where in the worker it failed.
             tail = str(cause).strip().splitlines()[-12:]
             msg = f"{where} raised during {what}: {detail.splitlines()[0]}\n" + "\n".join(tail)
-        elif isinstance(cause, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
-            msg = f"{where} died during {what} (process killed or node lost): {str(cause).splitlines()[0]}"
+        elif isinstance(
+            cause, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError
+        ):
+            first_line = str(cause).splitlines()[0]
+            msg = f"{where} died during {what} (process killed or node lost): {first_line}"
         else:
             msg = f"{where} failed during {what}: {type(cause).__name__}: {cause}"
         super().__init__(msg)
@@ -343,4 +418,3 @@ class WorkerError(RuntimeError):
 def controller_actor_class():
     """The Ray actor class, created lazily so importing this module does not need Ray started."""
     return ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)(JobController)
-

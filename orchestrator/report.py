@@ -50,7 +50,7 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     """A short end-of-run report: outcome, loss, time, throughput, memory, outputs."""
     lines = [f"job {status.job_id}: {status.state.value}"]
     if metrics:
-        first, last = metrics[0], metrics[-1]
+        first = metrics[0]
         n = min(10, len(metrics))
         tail_loss = sum(m["loss"] for m in metrics[-n:]) / n
         steady = metrics[min(len(metrics) - 1, 2) :]  # skip warm-up steps

@@ -1,4 +1,4 @@
-"""The learning-rate schedule, a pure function of the step (the controller sends lr with each step)."""
+"""The learning-rate schedule: pure in the step (the controller sends lr with each step)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,10 @@ from orchestrator.schema import TrainConfig
 
 
 def lr_at(step: int, train: TrainConfig) -> float:
-    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio`` (or constant)."""
+    """Linear warm-up over ``warmup_steps``, then cosine decay to ``lr * min_lr_ratio``.
+
+    With ``lr_schedule=constant``, ``lr`` after the warm-up.
+    """
     if step < train.warmup_steps:
         return train.lr * (step + 1) / train.warmup_steps
     if train.lr_schedule == "constant":

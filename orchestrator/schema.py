@@ -15,7 +15,8 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STRATEGIES = ("ddp",)
+STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+BALANCE = ("equal", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 LR_SCHEDULES = ("cosine", "constant")
 
@@ -24,10 +25,16 @@ LR_SCHEDULES = ("cosine", "constant")
 class StrategyConfig:
     """How the data-parallel ranks share the model (``strategy=<name>``)."""
 
+    # ddp: replicated. zero1: optimizer state sharded. zero2: + gradients.
+    # zero3: + parameters (gathered per block just before use).
     name: str = "ddp"
-    # Gradient bucket size for the overlapped all-reduce; bigger buckets mean
+    # Gradient bucket size for the overlapped reductions; bigger buckets mean
     # fewer, larger messages but less overlap with the backward pass.
     bucket_mb: float = 25.0
+    # ZeRO shard sizes: null splits evenly; a list such as [2, 1, 1] gives
+    # rank r a share proportional to entry r; "auto" sizes shards by the
+    # memory available to each worker, as its node reports it.
+    shard_weights: Any = None
 
 
 @dataclass
@@ -95,6 +102,12 @@ class TrainConfig:
     beta2: float = 0.95
     momentum: float = 0.9
     grad_clip: float = 1.0
+    # How the global batch is split among workers: "equal", or "auto" to give
+    # each worker a share proportional to its measured throughput (re-measured
+    # every balance_every steps). Gradients are weighted by sample count, so
+    # the result is the global-batch gradient either way.
+    balance: str = "equal"
+    balance_every: int = 20
     seed: int = 0
     log_every: int = 10
     # After training, the model continues this prompt for this many tokens.

@@ -19,6 +19,7 @@ from typing import Any
 from omegaconf import OmegaConf
 
 from orchestrator.schema import (
+    BALANCE,
     LR_SCHEDULES,
     OPTIMIZERS,
     STRATEGIES,
@@ -46,7 +47,9 @@ class JobSpec:
     # -- construction -------------------------------------------------------
 
     @classmethod
-    def from_overrides(cls, overrides: list[str] | None = None, job_id: str | None = None) -> JobSpec:
+    def from_overrides(
+        cls, overrides: list[str] | None = None, job_id: str | None = None
+    ) -> JobSpec:
         """Compose ``configs/job.yaml`` with Hydra-style ``overrides`` and validate the result."""
         cfg = compose(list(overrides or []))
         spec = cls(config=cfg, job_id=job_id or new_job_id())
@@ -116,8 +119,14 @@ def _check(cond: bool, field_name: str, allowed: str, value: Any) -> None:
 
 def validate(c: JobConfig) -> None:
     """Check values and their relations; raise ``ConfigError`` naming the first bad field."""
-    _check(c.strategy.name in STRATEGIES, "strategy.name", f"one of {list(STRATEGIES)}", c.strategy.name)
+    _check(
+        c.strategy.name in STRATEGIES,
+        "strategy.name",
+        f"one of {list(STRATEGIES)}",
+        c.strategy.name,
+    )
     _check(c.strategy.bucket_mb > 0, "strategy.bucket_mb", "> 0", c.strategy.bucket_mb)
+    _validate_shard_weights(c.strategy.shard_weights, c.cluster.workers)
     _validate_cluster(c.cluster)
 
     t = c.train
@@ -138,7 +147,12 @@ def validate(c: JobConfig) -> None:
     )
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {list(OPTIMIZERS)}", t.optimizer)
     _check(t.lr > 0, "train.lr", "> 0", t.lr)
-    _check(t.lr_schedule in LR_SCHEDULES, "train.lr_schedule", f"one of {list(LR_SCHEDULES)}", t.lr_schedule)
+    _check(
+        t.lr_schedule in LR_SCHEDULES,
+        "train.lr_schedule",
+        f"one of {list(LR_SCHEDULES)}",
+        t.lr_schedule,
+    )
     _check(t.warmup_steps >= 0, "train.warmup_steps", ">= 0", t.warmup_steps)
     _check(0 <= t.min_lr_ratio <= 1, "train.min_lr_ratio", "between 0 and 1", t.min_lr_ratio)
     _check(t.weight_decay >= 0, "train.weight_decay", ">= 0", t.weight_decay)
@@ -146,6 +160,8 @@ def validate(c: JobConfig) -> None:
     _check(0 <= t.beta2 < 1, "train.beta2", "in [0, 1)", t.beta2)
     _check(0 <= t.momentum < 1, "train.momentum", "in [0, 1)", t.momentum)
     _check(t.grad_clip >= 0, "train.grad_clip", ">= 0 (0 disables clipping)", t.grad_clip)
+    _check(t.balance in BALANCE, "train.balance", f"one of {list(BALANCE)}", t.balance)
+    _check(t.balance_every >= 1, "train.balance_every", ">= 1", t.balance_every)
     _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
     _check(t.sample_tokens >= 0, "train.sample_tokens", ">= 0", t.sample_tokens)
 
@@ -167,12 +183,26 @@ def validate(c: JobConfig) -> None:
     _validate_targets(c)
 
 
+def _validate_shard_weights(weights: Any, workers: int) -> None:
+    allowed = f"null, 'auto' or a list of {workers} positive numbers (one per worker)"
+    if weights is None or weights == "auto":
+        return
+    ok = (
+        isinstance(weights, list | tuple)
+        and len(weights) == workers
+        and all(isinstance(w, int | float) and w > 0 for w in weights)
+    )
+    _check(ok, "strategy.shard_weights", allowed, weights)
+
+
 def _validate_cluster(cl: ClusterConfig) -> None:
     _check(cl.workers >= 1, "cluster.workers", ">= 1", cl.workers)
     _check(cl.cpus_per_worker > 0, "cluster.cpus_per_worker", "> 0", cl.cpus_per_worker)
     _check(cl.gpus_per_worker >= 0, "cluster.gpus_per_worker", ">= 0", cl.gpus_per_worker)
     _check(cl.start_timeout_s > 0, "cluster.start_timeout_s", "> 0", cl.start_timeout_s)
-    _check(cl.collective_timeout_s > 0, "cluster.collective_timeout_s", "> 0", cl.collective_timeout_s)
+    _check(
+        cl.collective_timeout_s > 0, "cluster.collective_timeout_s", "> 0", cl.collective_timeout_s
+    )
 
 
 def _validate_targets(c: JobConfig) -> None:
