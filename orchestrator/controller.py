@@ -44,6 +44,10 @@ from storage.checkpoint import Manifest, ShardRecord, commit, resolve, step_dir
 from storage.object_store import open_store
 
 PIPELINE_DEPTH = 2
+# glibc keeps freed large buffers in its heap, so a worker's RSS would hide
+# what sharding saves; with this threshold, buffers of 64 KiB and more are
+# mmap-ed and returned to the OS when freed, and RSS tracks what is held.
+WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _POLL_S = 0.5
 
 
@@ -127,6 +131,7 @@ class JobController:
                 num_cpus=cl.cpus_per_worker,
                 num_gpus=cl.gpus_per_worker,
                 name=f"shoal-{self.spec.job_id}-rank{rank}",
+                runtime_env={"env_vars": WORKER_ENV},
             ).remote(self.spec, rank, self._tokens_ref)
             for rank in range(cl.workers)
         ]

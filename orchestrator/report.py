@@ -49,6 +49,7 @@ def human_bytes(n: float) -> str:
 def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     """A short end-of-run report: outcome, loss, time, throughput, memory, outputs."""
     lines = [f"job {status.job_id}: {status.state.value}"]
+    tok_s = status.tokens_per_s
     if metrics:
         first = metrics[0]
         n = min(10, len(metrics))
@@ -59,10 +60,12 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
             f"  loss        {first['loss']:.3f} (step {first['step']}) -> {tail_loss:.3f} "
             f"(mean of last {n} steps)"
         )
-        lines.append(
-            f"  steps       {status.step}/{status.total_steps} in {status.elapsed_s:.1f}s, "
-            f"{tok_s:,.0f} tokens/s"
-        )
+    elif status.loss is not None:
+        lines.append(f"  loss        {status.loss:.3f} (last step)")
+    rate = f", {tok_s:,.0f} tokens/s" if tok_s else ""
+    lines.append(
+        f"  steps       {status.step}/{status.total_steps} in {status.elapsed_s:.1f}s{rate}"
+    )
     if status.resumed_from:
         lines.append(f"  resumed     from {status.resumed_from}")
     for w, mem in zip(status.workers, status.memory, strict=False):
