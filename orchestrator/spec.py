@@ -105,6 +105,12 @@ def compose(overrides: list[str]) -> JobConfig:
 
 def _explain_hydra_error(e: Exception) -> str:
     msg = str(e).strip()
+    # Hydra lists its search path and the schema nodes among the options;
+    # neither is something a user can choose.
+    msg = msg.split("Config search path:")[0].strip()
+    msg = "\n".join(
+        line for line in msg.splitlines() if not line.strip().endswith("_schema")
+    ).replace("\n\n", "\n")
     if "MISSING" in type(e).__name__ or "Missing mandatory value" in msg:
         return f"{msg}\n(this field has no default: set it, e.g. data.path=/path/to/text.txt)"
     if "not in" in msg and "Key" in msg:

@@ -65,6 +65,41 @@ def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
     torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize(
+    "strategy, workers, extra",
+    [
+        ("zero1", 2, []),
+        ("zero2", 3, ["strategy.shard_weights=[2,1,1]"]),
+        (
+            "zero3",
+            3,
+            ["strategy.shard_weights=[1,3,2]", "train.balance=auto", "train.balance_every=2"],
+        ),
+        ("zero3", 2, ["strategy.shard_weights=auto", "train.micro_batches=2"]),
+    ],
+)
+def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, workers, extra):
+    spec = _spec(
+        tmp_path,
+        f"{strategy}-{workers}",
+        f"strategy={strategy}",
+        f"cluster.workers={workers}",
+        "train.steps=4",
+        "train.global_batch=7",
+        "train.grad_clip=0.5",
+        *extra,
+    )
+    handle, status = _run(spec)
+    shard_sizes = [w["shard"][1] - w["shard"][0] for w in status.workers]
+    assert sum(shard_sizes) == _final_params(spec).numel()
+    if "strategy.shard_weights=[2,1,1]" in extra:
+        assert abs(shard_sizes[0] / shard_sizes[1] - 2) < 0.01
+    if "train.balance=auto" in extra:
+        assert sum(handle.metrics()[-1]["batch"]) == 7
+    reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=4)
+    torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
+
+
 def test_resume_equals_uninterrupted(ray_session, tmp_path):
     full = _spec(tmp_path, "full", "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5")
     _run(full)
