@@ -26,7 +26,7 @@ from collectives.optim import OptimizerSpec
 from collectives.process_group import Rendezvous, host_store, join_group, leave_group
 from collectives.zero import ZeroEngine, build_engine
 from orchestrator.spec import JobSpec
-from storage.checkpoint import CheckpointReader, Manifest, write_shard
+from storage.checkpoint import CheckpointReader, CorruptCheckpointError, Manifest
 from storage.object_store import open_store
 
 
@@ -50,6 +50,7 @@ class StepResult:
     compute_s: float  # forward + backward
     comm_wait_s: float  # waiting for gradient reduction after backward
     step_s: float
+    peak_rss: int  # bytes, this worker process's high-water mark so far
 
 
 def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
@@ -61,6 +62,10 @@ def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
         beta2=t.beta2,
         momentum=t.momentum,
     )
+
+
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
 
 
 def available_memory_bytes() -> int:
@@ -181,49 +186,106 @@ class DataParallelRuntime:
             compute_s=compute_s,
             comm_wait_s=stats.comm_wait_s,
             step_s=time.perf_counter() - start,
+            peak_rss=peak_rss_bytes(),
         )
 
     # -- checkpoints --------------------------------------------------------
 
-    def _checkpoint_store(self):
-        if self._store is None:
+    def _checkpoint_store(self, for_upload: bool = False):
+        """The checkpoint store; ``for_upload``: one whose S3 client gives up quickly.
+
+        Uploads are retried, with backoff, by ``AsyncSaver``, whose waits a
+        newer checkpoint can cut short; botocore's own long retry loop could
+        not be interrupted, so the upload store keeps it short.
+        """
+        attr = "_upload_store" if for_upload else "_store"
+        if getattr(self, attr, None) is None:
             s = self.spec.storage
-            self._store = open_store(
-                self.spec.checkpoint.uri,
-                endpoint_url=s.endpoint_url,
-                region=s.region,
-                path_style=s.path_style,
+            options: dict[str, Any] = {}
+            if for_upload and self.spec.checkpoint.uri.startswith("s3://"):
+                options = {"max_attempts": 2, "op_attempts": 1, "connect_timeout": 5.0}
+            setattr(
+                self,
+                attr,
+                open_store(
+                    self.spec.checkpoint.uri,
+                    endpoint_url=s.endpoint_url,
+                    region=s.region,
+                    path_style=s.path_style,
+                    **options,
+                ),
             )
-        return self._store
+        return getattr(self, attr)
+
+    def _saver(self):
+        """This rank's ``AsyncSaver`` (one in-flight upload; see its policy), made on first use."""
+        from storage.async_saver import AsyncSaver
+
+        if getattr(self, "_async_saver", None) is None:
+            self._async_saver = AsyncSaver(self._checkpoint_store(for_upload=True))
+        return self._async_saver
 
     def save_shard(self, step: int) -> dict[str, Any]:
-        """Write this rank's slice of the flat state for ``step``; returns its ``ShardRecord``."""
-        lo, hi, tensors = self.engine.checkpoint_slice()
-        record = write_shard(
-            self._checkpoint_store(), step, self.rank, lo, hi, tensors, torch.get_rng_state()
-        )
-        return asdict(record)
+        """Snapshot this rank's slice of the state for ``step``; upload it in the background.
 
-    def load_checkpoint(self, root_uri: str, manifest_json: str) -> int:
-        """Restore state from a committed checkpoint (any world size); returns its step."""
+        Returns a ``SaveTicket`` as a dict (``blocked_s``, ``wait_s``,
+        ``copy_s``, ``nbytes``) as soon as the snapshot is in host memory.
+        If the previous upload is still running this first waits for it (the
+        policy of ``storage.async_saver``). The outcome arrives later through
+        ``checkpoint_done(step)``. Never raises for a store error.
+        """
+        lo, hi, tensors = self.engine.checkpoint_slice()
+        ticket = self._saver().save(step, self.rank, lo, hi, tensors, torch.get_rng_state())
+        return asdict(ticket)
+
+    def checkpoint_done(self, step: int) -> dict[str, Any] | None:
+        """The outcome of ``step``'s upload (``UploadResult`` as a dict) once it has finished.
+
+        None while it is still running. Never blocks, so the controller can
+        poll between training steps. A result is handed out once.
+        """
+        saver = getattr(self, "_async_saver", None)
+        result = saver.result(step) if saver is not None else None
+        return asdict(result) if result is not None else None
+
+    def load_checkpoint(self, root_uri: str, manifest_json: str) -> dict[str, Any]:
+        """Restore state from a committed checkpoint (any world size, shard weights or stage).
+
+        Reads only the byte ranges this rank needs, each verified against the
+        manifest's chunk checksums. Returns ``{"ok": True, "step", "bytes_read",
+        "seconds"}``; on a checksum mismatch or truncated shard returns
+        ``{"ok": False, "error"}`` naming the object instead of raising, so
+        the controller can fall back to an older checkpoint (state may then be
+        half-loaded: the next load overwrites all of it). Store errors raise.
+        """
+        start = time.perf_counter()
         s = self.spec.storage
         store = open_store(
             root_uri, endpoint_url=s.endpoint_url, region=s.region, path_style=s.path_style
         )
         manifest = Manifest.from_json(manifest_json, root_uri)
         reader = CheckpointReader(store, manifest)
-        self.engine.load_state(reader.read, manifest.optimizer["step_count"])
-        rng = reader.rng_state(self.rank) if manifest.world_size == self.engine.world_size else None
+        try:
+            self.engine.load_state(reader.read, manifest.optimizer["step_count"])
+            same_world = manifest.world_size == self.engine.world_size
+            rng = reader.rng_state(self.rank) if same_world else None
+        except CorruptCheckpointError as e:
+            return {"ok": False, "error": str(e), "step": manifest.step}
         if rng is not None:
             torch.set_rng_state(rng)
-        return manifest.step
+        return {
+            "ok": True,
+            "step": manifest.step,
+            "bytes_read": reader.bytes_read,
+            "seconds": time.perf_counter() - start,
+        }
 
     # -- reporting ----------------------------------------------------------
 
     def memory_report(self) -> dict[str, int]:
         """Bytes of state this rank holds, and its peak resident set size."""
         report = dict(self.engine.memory_bytes())
-        report["peak_rss"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+        report["peak_rss"] = peak_rss_bytes()
         return report
 
     def layout_json(self) -> list[dict]:

@@ -16,10 +16,12 @@ quiescent, fully committed step.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 import traceback
 from collections import deque
+from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
 
@@ -40,8 +42,18 @@ from orchestrator.shard_plan import (
 )
 from orchestrator.spec import JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
-from storage.checkpoint import Manifest, ShardRecord, commit, resolve, step_dir
-from storage.object_store import open_store
+from storage.checkpoint import (
+    CorruptCheckpointError,
+    Manifest,
+    ShardRecord,
+    check_objects,
+    commit,
+    committed_steps,
+    read_manifest,
+    resolve,
+    step_dir,
+)
+from storage.object_store import ObjectStore, StoreError, open_store
 
 PIPELINE_DEPTH = 2
 # glibc keeps freed large buffers in its heap, so a worker's RSS would hide
@@ -172,32 +184,85 @@ class JobController:
         return shard_bounds(self._numel, list(weights))
 
     def _restore(self) -> int:
-        """Load the checkpoint named by ``resume``; returns the first step to run."""
+        """Load the checkpoint named by ``resume``; returns the first step to run.
+
+        ``resume=<URI>/step-N`` loads exactly that checkpoint: a missing,
+        truncated or corrupt shard is an error naming the object.
+        ``resume=latest`` tries the committed checkpoints newest first and
+        falls back past any that are damaged (manifest unreadable, a shard
+        missing or of the wrong size, or a chunk checksum that fails while the
+        workers load it), logs each one skipped, and says so in the status
+        (``resume_note``). The workers' load is the checksum verification: each
+        rank checks every chunk it reads, and together they read every byte
+        of the checkpoint's tensors, so nothing is downloaded twice.
+        """
+        self._set(checkpoints_failed=0, checkpoints_committed=0)
         if self.spec.resume is None:
             return 0
         s = self.spec.storage
-        store, manifest = resolve(
-            self.spec.resume,
-            latest_root=self.spec.checkpoint.uri,
-            endpoint_url=s.endpoint_url,
-            region=s.region,
-            path_style=s.path_style,
-        )
+        options = {"endpoint_url": s.endpoint_url, "region": s.region, "path_style": s.path_style}
+        fallback = self.spec.resume == "latest"
+        if fallback:
+            store = open_store(self.spec.checkpoint.uri, **options)
+            candidates = list(reversed(committed_steps(store)))
+        else:
+            store, manifest = resolve(self.spec.resume, **options)
+            candidates = [manifest.step]
         layout = ray.get(self._workers[0].layout_json.remote())
-        if layout != manifest.layout:
-            raise RuntimeError(
-                f"resume: checkpoint {store.uri}/{step_dir(manifest.step)} was saved for a "
-                "different model (parameter names or shapes differ); resume it with the model "
-                "config it was saved with"
+        skipped: list[str] = []
+        for step in candidates:
+            uri = f"{store.uri}/{step_dir(step)}"
+            try:
+                manifest = read_manifest(store, step)
+                check_objects(store, manifest)
+            except CorruptCheckpointError as e:
+                if not fallback:
+                    raise
+                self._skip_checkpoint(skipped, uri, str(e))
+                continue
+            if layout != manifest.layout:
+                raise RuntimeError(
+                    f"resume: checkpoint {uri} was saved for a different model (parameter names "
+                    "or shapes differ); resume it with the model config it was saved with"
+                )
+            results = self._gather(
+                [w.load_checkpoint.remote(store.uri, manifest.to_json()) for w in self._workers],
+                "restore",
             )
-        uri = f"{store.uri}/{step_dir(manifest.step)}"
-        self._gather(
-            [w.load_checkpoint.remote(store.uri, manifest.to_json()) for w in self._workers],
-            "restore",
+            bad = [r["error"] for r in results if not r["ok"]]
+            if bad:
+                if not fallback:
+                    raise CorruptCheckpointError(bad[0])
+                self._skip_checkpoint(skipped, uri, bad[0])
+                continue
+            note = None
+            if skipped:
+                note = f"resume=latest fell back to {uri}, skipping: " + "; ".join(skipped)
+                logging.getLogger("shoal.checkpoint").warning(note)
+            self._keep_metrics_before(manifest.step)
+            self._set(
+                resumed_from=uri,
+                last_checkpoint=uri,
+                resume_note=note,
+                resume_bytes_read=[r["bytes_read"] for r in results],
+                resume_s=max(r["seconds"] for r in results),
+            )
+            return manifest.step
+        if not skipped:
+            raise StoreError(
+                f"resume=latest: no committed checkpoint under {store.uri}. Point run_dir= at "
+                "the earlier run's folder (see `shoal status`), or pass resume=<checkpoint URI>."
+            )
+        raise CorruptCheckpointError(
+            f"resume=latest: no valid checkpoint under {store.uri}: " + "; ".join(skipped)
         )
-        self._keep_metrics_before(manifest.step)
-        self._set(resumed_from=uri, last_checkpoint=uri)
-        return manifest.step
+
+    def _skip_checkpoint(self, skipped: list[str], uri: str, reason: str) -> None:
+        """Record (and log) a checkpoint that ``resume=latest`` passes over."""
+        skipped.append(f"{uri} ({reason})")
+        logging.getLogger("shoal.checkpoint").warning(
+            "resume=latest: skipping damaged checkpoint %s: %s", uri, reason
+        )
 
     def _train(self, start_step: int, store) -> None:
         t, every = self.spec.train, self.spec.checkpoint.every
@@ -237,6 +302,7 @@ class JobController:
                 "batch": [r.n_tokens // self.spec.seq_len for r in results],
                 "compute_s": [round(r.compute_s, 5) for r in results],
                 "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
+                "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
                 "elapsed_s": time.time() - self._started,
             }
             done = step + 1
@@ -249,25 +315,114 @@ class JobController:
                     self._gather(queued, "drain")
                 raise JobCancelled()
 
-    def _checkpoint(self, step: int, store) -> None:
-        records = self._gather([w.save_shard.remote(step) for w in self._workers], "checkpoint")
-        layout = ray.get(self._workers[0].layout_json.remote())
-        numel = max(r["hi"] for r in records)
-        t = self.spec.train
-        manifest = Manifest(
-            step=step,
-            world_size=len(self._workers),
-            strategy=self.spec.strategy.name,
-            numel=numel,
-            layout=layout,
-            optimizer={"name": t.optimizer, "step_count": step},
-            shards=[ShardRecord(**r) for r in records],
-            data={"position": step, "seed": t.seed, "global_batch": t.global_batch},
-            config=self.spec.to_dict(),
-        )
-        commit(store, manifest, keep=self.spec.checkpoint.keep)
-        self._set(last_checkpoint=f"{store.uri}/{step_dir(step)}")
+    def _checkpoint(self, step: int, store: ObjectStore) -> None:
+        """Start checkpoint ``step``; commit it once every worker's upload has succeeded.
+
+        Each worker snapshots its shard to host memory and returns (waiting
+        first for its previous upload, if that is still running: the policy
+        of ``storage.async_saver``); uploads continue in the background while
+        training goes on. A ``CheckpointCommitter`` thread collects the
+        outcomes and writes the manifest, in step order, only when every rank
+        succeeded; a failed upload makes the checkpoint count as failed
+        (``checkpoints_failed`` in the status, a warning in the log) and
+        training continues. The run's last checkpoint (``step == train.steps``)
+        waits for the uploads: the run is not over before its final state is
+        safe, or has failed to be saved.
+
+        The time training was blocked goes into the record of the step just
+        completed: ``checkpoint_blocked_s`` (wall time on the controller),
+        and per rank ``checkpoint_wait_s`` (waiting for the previous upload)
+        and ``checkpoint_copy_s`` (the snapshot).
+        """
+        start = time.perf_counter()
+        tickets = self._gather([w.save_shard.remote(step) for w in self._workers], "checkpoint")
+        blocked = time.perf_counter() - start
+        committer = self._checkpoint_committer(store)
+        committer.submit(step)
+        fields: dict[str, Any] = {
+            "checkpoint_blocked_s": round(blocked, 5),
+            "checkpoint_wait_s": [round(t["wait_s"], 5) for t in tickets],
+            "checkpoint_copy_s": [round(t["copy_s"], 5) for t in tickets],
+        }
+        if step == self.spec.train.steps:
+            drain_start = time.perf_counter()
+            if not committer.drain(CheckpointCommitter.FINAL_TIMEOUT_S):
+                self._checkpoint_outcome(
+                    step,
+                    None,
+                    f"uploads still running after {CheckpointCommitter.FINAL_TIMEOUT_S:g}s",
+                )
+            fields["checkpoint_drain_s"] = round(time.perf_counter() - drain_start, 5)
+        self._amend_last_record(step, fields)
         plot_loss(self.metrics(), self.run_dir / "loss.png")
+
+    def _checkpoint_committer(self, store: ObjectStore) -> CheckpointCommitter:
+        """The job's committer thread, started at the first checkpoint."""
+        committer = getattr(self, "_committer", None)
+        if committer is None:
+            layout = ray.get(self._workers[0].layout_json.remote())
+            t = self.spec.train
+
+            def manifest_for(step: int, records: list[ShardRecord]) -> Manifest:
+                return Manifest(
+                    step=step,
+                    world_size=len(records),
+                    strategy=self.spec.strategy.name,
+                    numel=max(r.hi for r in records),
+                    layout=layout,
+                    optimizer={"name": t.optimizer, "step_count": step},
+                    shards=records,
+                    data={"position": step, "seed": t.seed, "global_batch": t.global_batch},
+                    config=self.spec.to_dict(),
+                )
+
+            committer = CheckpointCommitter(
+                list(self._workers),
+                store,
+                manifest_for,
+                keep=self.spec.checkpoint.keep,
+                on_outcome=self._checkpoint_outcome,
+            )
+            self._committer = committer
+        return committer
+
+    def _checkpoint_outcome(self, step: int, uri: str | None, error: str | None) -> None:
+        """Called by the committer: checkpoint ``step`` was committed at ``uri``, or failed."""
+        log = logging.getLogger("shoal.checkpoint")
+        if uri is not None:
+            with self._lock:
+                committed = getattr(self._status, "checkpoints_committed", 0) + 1
+            self._set(last_checkpoint=uri, checkpoints_committed=committed)
+            return
+        with self._lock:
+            failed = getattr(self._status, "checkpoints_failed", 0) + 1
+        warning = f"checkpoint at step {step} failed, training continues: {error}"
+        log.warning(warning)
+        self._set(checkpoints_failed=failed, checkpoint_warning=warning)
+
+    def _amend_last_record(self, step: int, fields: dict[str, Any]) -> None:
+        """Add ``fields`` to the record of step ``step - 1``, which ``_train`` already wrote.
+
+        Rewrites only the last line of ``metrics.jsonl``, so the cost does not
+        grow with the length of the run.
+        """
+        with self._lock:
+            if not self._metrics or self._metrics[-1]["step"] != step - 1:
+                return
+            self._metrics[-1].update(fields)
+            record = self._metrics[-1]
+        path = self.run_dir / "metrics.jsonl"
+        with open(path, "r+b") as f:
+            size = f.seek(0, 2)
+            back = min(size, 1 << 16)
+            f.seek(size - back)
+            tail = f.read()
+            start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+            if json.loads(tail[start:]).get("step") != step - 1:
+                return
+            f.seek(size - back + start)
+            f.truncate()
+            f.write(json.dumps(record).encode() + b"\n")
 
     def _finish(self) -> None:
         memory = ray.get([w.memory_report.remote() for w in self._workers])
@@ -360,6 +515,101 @@ class JobController:
         if isinstance(e, WorkerError):
             return str(e)
         return f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)[-3:])}".strip()
+
+
+class CheckpointCommitter:
+    """Writes checkpoint manifests, in step order, once every worker's upload has succeeded.
+
+    A thread of the controller. For each submitted step it polls the workers'
+    ``checkpoint_done(step)`` (a non-blocking call that runs between their
+    training steps) every ``poll_s`` seconds until every rank has an outcome,
+    then commits the manifest (and applies retention) if all succeeded, and
+    reports through ``on_outcome(step, uri, error)``: ``uri`` when committed,
+    ``error`` when any upload or the commit failed. Steps are handled one at a
+    time, oldest first, so a prune never runs while an older manifest is being
+    written. A worker that dies fails the step it was uploading (the job
+    itself fails through the training loop).
+    """
+
+    FINAL_TIMEOUT_S = 600.0  # how long the run's last checkpoint may take to upload
+
+    def __init__(
+        self,
+        workers: list[Any],
+        store: ObjectStore,
+        manifest_for: Callable[[int, list[ShardRecord]], Manifest],
+        *,
+        keep: int,
+        on_outcome: Callable[[int, str | None, str | None], None],
+        poll_s: float = 0.2,
+        call_timeout_s: float = 300.0,
+    ):
+        self.workers = workers
+        self.store = store
+        self.manifest_for = manifest_for
+        self.keep = keep
+        self.on_outcome = on_outcome
+        self.poll_s = poll_s
+        self.call_timeout_s = call_timeout_s
+        self._queue: deque[int] = deque()
+        self._cond = threading.Condition()
+        self._busy = False
+        self._thread = threading.Thread(target=self._loop, name="shoal-committer", daemon=True)
+        self._thread.start()
+
+    def submit(self, step: int) -> None:
+        with self._cond:
+            self._queue.append(step)
+            self._cond.notify_all()
+
+    def drain(self, timeout: float) -> bool:
+        """Wait until every submitted step has an outcome; False if ``timeout`` passed first."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._queue or self._busy:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(left)
+        return True
+
+    def _loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue:
+                    self._cond.wait()
+                step = self._queue.popleft()
+                self._busy = True
+            try:
+                uri, error = self._finish(step)
+                self.on_outcome(step, uri, error)
+            except Exception as e:  # noqa: BLE001 - the committer must outlive any one step
+                self.on_outcome(step, None, f"{type(e).__name__}: {e}")
+            finally:
+                with self._cond:
+                    self._busy = False
+                    self._cond.notify_all()
+
+    def _finish(self, step: int) -> tuple[str | None, str | None]:
+        outcomes: dict[int, dict[str, Any]] = {}
+        while len(outcomes) < len(self.workers):
+            missing = [r for r in range(len(self.workers)) if r not in outcomes]
+            got = ray.get(
+                [self.workers[r].checkpoint_done.remote(step) for r in missing],
+                timeout=self.call_timeout_s,
+            )
+            for rank, outcome in zip(missing, got, strict=True):
+                if outcome is not None:
+                    outcomes[rank] = outcome
+            if len(outcomes) < len(self.workers):
+                time.sleep(self.poll_s)
+        failed = [(r, o["error"]) for r, o in sorted(outcomes.items()) if not o["ok"]]
+        if failed:
+            rank, error = failed[0]
+            return None, f"upload of rank {rank}'s shard failed after retries: {error}"
+        records = [ShardRecord.from_dict(outcomes[r]["record"]) for r in range(len(self.workers))]
+        commit(self.store, self.manifest_for(step, records), keep=self.keep)
+        return f"{self.store.uri}/{step_dir(step)}", None
 
 
 class BatchBalancer:
