@@ -41,7 +41,13 @@ class StrategyConfig:
 class ClusterConfig:
     """Where the workers run (``cluster=local`` by default)."""
 
+    # Workers the job aims to run (`shoal scale JOB N` changes it within
+    # [min_workers, max_workers]). null min/max: exactly `workers`.
     workers: int = 2
+    # Training starts (and continues after failures) with at least this many;
+    # below it the job waits for capacity, asking Ray's autoscaler for it.
+    min_workers: int | None = None
+    max_workers: int | None = None
     cpus_per_worker: float = 1.0
     gpus_per_worker: float = 0.0
     # null: start an embedded local Ray instance. Otherwise an existing
@@ -135,6 +141,24 @@ class StorageConfig:
 
 
 @dataclass
+class ElasticConfig:
+    """Failures, joins, leaves and stragglers (see orchestrator/controller.py)."""
+
+    # false: the first lost worker fails the job (as a plain launcher would).
+    enabled: bool = True
+    # ZeRO shards are copied to a buddy worker's host memory every this many
+    # steps; a lost worker is rebuilt from the copy. More steps: less
+    # traffic, more steps redone after a failure.
+    replicate_every: int = 1
+    # A step that takes longer than this on some worker marks it as failed.
+    step_timeout_s: float = 300.0
+    # How long to wait for at least cluster.min_workers before failing the job.
+    wait_timeout_s: float = 300.0
+    # Give up after this many failures (a crash loop is not elasticity).
+    max_failures: int = 20
+
+
+@dataclass
 class JobConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -145,6 +169,7 @@ class JobConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
+    elastic: ElasticConfig = field(default_factory=ElasticConfig)
     # null: ./runs/<job-id>
     run_dir: str | None = None
     # null: start fresh. "latest": the newest committed checkpoint under

@@ -139,16 +139,16 @@ def validate(c: JobConfig) -> None:
     _check(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _check(t.global_batch >= 1, "train.global_batch", ">= 1", t.global_batch)
     _check(
-        t.global_batch >= c.cluster.workers,
+        t.global_batch >= c.cluster.max_workers,
         "train.global_batch",
-        f">= cluster.workers ({c.cluster.workers}) so that every worker gets a sample",
+        f">= cluster.max_workers ({c.cluster.max_workers}) so that every worker gets a sample",
         t.global_batch,
     )
     _check(t.micro_batches >= 1, "train.micro_batches", ">= 1", t.micro_batches)
     _check(
-        t.global_batch >= c.cluster.workers * t.micro_batches,
+        t.global_batch >= c.cluster.max_workers * t.micro_batches,
         "train.micro_batches",
-        "at most train.global_batch / cluster.workers (every micro-batch needs a sample)",
+        "at most train.global_batch / cluster.max_workers (every micro-batch needs a sample)",
         t.micro_batches,
     )
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {list(OPTIMIZERS)}", t.optimizer)
@@ -170,6 +170,12 @@ def validate(c: JobConfig) -> None:
     _check(t.balance_every >= 1, "train.balance_every", ">= 1", t.balance_every)
     _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
     _check(t.sample_tokens >= 0, "train.sample_tokens", ">= 0", t.sample_tokens)
+
+    e = c.elastic
+    _check(e.replicate_every >= 1, "elastic.replicate_every", ">= 1", e.replicate_every)
+    _check(e.step_timeout_s > 0, "elastic.step_timeout_s", "> 0", e.step_timeout_s)
+    _check(e.wait_timeout_s > 0, "elastic.wait_timeout_s", "> 0", e.wait_timeout_s)
+    _check(e.max_failures >= 0, "elastic.max_failures", ">= 0", e.max_failures)
 
     ck = c.checkpoint
     _check(ck.every >= 0, "checkpoint.every", ">= 0 (0: only at the end)", ck.every)
@@ -203,6 +209,18 @@ def _validate_shard_weights(weights: Any, workers: int) -> None:
 
 def _validate_cluster(cl: ClusterConfig) -> None:
     _check(cl.workers >= 1, "cluster.workers", ">= 1", cl.workers)
+    if cl.min_workers is None:
+        cl.min_workers = cl.workers
+    if cl.max_workers is None:
+        cl.max_workers = max(cl.workers, cl.min_workers)
+    _check(cl.min_workers >= 1, "cluster.min_workers", ">= 1", cl.min_workers)
+    _check(
+        cl.min_workers <= cl.workers <= cl.max_workers,
+        "cluster.workers",
+        f"between cluster.min_workers ({cl.min_workers}) and cluster.max_workers "
+        f"({cl.max_workers})",
+        cl.workers,
+    )
     _check(cl.cpus_per_worker > 0, "cluster.cpus_per_worker", "> 0", cl.cpus_per_worker)
     _check(cl.gpus_per_worker >= 0, "cluster.gpus_per_worker", ">= 0", cl.gpus_per_worker)
     _check(cl.start_timeout_s > 0, "cluster.start_timeout_s", "> 0", cl.start_timeout_s)

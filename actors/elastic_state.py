@@ -1,0 +1,116 @@
+"""The worker's side of elastic membership: what state it holds, and moving it between epochs.
+
+A mixin of ``DataParallelRuntime``. The controller, after a failure or
+before a planned change (a join, a drain), asks every surviving worker for
+its ``holdings()``, makes a ``RecoveryPlan`` (``orchestrator/recovery.py``),
+has the chosen holders ``export_piece`` their copies (the returned tensors go
+to Ray's object store, owned by the controller, so they outlive the worker
+that exported them), and then every member of the new epoch
+``restore_from_pieces`` — reading only the pieces that overlap its new shard.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import ray
+import torch
+
+from collectives.process_group import leave_group
+from collectives.replication import BuddyReplicator
+from orchestrator.recovery import Holding
+
+
+class ElasticState:
+    """Requires ``self.engine``, ``self.rank``, ``self.spec`` and ``self._bounds`` (set by setup)."""
+
+    engine: Any
+    rank: int
+    spec: Any
+    _bounds: list[tuple[int, int]] | None
+    _replicator: BuddyReplicator | None = None
+    _applied: int | None = None  # steps applied to the live engine state
+
+    @property
+    def _sharded(self) -> bool:
+        return self.spec.strategy.name != "ddp"
+
+    def _start_epoch(self, world_size: int) -> None:
+        self._replicator = BuddyReplicator(self.rank, world_size) if self._sharded else None
+
+    def _after_step(self, done: int) -> None:
+        """Called at the end of every step: record it, and replicate the shard when due."""
+        self._applied = done
+        every = self.spec.elastic.replicate_every
+        if self._replicator is not None and self.spec.elastic.enabled and done % every == 0:
+            self._replicate(done)
+
+    def _replicate(self, done: int) -> None:
+        lo, hi, tensors = self.engine.checkpoint_slice()
+        rep = self._replicator
+        rep.replicate(done, lo, hi, tensors, self._bounds[rep.source])
+
+    # -- called by the controller --------------------------------------------
+
+    def holdings(self) -> list[dict[str, Any]]:
+        """Every complete copy of training state this worker holds, as ``Holding`` fields."""
+        out: list[Holding] = []
+        if not self._sharded:
+            if self._applied is not None and self.engine is not None:
+                numel = self.engine.layout.numel
+                out.append(Holding(self.rank, 0, self._applied, "live", 0, numel))
+        elif self._replicator is not None:
+            for done, c in self._replicator.own_copies().items():
+                out.append(Holding(self.rank, self.rank, done, "own", c.lo, c.hi))
+            for done, c in self._replicator.replica_copies().items():
+                out.append(Holding(self.rank, c.rank, done, "replica", c.lo, c.hi))
+        return [h.__dict__ for h in out]
+
+    def export_piece(self, kind: str, owner: int, done: int) -> dict[str, torch.Tensor]:
+        """The tensors of one holding (returned by value: Ray stores them for the controller)."""
+        if kind == "live":
+            lo, hi = 0, self.engine.layout.numel
+            out = {"param": self.engine.flat_param[lo:hi].clone()}
+            for key, t in self.engine.optimizer.state_tensors().items():
+                out[key] = t[lo:hi].clone()
+            return out
+        copies = (
+            self._replicator.own_copies() if kind == "own" else self._replicator.replica_copies()
+        )
+        copy = copies.get(done)
+        if copy is None or copy.rank != owner:
+            raise LookupError(f"worker {self.rank} holds no {kind} copy of rank {owner} at {done}")
+        return copy.tensors
+
+    def leave_epoch(self) -> None:
+        """Leave the (possibly broken) process group; held copies stay until the next restore."""
+        leave_group()
+
+    def restore_from_pieces(self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int) -> int:
+        """Load the state of step ``done`` from ``(lo, hi, [ref])`` pieces covering the flat vector.
+
+        A collective in the new epoch (every member calls it): after loading,
+        the new shards are replicated at once, so a failure in the epoch's
+        first step is covered too.
+        """
+        cache: dict[int, dict[str, torch.Tensor]] = {}
+
+        def read(key: str, lo: int, hi: int) -> torch.Tensor:
+            parts = []
+            for i, (p_lo, p_hi, ref) in enumerate(pieces):
+                a, b = max(lo, p_lo), min(hi, p_hi)
+                if a >= b:
+                    continue
+                if i not in cache:
+                    cache[i] = ray.get(ref[0])
+                parts.append(cache[i][key][a - p_lo : b - p_lo])
+            out = torch.cat(parts) if parts else torch.empty(0)
+            if out.numel() != hi - lo:
+                raise LookupError(f"pieces do not cover [{lo}, {hi}) of {key!r}")
+            return out
+
+        self.engine.load_state(read, done)
+        self._applied = done
+        if self._replicator is not None and self.spec.elastic.enabled:
+            self._replicate(done)
+        return done
