@@ -39,7 +39,9 @@ class RecoveryPlan:
 _PREFERENCE = {"live": 0, "own": 1, "replica": 2}
 
 
-def plan_recovery(old_bounds: list[tuple[int, int]], holdings: list[Holding]) -> RecoveryPlan | None:
+def plan_recovery(
+    old_bounds: list[tuple[int, int]], holdings: list[Holding]
+) -> RecoveryPlan | None:
     """The newest step at which every old shard has a copy, and which copy to use.
 
     ``old_bounds[r]`` is old rank ``r``'s flat range (for replicated data
