@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.data import VOCAB_SIZE, ByteCorpus, batch_offsets, make_batch
+from actors.elastic_state import ElasticState
 from actors.models.build import build_model
 from collectives.ddp import DDPEngine
 from collectives.optim import OptimizerSpec
@@ -80,16 +81,19 @@ def available_memory_bytes() -> int:
     return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
-class DataParallelRuntime:
-    """One data-parallel rank.
+class DataParallelRuntime(ElasticState):
+    """One data-parallel worker; its rank is given anew by every epoch's ``setup``.
 
-    Call order: ``setup``, then ``train_step`` (and save/load) any number of times, then
-    ``shutdown``.
+    Call order: ``setup``, then ``train_step`` (and save/load) any number of
+    times; after a membership change ``leave_epoch``, ``setup`` again and
+    ``restore_from_pieces``; finally ``shutdown``.
     """
 
-    def __init__(self, spec: JobSpec, rank: int, tokens: np.ndarray):
+    def __init__(self, spec: JobSpec, worker_id: int, tokens: np.ndarray):
         self.spec = spec
-        self.rank = rank
+        self.worker_id = worker_id  # stable for the worker's life, unlike its rank
+        self.rank = -1
+        self._bounds: list[tuple[int, int]] | None = None
         self.tokens = tokens
         self._store = None
         self._rdzv_store: torch.distributed.TCPStore | None = None
@@ -108,12 +112,20 @@ class DataParallelRuntime:
         self._rdzv_store = host_store(host, world_size, self.spec.cluster.collective_timeout_s)
         return host, self._rdzv_store.port
 
-    def setup(self, rdzv: Rendezvous, shard_bounds: list[tuple[int, int]] | None) -> WorkerInfo:
-        """Join the process group and build the model and engine (same seed on every rank).
+    def setup(
+        self, rdzv: Rendezvous, shard_bounds: list[tuple[int, int]] | None, rank: int
+    ) -> WorkerInfo:
+        """Join this epoch's process group as ``rank``; build the model and engine.
 
-        ``shard_bounds`` (ZeRO only) are the planner's flat ranges, one per rank.
+        Every rank builds the model from the same seed, so a fresh job starts
+        from identical replicas; a later epoch overwrites it with
+        ``restore_from_pieces``. ``shard_bounds`` (ZeRO only) are the planner's
+        flat ranges, one per rank.
         """
-        join_group(rdzv, self.rank, self._rdzv_store)
+        self.rank = rank
+        self._bounds = shard_bounds
+        join_group(rdzv, rank, self._rdzv_store if rank == 0 else None)
+        self._start_epoch(rdzv.world_size)
         torch.manual_seed(self.spec.train.seed)
         model = build_model(self.spec.model, VOCAB_SIZE).to(self.device)
         self.engine = build_engine(
@@ -171,7 +183,13 @@ class DataParallelRuntime:
             engine.backward(loss / global_tokens, sync=i == len(micro) - 1)
             loss_sum += float(loss.detach())
         compute_s = time.perf_counter() - start
+        # A ZeRO step updates this rank's shard before its last collective (the
+        # all-gather), so if that fails the live shard is neither before nor
+        # after the step; DDP's update follows its last collective.
+        self._live_valid = not self._sharded
         stats = engine.step(lr)
+        self._live_valid = True
+        self._after_step(step + 1)
         if not np.isfinite(loss_sum):
             raise FloatingPointError(
                 f"rank {self.rank}: loss is {loss_sum} at step {step}; lower train.lr or set "
@@ -265,12 +283,17 @@ class DataParallelRuntime:
         )
         manifest = Manifest.from_json(manifest_json, root_uri)
         reader = CheckpointReader(store, manifest)
+        world = self.engine.world_size
         try:
             self.engine.load_state(reader.read, manifest.optimizer["step_count"])
-            same_world = manifest.world_size == self.engine.world_size
-            rng = reader.rng_state(self.rank) if same_world else None
+            # Old ranks' RNG states are read (and so verified) even when unused
+            # at another world size: the ranks together then check every byte.
+            rngs = {
+                old: reader.rng_state(old) for old in range(self.rank, manifest.world_size, world)
+            }
         except CorruptCheckpointError as e:
             return {"ok": False, "error": str(e), "step": manifest.step}
+        rng = rngs.get(self.rank) if manifest.world_size == world else None
         if rng is not None:
             torch.set_rng_state(rng)
         return {

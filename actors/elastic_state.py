@@ -11,6 +11,7 @@ that exported them), and then every member of the new epoch
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import ray
@@ -22,7 +23,7 @@ from orchestrator.recovery import Holding
 
 
 class ElasticState:
-    """Requires ``self.engine``, ``self.rank``, ``self.spec`` and ``self._bounds`` (set by setup)."""
+    """Needs ``self.engine``, ``self.rank``, ``self.spec`` and ``self._bounds`` (set by setup)."""
 
     engine: Any
     rank: int
@@ -30,6 +31,7 @@ class ElasticState:
     _bounds: list[tuple[int, int]] | None
     _replicator: BuddyReplicator | None = None
     _applied: int | None = None  # steps applied to the live engine state
+    _live_valid: bool = True  # False while a failed ZeRO step may have half-updated the shard
 
     @property
     def _sharded(self) -> bool:
@@ -55,22 +57,28 @@ class ElasticState:
     def holdings(self) -> list[dict[str, Any]]:
         """Every complete copy of training state this worker holds, as ``Holding`` fields."""
         out: list[Holding] = []
-        if not self._sharded:
-            if self._applied is not None and self.engine is not None:
+        if self._applied is not None and self.engine is not None and self._live_valid:
+            if self._sharded:
+                lo, hi, _ = self.engine.checkpoint_slice()
+                out.append(Holding(self.rank, self.rank, self._applied, "live", lo, hi))
+            else:
                 numel = self.engine.layout.numel
                 out.append(Holding(self.rank, 0, self._applied, "live", 0, numel))
-        elif self._replicator is not None:
+        if self._replicator is not None:
             for done, c in self._replicator.own_copies().items():
                 out.append(Holding(self.rank, self.rank, done, "own", c.lo, c.hi))
             for done, c in self._replicator.replica_copies().items():
                 out.append(Holding(self.rank, c.rank, done, "replica", c.lo, c.hi))
-        return [h.__dict__ for h in out]
+        return [dataclasses.asdict(h) for h in out]
 
     def export_piece(self, kind: str, owner: int, done: int) -> dict[str, torch.Tensor]:
         """The tensors of one holding (returned by value: Ray stores them for the controller)."""
         if kind == "live":
+            if self._sharded:
+                _, _, views = self.engine.checkpoint_slice()
+                return {k: v.detach().clone() for k, v in views.items()}
             lo, hi = 0, self.engine.layout.numel
-            out = {"param": self.engine.flat_param[lo:hi].clone()}
+            out = {"param": self.engine.flat_param[lo:hi].detach().clone()}
             for key, t in self.engine.optimizer.state_tensors().items():
                 out[key] = t[lo:hi].clone()
             return out
@@ -86,7 +94,9 @@ class ElasticState:
         """Leave the (possibly broken) process group; held copies stay until the next restore."""
         leave_group()
 
-    def restore_from_pieces(self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int) -> int:
+    def restore_from_pieces(
+        self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int
+    ) -> int:
         """Load the state of step ``done`` from ``(lo, hi, [ref])`` pieces covering the flat vector.
 
         A collective in the new epoch (every member calls it): after loading,

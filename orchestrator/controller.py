@@ -22,7 +22,6 @@ import time
 import traceback
 from collections import deque
 from collections.abc import Callable
-from dataclasses import asdict
 from typing import Any
 
 import ray
@@ -31,21 +30,19 @@ import torch
 from actors.data import VOCAB_SIZE
 from actors.models.build import build_model
 from collectives.flat import FlatLayout
-from collectives.process_group import Rendezvous, default_backend
+from orchestrator.events import EventLog
 from orchestrator.report import plot_loss
 from orchestrator.schedule import lr_at
-from orchestrator.shard_plan import (
-    batch_shares,
-    shard_bounds,
-    weights_from_memory,
-    weights_from_throughput,
-)
+from orchestrator.shard_plan import batch_shares, weights_from_throughput
 from orchestrator.spec import JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
+from orchestrator.worker_group import MembershipLost, WorkerError, WorkerGroup
 from storage.checkpoint import (
+    MANIFEST,
     CorruptCheckpointError,
     Manifest,
     ShardRecord,
+    all_step_dirs,
     check_objects,
     commit,
     committed_steps,
@@ -56,11 +53,9 @@ from storage.checkpoint import (
 from storage.object_store import ObjectStore, StoreError, open_store
 
 PIPELINE_DEPTH = 2
-# glibc keeps freed large buffers in its heap, so a worker's RSS would hide
-# what sharding saves; with this threshold, buffers of 64 KiB and more are
-# mmap-ed and returned to the OS when freed, and RSS tracks what is held.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-_POLL_S = 0.5
+# How long a job start waits for all of cluster.workers before it begins with
+# the cluster.min_workers that are ready (the rest join when placed).
+START_GRACE_S = 15.0
 
 
 class JobCancelled(Exception):
@@ -83,8 +78,9 @@ class JobController:
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._metrics: list[dict[str, Any]] = []
-        self._workers: list[Any] = []
-        self._worker_pids: list[int] = []
+        self._group: WorkerGroup | None = None
+        self._events = EventLog(self.run_dir / "events.jsonl")
+        self._scale_to: int | None = None
         self._status = JobStatus(
             job_id=spec.job_id,
             state=JobState.PENDING,
@@ -110,17 +106,34 @@ class JobController:
         self._cancel.set()
 
     def worker_pids(self) -> list[int]:
-        return list(self._worker_pids)
+        """Process ids of the current members, in rank order."""
+        return [m.pid for m in self._group.members] if self._group else []
+
+    def events(self) -> list[dict[str, Any]]:
+        return self._events.all()
+
+    def scale(self, workers: int) -> int:
+        """Ask for ``workers`` workers (clamped to [min_workers, max_workers]); applied at the
+        next step boundary. Returns the new target."""
+        cl = self.spec.cluster
+        target = max(cl.min_workers, min(cl.max_workers, int(workers)))
+        self._scale_to = target
+        return target
+
+    @property
+    def _workers(self) -> list[Any]:
+        """The current members' actors, in rank order."""
+        return self._group.actors if self._group else []
 
     # -- the job -------------------------------------------------------------
 
     def run(self) -> JobStatus:
         try:
-            self._set(state=JobState.STARTING)
+            self._set(state=JobState.STARTING, checkpoints_failed=0, checkpoints_committed=0)
             store = self._checkpoint_store()
             store.check()  # a bad bucket or credentials fail now, not at the first checkpoint
             self._start_workers()
-            start_step = self._restore()
+            start_step = self._restore(self.spec.resume)
             self._set(state=JobState.RUNNING, step=start_step)
             self._train(start_step, store)
             self._finish()
@@ -135,55 +148,26 @@ class JobController:
         return self.status()
 
     def _start_workers(self) -> None:
-        from actors.worker import DataParallelWorker
-
-        cl = self.spec.cluster
-        self._workers = [
-            DataParallelWorker.options(
-                num_cpus=cl.cpus_per_worker,
-                num_gpus=cl.gpus_per_worker,
-                name=f"shoal-{self.spec.job_id}-rank{rank}",
-                runtime_env={"env_vars": WORKER_ENV},
-            ).remote(self.spec, rank, self._tokens_ref)
-            for rank in range(cl.workers)
-        ]
-        try:
-            probes = ray.get([w.probe.remote() for w in self._workers], timeout=cl.start_timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            free = ray.available_resources()
-            raise RuntimeError(
-                f"Ray could not place {cl.workers} workers with {cl.cpus_per_worker} CPU and "
-                f"{cl.gpus_per_worker} GPU each within cluster.start_timeout_s="
-                f"{cl.start_timeout_s:g}s (free now: {free.get('CPU', 0):g} CPU, "
-                f"{free.get('GPU', 0):g} GPU). Lower cluster.workers or the per-worker "
-                "resources, or add nodes."
-            ) from None
-        self._worker_pids = [p["pid"] for p in probes]
-        bounds = self._plan_shards([p["available_memory"] for p in probes])
-        host, port = ray.get(self._workers[0].host_rendezvous.remote(cl.workers))
-        rdzv = Rendezvous(
-            host, port, cl.workers, default_backend(cl.gpus_per_worker > 0), cl.collective_timeout_s
-        )
-        infos = self._gather([w.setup.remote(rdzv, bounds) for w in self._workers], "setup")
-        workers = [asdict(i) for i in infos]
-        for w, (lo, hi) in zip(workers, bounds or [(0, self._numel)] * len(workers), strict=True):
-            w["shard"] = [lo, hi]
-        self._set(workers=workers)
-
-    def _plan_shards(self, available_memory: list[int]) -> list[tuple[int, int]] | None:
-        """ZeRO shard ranges from ``strategy.shard_weights`` (None for ddp: nothing is sharded)."""
+        """Ask Ray for ``cluster.workers`` workers; start once the minimum is placed."""
         with torch.device("meta"):  # shapes only, no memory
-            self._numel = FlatLayout.of(build_model(self.spec.model, VOCAB_SIZE)).numel
-        if self.spec.strategy.name == "ddp":
-            return None
-        weights = self.spec.strategy.shard_weights
-        if weights is None:
-            weights = [1.0] * len(self._workers)
-        elif weights == "auto":
-            weights = weights_from_memory(available_memory)
-        return shard_bounds(self._numel, list(weights))
+            numel = FlatLayout.of(build_model(self.spec.model, VOCAB_SIZE)).numel
+        cl = self.spec.cluster
+        group = WorkerGroup(self.spec, self._tokens_ref, numel, self._events)
+        self._group = group
+        group.spawn(cl.workers)
+        members = group.admit_ready(timeout=min(START_GRACE_S, cl.start_timeout_s))
+        members = group.wait_for_members(
+            members,
+            cl.min_workers,
+            cl.start_timeout_s,
+            on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
+        )
+        group.form_epoch(members)
+        for m in members:
+            self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
+        self._set(state=JobState.STARTING, workers=group.describe(), epoch=group.epoch)
 
-    def _restore(self) -> int:
+    def _restore(self, resume: str | None) -> int:
         """Load the checkpoint named by ``resume``; returns the first step to run.
 
         ``resume=<URI>/step-N`` loads exactly that checkpoint: a missing,
@@ -196,17 +180,16 @@ class JobController:
         rank checks every chunk it reads, and together they read every byte
         of the checkpoint's tensors, so nothing is downloaded twice.
         """
-        self._set(checkpoints_failed=0, checkpoints_committed=0)
-        if self.spec.resume is None:
+        if resume is None:
             return 0
         s = self.spec.storage
         options = {"endpoint_url": s.endpoint_url, "region": s.region, "path_style": s.path_style}
-        fallback = self.spec.resume == "latest"
+        fallback = resume == "latest"
         if fallback:
             store = open_store(self.spec.checkpoint.uri, **options)
             candidates = list(reversed(committed_steps(store)))
         else:
-            store, manifest = resolve(self.spec.resume, **options)
+            store, manifest = resolve(resume, **options)
             candidates = [manifest.step]
         layout = ray.get(self._workers[0].layout_json.remote())
         skipped: list[str] = []
@@ -265,17 +248,24 @@ class JobController:
         )
 
     def _train(self, start_step: int, store) -> None:
+        """Run the steps from ``start_step`` on, checkpointing and surviving membership changes.
+
+        A lost worker (``MembershipLost``) ends the epoch: ``_recover`` rebuilds
+        the state in a new epoch and the loop continues from the step it
+        returns. Joins and drains (``_rebalance_membership``) happen only at
+        step boundaries with no step in flight.
+        """
         t, every = self.spec.train, self.spec.checkpoint.every
         total = t.steps
-        balancer = BatchBalancer(
-            t.global_batch, len(self._workers), t.balance == "auto", t.balance_every
-        )
-        tokens_per_step = t.global_batch * self.spec.seq_len
+        step_timeout = self.spec.elastic.step_timeout_s
+        balancer = self._new_balancer()
 
         inflight: deque[tuple[int, float, list[ray.ObjectRef]]] = deque()
         next_step = done = start_step
         last_done = time.perf_counter()
         while next_step < total or inflight:
+            if not inflight and self._rebalance_membership(done):
+                balancer = self._new_balancer()
             # Never queue past the next checkpoint: it must see a quiescent step.
             boundary = total if every == 0 else min(total, (done // every + 1) * every)
             while next_step < boundary and len(inflight) < PIPELINE_DEPTH:
@@ -287,33 +277,158 @@ class JobController:
                 inflight.append((next_step, lr, refs))
                 next_step += 1
             step, lr, refs = inflight.popleft()
-            results = self._gather(refs, f"step {step}")
-            balancer.observe(results)
-            now = time.perf_counter()
-            step_time = now - last_done
-            last_done = now
-            record = {
-                "step": step,
-                "loss": sum(r.loss_sum for r in results) / sum(r.n_tokens for r in results),
-                "lr": lr,
-                "grad_norm": results[0].grad_norm,
-                "step_time_s": step_time,
-                "tokens_per_s": tokens_per_step / step_time,
-                "batch": [r.n_tokens // self.spec.seq_len for r in results],
-                "compute_s": [round(r.compute_s, 5) for r in results],
-                "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
-                "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
-                "elapsed_s": time.time() - self._started,
-            }
-            done = step + 1
-            self._record(record, done=done)
-            if not inflight and (done == total or (every and done % every == 0)):
-                self._checkpoint(done, store)
+            try:
+                results = self._group.gather(refs, f"step {step}", timeout=step_timeout)
+                balancer.observe(results)
+                self._status.batch_shares = list(balancer.shares)
+                self._record(self._step_record(step, lr, results, last_done), done=step + 1)
+                last_done = time.perf_counter()
+                done = step + 1
+                if not inflight and (done == total or (every and done % every == 0)):
+                    self._checkpoint(done, store)
+            except MembershipLost as lost:
+                inflight.clear()
+                next_step = done = self._recover(lost, done)
+                balancer = self._new_balancer()
+                last_done = time.perf_counter()
+                continue
             if self._cancel.is_set():
                 # Let queued steps finish (they are already running), then stop.
                 for _, _, queued in inflight:
                     self._gather(queued, "drain")
                 raise JobCancelled()
+
+    def _step_record(
+        self, step: int, lr: float, results: list[Any], last_done: float
+    ) -> dict[str, Any]:
+        step_time = time.perf_counter() - last_done
+        return {
+            "step": step,
+            "loss": sum(r.loss_sum for r in results) / sum(r.n_tokens for r in results),
+            "lr": lr,
+            "grad_norm": results[0].grad_norm,
+            "step_time_s": step_time,
+            "tokens_per_s": self.spec.train.global_batch * self.spec.seq_len / step_time,
+            "epoch": self._group.epoch,
+            "batch": [r.n_tokens // self.spec.seq_len for r in results],
+            "compute_s": [round(r.compute_s, 5) for r in results],
+            "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
+            "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
+            "elapsed_s": time.time() - self._started,
+        }
+
+    def _new_balancer(self) -> BatchBalancer:
+        t = self.spec.train
+        return BatchBalancer(
+            t.global_batch, len(self._workers), t.balance == "auto", t.balance_every
+        )
+
+    # -- membership ----------------------------------------------------------
+
+    def _recover(self, lost: MembershipLost, committed: int) -> int:
+        """Replace lost workers and rebuild the state; returns the step to continue from.
+
+        The state comes from the survivors' memory (own state, snapshots,
+        buddies' replicas) when it is complete there, else from the newest
+        valid checkpoint.
+        """
+        start = time.perf_counter()
+        g, e = self._group, self.spec.elastic
+        g.failures += len(lost.dead)
+        for m in lost.dead:
+            self._events.emit(
+                "died",
+                worker_id=m.worker_id,
+                rank=m.rank,
+                pid=m.pid,
+                during=lost.what,
+                error=str(lost.first).splitlines()[0],
+            )
+        if g.failures > e.max_failures:
+            raise RuntimeError(
+                f"{g.failures} workers lost, more than elastic.max_failures={e.max_failures}; "
+                f"the last: {lost.first}"
+            )
+        self._set(state=JobState.RECOVERING)
+        survivors = [m for m in g.members if m not in lost.dead]
+        plan, survivors = g.collect_plan(survivors)
+        pieces = None
+        if plan is not None:
+            try:
+                pieces = g.export_pieces(plan, survivors)
+            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+                pieces = None  # a holder died while exporting: use the checkpoint
+        g.leave(survivors)
+        self._forget_checkpoint_committer()
+        members = survivors + g.admit_ready()
+        missing = g.target - len(members) - len(g.pending)
+        if missing > 0:
+            g.spawn(missing)
+        members = g.wait_for_members(
+            members,
+            self.spec.cluster.min_workers,
+            e.wait_timeout_s,
+            on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
+        )
+        g.form_epoch(members)
+        if pieces is not None:
+            g.restore(pieces, plan.done)
+            done = plan.done
+            self._events.emit(
+                "restored-from-buddy", step=done, epoch=g.epoch, from_replicas=plan.from_replicas
+            )
+        else:
+            done = self._restore("latest")
+            self._events.emit(
+                "restored-from-checkpoint",
+                step=done,
+                epoch=g.epoch,
+                reason="a lost shard's replica was lost too",
+            )
+        redone = max(0, committed - done)
+        self._keep_metrics_before(done)
+        self._events.emit("replanned", epoch=g.epoch, workers=len(members), step=done)
+        with self._lock:
+            st = self._status
+            st.failures_survived += len(lost.dead)
+            st.steps_redone += redone
+            st.recovery_s += time.perf_counter() - start
+        self._set(state=JobState.RUNNING, epoch=g.epoch, step=done, workers=g.describe())
+        return done
+
+    def _rebalance_membership(self, done: int) -> bool:
+        """At a quiescent step boundary: admit placed joiners, drain workers above the target.
+
+        Returns whether the membership changed (a new epoch started).
+        """
+        g = self._group
+        if self._scale_to is not None:
+            g.target, self._scale_to = self._scale_to, None
+            missing = g.target - len(g.members) - len(g.pending)
+            if missing > 0:
+                g.spawn(missing)
+        joiners = g.admit_ready() if len(g.members) < g.target else []
+        joiners = joiners[: max(0, g.target - len(g.members))]
+        leaving = g.members[g.target :] if len(g.members) > g.target else []
+        if not joiners and not leaving:
+            return False
+        plan, holders = g.collect_plan(list(g.members))
+        if plan is None or plan.done != done:
+            raise RuntimeError(f"cannot move the state of step {done}: a worker did not answer")
+        pieces = g.export_pieces(plan, holders)
+        g.leave(g.members)
+        self._forget_checkpoint_committer()
+        for m in leaving:
+            ray.kill(m.actor, no_restart=True)
+            self._events.emit("drained", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done)
+        members = [m for m in g.members if m not in leaving] + joiners
+        g.form_epoch(members)
+        g.restore(pieces, done)
+        for m in joiners:
+            self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done)
+        self._events.emit("replanned", epoch=g.epoch, workers=len(members), step=done)
+        self._set(epoch=g.epoch, workers=g.describe())
+        return True
 
     def _checkpoint(self, step: int, store: ObjectStore) -> None:
         """Start checkpoint ``step``; commit it once every worker's upload has succeeded.
@@ -335,10 +450,13 @@ class JobController:
         and ``checkpoint_copy_s`` (the snapshot).
         """
         start = time.perf_counter()
-        tickets = self._gather([w.save_shard.remote(step) for w in self._workers], "checkpoint")
-        blocked = time.perf_counter() - start
         committer = self._checkpoint_committer(store)
-        committer.submit(step)
+        if step in committer.preexisting:
+            self._clear_old_checkpoint(store, step)
+        workers = list(self._workers)  # the members of this epoch save, and are asked
+        tickets = self._gather([w.save_shard.remote(step) for w in workers], "checkpoint")
+        blocked = time.perf_counter() - start
+        committer.submit(step, workers)
         fields: dict[str, Any] = {
             "checkpoint_blocked_s": round(blocked, 5),
             "checkpoint_wait_s": [round(t["wait_s"], 5) for t in tickets],
@@ -376,15 +494,47 @@ class JobController:
                     config=self.spec.to_dict(),
                 )
 
+            try:
+                preexisting = all_step_dirs(store)
+            except StoreError:
+                preexisting = set()
             committer = CheckpointCommitter(
-                list(self._workers),
                 store,
                 manifest_for,
                 keep=self.spec.checkpoint.keep,
                 on_outcome=self._checkpoint_outcome,
+                preexisting=preexisting,
             )
             self._committer = committer
         return committer
+
+    def _clear_old_checkpoint(self, store: ObjectStore, step: int) -> None:
+        """Remove an earlier run's checkpoint at ``step`` before this run saves over it.
+
+        A resume that went back past it (e.g. falling back from a damaged
+        checkpoint) reaches the same step again. The old manifest goes first:
+        a manifest must never describe shards that are being replaced.
+        """
+        try:
+            store.delete(f"{step_dir(step)}/{MANIFEST}")
+            store.delete_prefix(step_dir(step) + "/")
+        except StoreError as e:
+            # The new save will fail too if the store is down; that is counted there.
+            logging.getLogger("shoal.checkpoint").warning(
+                "could not remove the old checkpoint at step %d: %s", step, e
+            )
+
+    def _forget_checkpoint_committer(self) -> None:
+        """Before a membership change: let in-flight checkpoints settle, then start afresh.
+
+        The committer polls the workers of the epoch that saved; a lost
+        worker's upload fails its checkpoint (counted, like any failed one).
+        A new committer, for the new members, starts at the next checkpoint.
+        """
+        committer = getattr(self, "_committer", None)
+        if committer is not None:
+            committer.drain(60.0)
+            self._committer = None
 
     def _checkpoint_outcome(self, step: int, uri: str | None, error: str | None) -> None:
         """Called by the committer: checkpoint ``step`` was committed at ``uri``, or failed."""
@@ -444,26 +594,12 @@ class JobController:
     # -- helpers ---------------------------------------------------------------
 
     def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
-        """Results of one call per worker; the first worker error fails fast (no waiting on
-        the survivors, which may be blocked in a collective with the failed rank)."""
-        pending = list(refs)
-        while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
-            for ref in ready:
-                try:
-                    ray.get(ref)
-                except Exception as e:
-                    rank = refs.index(ref)
-                    raise WorkerError(rank, self._pid(rank), what, e) from None
-        return ray.get(refs)
-
-    def _pid(self, rank: int) -> int | None:
-        return self._worker_pids[rank] if rank < len(self._worker_pids) else None
+        """Results of one call per member; see ``WorkerGroup.gather`` for failures."""
+        return self._group.gather(refs, what)
 
     def _stop_workers(self) -> None:
-        for w in self._workers:
-            ray.kill(w, no_restart=True)
-        self._workers = []
+        if self._group is not None:
+            self._group.kill_all()
 
     def _checkpoint_store(self):
         s = self.spec.storage
@@ -527,7 +663,8 @@ class CheckpointCommitter:
     reports through ``on_outcome(step, uri, error)``: ``uri`` when committed,
     ``error`` when any upload or the commit failed. Steps are handled one at a
     time, oldest first, so a prune never runs while an older manifest is being
-    written. A worker that dies fails the step it was uploading (the job
+    written. ``preexisting``: steps that had a directory under the root
+    before this run's first checkpoint. A worker that dies fails the step it was uploading (the job
     itself fails through the training loop).
     """
 
@@ -535,31 +672,33 @@ class CheckpointCommitter:
 
     def __init__(
         self,
-        workers: list[Any],
         store: ObjectStore,
         manifest_for: Callable[[int, list[ShardRecord]], Manifest],
         *,
         keep: int,
         on_outcome: Callable[[int, str | None, str | None], None],
+        preexisting: set[int] | None = None,
         poll_s: float = 0.2,
         call_timeout_s: float = 300.0,
     ):
-        self.workers = workers
+        # Steps with a directory under the root before this run saved anything.
+        self.preexisting = set(preexisting or ())
         self.store = store
         self.manifest_for = manifest_for
         self.keep = keep
         self.on_outcome = on_outcome
         self.poll_s = poll_s
         self.call_timeout_s = call_timeout_s
-        self._queue: deque[int] = deque()
+        self._queue: deque[tuple[int, list[Any]]] = deque()
         self._cond = threading.Condition()
         self._busy = False
         self._thread = threading.Thread(target=self._loop, name="shoal-committer", daemon=True)
         self._thread.start()
 
-    def submit(self, step: int) -> None:
+    def submit(self, step: int, workers: list[Any]) -> None:
+        """Commit ``step`` once each of ``workers`` (the ranks that saved it) uploaded its shard."""
         with self._cond:
-            self._queue.append(step)
+            self._queue.append((step, workers))
             self._cond.notify_all()
 
     def drain(self, timeout: float) -> bool:
@@ -578,10 +717,10 @@ class CheckpointCommitter:
             with self._cond:
                 while not self._queue:
                     self._cond.wait()
-                step = self._queue.popleft()
+                step, workers = self._queue.popleft()
                 self._busy = True
             try:
-                uri, error = self._finish(step)
+                uri, error = self._finish(step, workers)
                 self.on_outcome(step, uri, error)
             except Exception as e:  # noqa: BLE001 - the committer must outlive any one step
                 self.on_outcome(step, None, f"{type(e).__name__}: {e}")
@@ -590,24 +729,24 @@ class CheckpointCommitter:
                     self._busy = False
                     self._cond.notify_all()
 
-    def _finish(self, step: int) -> tuple[str | None, str | None]:
+    def _finish(self, step: int, workers: list[Any]) -> tuple[str | None, str | None]:
         outcomes: dict[int, dict[str, Any]] = {}
-        while len(outcomes) < len(self.workers):
-            missing = [r for r in range(len(self.workers)) if r not in outcomes]
+        while len(outcomes) < len(workers):
+            missing = [r for r in range(len(workers)) if r not in outcomes]
             got = ray.get(
-                [self.workers[r].checkpoint_done.remote(step) for r in missing],
+                [workers[r].checkpoint_done.remote(step) for r in missing],
                 timeout=self.call_timeout_s,
             )
             for rank, outcome in zip(missing, got, strict=True):
                 if outcome is not None:
                     outcomes[rank] = outcome
-            if len(outcomes) < len(self.workers):
+            if len(outcomes) < len(workers):
                 time.sleep(self.poll_s)
         failed = [(r, o["error"]) for r, o in sorted(outcomes.items()) if not o["ok"]]
         if failed:
             rank, error = failed[0]
             return None, f"upload of rank {rank}'s shard failed after retries: {error}"
-        records = [ShardRecord.from_dict(outcomes[r]["record"]) for r in range(len(self.workers))]
+        records = [ShardRecord.from_dict(outcomes[r]["record"]) for r in range(len(workers))]
         commit(self.store, self.manifest_for(step, records), keep=self.keep)
         return f"{self.store.uri}/{step_dir(step)}", None
 
@@ -646,28 +785,6 @@ class BatchBalancer:
             self.shares = batch_shares(self.global_batch, weights_from_throughput(rates))
             self._samples = [0] * len(rates)
             self._seconds = [0.0] * len(rates)
-
-
-class WorkerError(RuntimeError):
-    """A worker raised or died; the message says which, where, and why."""
-
-    def __init__(self, rank: int, pid: int | None, what: str, cause: Exception):
-        where = f"worker {rank}" + (f" (pid {pid})" if pid else "")
-        if isinstance(cause, ray.exceptions.RayTaskError):
-            inner = cause.cause if getattr(cause, "cause", None) is not None else cause
-            detail = f"{type(inner).__name__}: {inner}"
-            # Keep the end of the remote traceback: where in the worker it failed.
-            tail = str(cause).strip().splitlines()[-12:]
-            msg = f"{where} raised during {what}: {detail.splitlines()[0]}\n" + "\n".join(tail)
-        elif isinstance(
-            cause, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError
-        ):
-            first_line = str(cause).splitlines()[0]
-            msg = f"{where} died during {what} (process killed or node lost): {first_line}"
-        else:
-            msg = f"{where} failed during {what}: {type(cause).__name__}: {cause}"
-        super().__init__(msg)
-        self.rank = rank
 
 
 def controller_actor_class():

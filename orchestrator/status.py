@@ -19,7 +19,9 @@ from typing import Any
 class JobState(str, Enum):
     PENDING = "pending"  # submitted; the controller has not started
     STARTING = "starting"  # placing workers, forming the process group, restoring
+    WAITING_FOR_WORKERS = "waiting_for_workers"  # fewer than cluster.min_workers placed
     RUNNING = "running"
+    RECOVERING = "recovering"  # a worker was lost; rebuilding the state in a new epoch
     SUCCEEDED = "succeeded"
     FAILED = "failed"
     CANCELLED = "cancelled"
@@ -42,7 +44,19 @@ class JobStatus:
     error: str | None = None
     last_checkpoint: str | None = None  # URI of the newest committed checkpoint
     resumed_from: str | None = None
+    # Membership of the current epoch: worker_id, rank, pid, node_ip, shard, batch_share.
     workers: list[dict[str, Any]] = field(default_factory=list)
+    epoch: int = 0
+    batch_shares: list[int] = field(default_factory=list)
+    failures_survived: int = 0
+    steps_redone: int = 0  # committed steps computed again after a failure
+    recovery_s: float = 0.0  # time spent recovering, all failures together
+    checkpoints_committed: int = 0
+    checkpoints_failed: int = 0
+    checkpoint_warning: str | None = None
+    resume_note: str | None = None  # e.g. which damaged checkpoints resume=latest skipped
+    resume_bytes_read: list[int] = field(default_factory=list)
+    resume_s: float | None = None
     memory: list[dict[str, int]] = field(default_factory=list)  # per rank, bytes
     sample: str | None = None
     driver_pid: int | None = None
