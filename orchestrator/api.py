@@ -108,6 +108,18 @@ class JobHandle:
         """Process ids of the workers (for operators and fault-injection tests)."""
         return ray.get(self._controller.worker_pids.remote(), timeout=30)
 
+    def scale(self, workers: int) -> int:
+        """Ask for ``workers`` workers (clamped to [cluster.min_workers, cluster.max_workers]).
+
+        New workers join, or surplus ones are drained, at the next step
+        boundary. Returns the target actually set.
+        """
+        return ray.get(self._controller.scale.remote(workers), timeout=30)
+
+    def events(self) -> list[dict[str, Any]]:
+        """Membership events so far (also in the run folder's ``events.jsonl``)."""
+        return ray.get(self._controller.events.remote(), timeout=30)
+
     def close(self) -> None:
         """Release the controller actor (after the job has ended)."""
         ray.kill(self._controller, no_restart=True)
@@ -127,6 +139,19 @@ def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line]
+
+
+def controller_name(job_id: str) -> str:
+    """The Ray actor name of a job's controller (in the driver's namespace)."""
+    return f"shoal-{job_id}"
+
+
+def scale_job(job_id: str, workers: int, address: str = "auto") -> int:
+    """``shoal scale``: reach a running job's controller through Ray and set its target size."""
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+    controller = ray.get_actor(controller_name(job_id), namespace=NAMESPACE)
+    return ray.get(controller.scale.remote(workers), timeout=30)
 
 
 def submit(spec: JobSpec) -> JobHandle:
@@ -151,7 +176,7 @@ def submit(spec: JobSpec) -> JobHandle:
     tokens_ref = ray.put(corpus.tokens)
     controller = (
         controller_actor_class()
-        .options(name=f"shoal-{spec.job_id}")
+        .options(name=controller_name(spec.job_id))
         .remote(spec, [tokens_ref], os.getpid())
     )
     run_ref = controller.run.remote()

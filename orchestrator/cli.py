@@ -8,6 +8,8 @@ import sys
 import time
 from pathlib import Path
 
+from orchestrator import checkpoints_cli
+
 EXIT_OK, EXIT_FAILED, EXIT_CONFIG, EXIT_CANCELLED = 0, 1, 2, 130
 
 RUN_EPILOG = """\
@@ -63,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     )
     st.add_argument("run_dir", nargs="?", help="a run folder (default: list ./runs)")
     st.add_argument("--runs", default="runs", help="where to look for runs (default ./runs)")
+    sc = sub.add_parser(
+        "scale",
+        help="change the number of workers of a running job",
+        description=(
+            "Set a running job's target number of workers, within its cluster.min_workers and "
+            "cluster.max_workers. New workers join, or surplus ones are drained (their state "
+            "moved off first), at the next step boundary."
+        ),
+    )
+    sc.add_argument("job", help="the job id, or its run folder")
+    sc.add_argument("workers", type=int, help="the new number of workers")
+    sc.add_argument("--address", default="auto", help="the job's Ray cluster (default: auto)")
+    checkpoints_cli.add_parser(sub)
     return p
 
 
@@ -74,6 +89,10 @@ def main(argv: list[str] | None = None) -> int:
         return cmd_config(args.overrides)
     if args.command == "status":
         return cmd_status(args.run_dir, Path(args.runs))
+    if args.command == "checkpoints":
+        return checkpoints_cli.run(args)
+    if args.command == "scale":
+        return cmd_scale(args.job, args.workers, args.address)
     _parser().print_help()
     return EXIT_OK
 
@@ -171,6 +190,26 @@ def _stream_progress(handle, quiet: bool, t0: float) -> None:
 def _show(bar, record: dict) -> None:
     bar.update(record["step"] + 1 - bar.n)
     bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+
+
+def cmd_scale(job: str, workers: int, address: str) -> int:
+    from orchestrator.api import scale_job
+    from orchestrator.status import read_status
+
+    status = read_status(Path(job))
+    job_id = status.job_id if status is not None else job
+    try:
+        target = scale_job(job_id, workers, address)
+    except Exception as e:  # noqa: BLE001 - Ray's errors here are many; the message is what counts
+        print(
+            f"shoal: cannot reach job {job_id} through Ray at {address!r}: {e}\n"
+            "(`shoal scale` works while the job runs; for a job started by `shoal run` on this "
+            "machine the default --address auto finds it)",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    print(f"job {job_id}: target {target} workers (applied at the next step boundary)")
+    return EXIT_OK
 
 
 def cmd_status(run_dir: str | None, runs_root: Path) -> int:

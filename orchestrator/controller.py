@@ -383,7 +383,8 @@ class JobController:
                 "restored-from-checkpoint",
                 step=done,
                 epoch=g.epoch,
-                reason="a lost shard's replica was lost too",
+                reason="no step at which every shard has a copy in memory",
+                held=g.last_holdings,
             )
         redone = max(0, committed - done)
         self._keep_metrics_before(done)

@@ -15,7 +15,10 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Holding:
-    """A copy of old rank ``owner``'s shard ``[lo, hi)`` after ``done`` steps, held by ``holder``."""
+    """A copy of old rank ``owner``'s shard ``[lo, hi)`` after ``done`` steps, held by ``holder``.
+
+    ``kind`` is "live" (the engine's own state), "own" (a snapshot) or "replica" (a buddy's).
+    """
 
     holder: int  # old rank of a surviving worker
     owner: int  # old rank whose shard this is

@@ -122,6 +122,7 @@ class WorkerGroup:
         self.epoch = 0
         self.target = spec.cluster.workers
         self.failures = 0
+        self.last_holdings: list[str] = []  # what the survivors held at the last recovery
         self._next_id = 0
 
     # -- spawning ------------------------------------------------------------
@@ -356,6 +357,9 @@ class WorkerGroup:
             answered.append(m)
             holdings += [Holding(**row) for row in rows]
         old_bounds = self.bounds or [(0, self.numel)]
+        self.last_holdings = [
+            f"{h.kind} of rank {h.owner} at step {h.done} on rank {h.holder}" for h in holdings
+        ]
         return plan_recovery(old_bounds, holdings), answered
 
     def export_pieces(

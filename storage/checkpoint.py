@@ -8,35 +8,85 @@ Layout under the checkpoint root (``checkpoint.uri``)::
         manifest.json             # written last: no manifest, no checkpoint
 
 A shard holds slices of the flat vectors of ``collectives/flat.py``
-("param" and the optimizer's state such as "exp_avg"), in safetensors (no
-pickle). The manifest maps each shard to its global ``[lo, hi)`` range and
-records its size and SHA-256, so a reader can assemble any range it needs,
-at any world size, and detect a corrupt or truncated shard before loading it.
+("param" and the optimizer's state such as "exp_avg") in safetensors (no
+pickle), plus the rank's RNG state. The manifest maps each shard to its
+global ``[lo, hi)`` range and, per shard, records:
+
+* ``nbytes`` and ``sha256`` of the whole object -- what ``shoal checkpoints
+  verify`` and ``sha256sum`` check;
+* the safetensors header's length and SHA-256, and for every tensor its byte
+  range in the object (copied from the header we wrote) with one SHA-256 per
+  ``chunk_bytes`` piece of its data.
+
+Why per-chunk checksums: a resume at another world size or ZeRO stage reads
+only the byte ranges its rank needs (``ObjectStore.get_range``), so a
+whole-object checksum could not be checked without downloading everything.
+Every ranged read is widened to chunk boundaries and each chunk is verified
+before use, so corruption is still detected -- and named -- for every byte
+that is used. Because the ranks of a resume together read every byte of
+every tensor, a resume that completes has verified all of the checkpoint's
+tensor data. Chunk size (per shard, :func:`auto_chunk_bytes`): about 1/64 of
+the shard's largest tensor, between 4 KiB and 4 MiB. So widening a read
+costs at most two chunks (~3% of a tensor, or 8 MiB), and the manifest
+holds at most ~64 hashes per tensor below 256 MiB and ~65 bytes per 4 MiB
+of state above.
+
+Visibility and cleanup: shards are uploaded first (each ``put`` is atomic),
+the manifest last. A crash before the manifest leaves a partial directory
+that no reader looks at; :func:`prune` deletes it once a newer checkpoint is
+committed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
+import struct
 import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
 from storage.object_store import ObjectStore, StoreError, open_store
 
-FORMAT = "shoal-flat-v1"
+FORMAT = "shoal-flat-v2"
 MANIFEST = "manifest.json"
 RNG_KEY = "__rng_torch__"
+# Checksum chunks: about CHUNKS_PER_TENSOR per tensor, between these bounds.
+MIN_CHUNK_BYTES = 4 * 1024
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+CHUNKS_PER_TENSOR = 64
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# Verification reads this much per request, so memory stays bounded on big shards.
+_VERIFY_BLOCK_BYTES = 64 * 1024 * 1024
+
+# safetensors dtype names <-> torch dtypes (the ones a training state can hold).
+_ST_DTYPES = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class CorruptCheckpointError(RuntimeError):
-    """A checkpoint's shard or manifest does not match what was committed."""
+    """A checkpoint's shard or manifest does not match what was committed.
+
+    The message names the object (its full URI) and, where known, the tensor
+    and byte range that failed.
+    """
 
 
 def step_dir(step: int) -> str:
@@ -44,16 +94,44 @@ def step_dir(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def parse_step_uri(uri: str) -> tuple[str, int] | None:
+    """``(root URI, step)`` if ``uri`` names one checkpoint (ends in ``/step-<N>``), else None."""
+    root, _, last = uri.rstrip("/").rpartition("/")
+    m = _STEP_DIR.match(last)
+    return (root, int(m.group(1))) if m and root else None
+
+
+@dataclass(frozen=True)
+class TensorRecord:
+    """Where one tensor's data lies in a shard object, and the checksums of its chunks."""
+
+    dtype: str  # safetensors name, e.g. "F32"
+    shape: list[int]
+    begin: int  # byte offset of the data in the object (header included)
+    end: int
+    chunk_sha256: list[str]  # SHA-256 of each chunk_bytes piece of [begin, end)
+
+
 @dataclass(frozen=True)
 class ShardRecord:
-    """One object of a checkpoint: which flat range it holds, its size and checksum."""
+    """One object of a checkpoint: which flat range it holds, its size and checksums."""
 
     key: str  # relative to the checkpoint's step directory
     rank: int
     lo: int
     hi: int
     nbytes: int
-    sha256: str
+    sha256: str  # of the whole object
+    header_bytes: int = 0  # 8 + header length: where tensor data starts
+    header_sha256: str = ""
+    chunk_bytes: int = MAX_CHUNK_BYTES
+    tensors: dict[str, TensorRecord] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> ShardRecord:
+        raw = dict(raw)
+        raw["tensors"] = {k: TensorRecord(**v) for k, v in raw.get("tensors", {}).items()}
+        return cls(**raw)
 
 
 @dataclass
@@ -79,11 +157,12 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
+        """Parse and check a manifest; ``CorruptCheckpointError`` naming ``where`` if invalid."""
         try:
             raw = json.loads(text)
             if raw.get("format") != FORMAT:
                 raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
-            raw["shards"] = [ShardRecord(**s) for s in raw["shards"]]
+            raw["shards"] = [ShardRecord.from_dict(s) for s in raw["shards"]]
             manifest = cls(**raw)
         except (ValueError, TypeError, KeyError) as e:
             raise CorruptCheckpointError(f"{where}: unreadable manifest ({e})") from None
@@ -98,7 +177,159 @@ class Manifest:
         return manifest
 
 
-# -- writing ----------------------------------------------------------------
+# -- encoding: one host buffer per shard --------------------------------------
+
+
+@dataclass
+class ShardSnapshot:
+    """A shard serialized into one host buffer: exactly the bytes of its safetensors object.
+
+    Made by :func:`snapshot_shard` (the only part of a save that must block
+    training: one copy of the shard); hashing and uploading work on
+    ``buffer`` afterwards, while training changes the live tensors.
+    """
+
+    rank: int
+    lo: int
+    hi: int
+    buffer: torch.Tensor  # uint8, 1-D, on the host
+    header_bytes: int
+    tensors: dict[str, tuple[str, list[int], int, int]]  # name -> dtype, shape, begin, end
+
+    @property
+    def nbytes(self) -> int:
+        return self.buffer.numel()
+
+    def view(self) -> memoryview:
+        return memoryview(self.buffer.numpy()).cast("B")
+
+
+def _header_for(
+    rank: int, lo: int, hi: int, tensors: dict[str, torch.Tensor]
+) -> tuple[bytes, dict[str, tuple[str, list[int], int, int]]]:
+    """The safetensors header bytes (length prefix included) and each tensor's byte range."""
+    # Widest element first, so every tensor starts at a multiple of its element
+    # size (the header is padded to 8): a uint8 buffer slice can then be viewed
+    # as the tensor's dtype and copied into directly.
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    entries: dict[str, Any] = {"__metadata__": {"lo": str(lo), "hi": str(hi), "rank": str(rank)}}
+    offset = 0
+    spans = {}
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _ST_DTYPES:
+            raise ValueError(f"tensor {name!r}: dtype {t.dtype} cannot be checkpointed")
+        n = t.numel() * t.element_size()
+        entries[name] = {
+            "dtype": _ST_DTYPES[t.dtype],
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
+        spans[name] = (_ST_DTYPES[t.dtype], list(t.shape), offset, offset + n)
+        offset += n
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # safetensors allows space padding; keeps data aligned
+    start = 8 + len(header)
+    spans = {k: (d, s, start + a, start + b) for k, (d, s, a, b) in spans.items()}
+    return struct.pack("<Q", len(header)) + header, spans
+
+
+def snapshot_shard(
+    rank: int,
+    lo: int,
+    hi: int,
+    tensors: dict[str, torch.Tensor],
+    rng_state: torch.Tensor | None = None,
+    out: torch.Tensor | None = None,
+) -> ShardSnapshot:
+    """Copy rank ``rank``'s slices ``[lo, hi)`` into one host buffer laid out as safetensors.
+
+    One copy per tensor, straight into its place in the object (no separate
+    serialization pass). ``out`` (a uint8 buffer of exactly the right size,
+    e.g. the previous snapshot's) is reused when given, which saves the page
+    faults of a fresh multi-hundred-MB allocation. ``tensors`` may live on a
+    GPU; the copy then goes through pinned memory and is complete on return.
+    """
+    payload = {}
+    for k, t in tensors.items():
+        if t.numel() != hi - lo:
+            raise ValueError(f"tensor {k!r} has {t.numel()} elements for range [{lo}, {hi})")
+        payload[k] = t.detach()
+    if rng_state is not None:
+        payload[RNG_KEY] = rng_state.detach()
+    header, spans = _header_for(rank, lo, hi, payload)
+    total = max((end for _, _, _, end in spans.values()), default=len(header))
+    on_gpu = any(t.is_cuda for t in payload.values())
+    if out is None or out.numel() != total or out.dtype != torch.uint8:
+        out = torch.empty(total, dtype=torch.uint8, pin_memory=on_gpu)
+    out[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
+    for name, t in payload.items():
+        _, _, begin, end = spans[name]
+        out[begin:end].view(t.dtype).copy_(t.reshape(-1), non_blocking=on_gpu)
+    if on_gpu:
+        torch.cuda.synchronize()  # the snapshot must be complete before training goes on
+    return ShardSnapshot(rank, lo, hi, out, len(header), spans)
+
+
+def _chunks(begin: int, end: int, chunk_bytes: int) -> Iterator[tuple[int, int]]:
+    for a in range(begin, end, chunk_bytes):
+        yield a, min(a + chunk_bytes, end)
+
+
+def auto_chunk_bytes(snapshot: ShardSnapshot) -> int:
+    """The checksum chunk size for a shard: ~1/64 of its largest tensor, 4 KiB to 4 MiB."""
+    largest = max((end - begin for _, _, begin, end in snapshot.tensors.values()), default=0)
+    size = -(-largest // CHUNKS_PER_TENSOR)
+    size = -(-size // MIN_CHUNK_BYTES) * MIN_CHUNK_BYTES  # whole pages: cheap to range-read
+    return min(MAX_CHUNK_BYTES, max(MIN_CHUNK_BYTES, size))
+
+
+def seal(snapshot: ShardSnapshot, chunk_bytes: int | None = None) -> ShardRecord:
+    """Hash a snapshot: the whole object, its header, and every chunk of every tensor.
+
+    ``chunk_bytes`` None: :func:`auto_chunk_bytes`.
+
+    The whole-object hash and the chunk hashes run in two threads (hashlib
+    releases the GIL), so sealing costs about one pass over the bytes.
+    """
+    chunk_bytes = chunk_bytes or auto_chunk_bytes(snapshot)
+    view = snapshot.view()
+    with ThreadPoolExecutor(1) as pool:
+        whole = pool.submit(lambda: hashlib.sha256(view).hexdigest())
+        tensors = {}
+        for name, (dtype, shape, begin, end) in snapshot.tensors.items():
+            sums = [
+                hashlib.sha256(view[a:b]).hexdigest() for a, b in _chunks(begin, end, chunk_bytes)
+            ]
+            tensors[name] = TensorRecord(dtype, shape, begin, end, sums)
+        sha = whole.result()
+    return ShardRecord(
+        key=f"shard-{snapshot.rank:05d}.safetensors",
+        rank=snapshot.rank,
+        lo=snapshot.lo,
+        hi=snapshot.hi,
+        nbytes=snapshot.nbytes,
+        sha256=sha,
+        header_bytes=snapshot.header_bytes,
+        header_sha256=hashlib.sha256(view[: snapshot.header_bytes]).hexdigest(),
+        chunk_bytes=chunk_bytes,
+        tensors=tensors,
+    )
+
+
+def upload_shard(
+    store: ObjectStore, step: int, snapshot: ShardSnapshot, chunk_bytes: int | None = None
+) -> ShardRecord:
+    """Hash ``snapshot`` and put it as ``step-<N>/shard-<rank>.safetensors``; returns its record.
+
+    Raises whatever ``store.put`` raises (``StoreError``); the put is atomic,
+    so a failed or interrupted upload leaves no partial object behind.
+    """
+    with ThreadPoolExecutor(1) as pool:
+        # Hashing overlaps the upload: neither needs the other's result.
+        record = pool.submit(seal, snapshot, chunk_bytes)
+        store.put(f"{step_dir(step)}/shard-{snapshot.rank:05d}.safetensors", snapshot.view())
+        return record.result()
 
 
 def write_shard(
@@ -109,18 +340,14 @@ def write_shard(
     hi: int,
     tensors: dict[str, torch.Tensor],
     rng_state: torch.Tensor | None = None,
+    chunk_bytes: int | None = None,
 ) -> ShardRecord:
-    """Write rank ``rank``'s slices ``[lo, hi)`` as one object; return its record for the manifest."""
-    payload = {k: t.detach().to("cpu").contiguous() for k, t in tensors.items()}
-    for k, t in payload.items():
-        if t.numel() != hi - lo:
-            raise ValueError(f"tensor {k!r} has {t.numel()} elements for range [{lo}, {hi})")
-    if rng_state is not None:
-        payload[RNG_KEY] = rng_state
-    data = st_save(payload, metadata={"lo": str(lo), "hi": str(hi), "rank": str(rank)})
-    key = f"shard-{rank:05d}.safetensors"
-    store.put(f"{step_dir(step)}/{key}", data)
-    return ShardRecord(key, rank, lo, hi, len(data), hashlib.sha256(data).hexdigest())
+    """Synchronous save: snapshot and upload rank ``rank``'s slices; returns its record."""
+    snapshot = snapshot_shard(rank, lo, hi, tensors, rng_state)
+    return upload_shard(store, step, snapshot, chunk_bytes)
+
+
+# -- committing and retention -------------------------------------------------
 
 
 def commit(store: ObjectStore, manifest: Manifest, keep: int) -> list[int]:
@@ -128,14 +355,27 @@ def commit(store: ObjectStore, manifest: Manifest, keep: int) -> list[int]:
 
     Returns the steps deleted. Older checkpoints are deleted only after the
     new manifest is in place, so a crash at any moment leaves a committed one.
+    Call only after every shard's upload has succeeded. ``StoreError`` if the
+    manifest cannot be written (the checkpoint is then not committed).
+    Retention is best effort: if pruning fails, the checkpoint stays committed,
+    a warning is logged, and the next commit prunes again.
     """
     manifest.created_at = manifest.created_at or time.time()
     store.put(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json().encode())
-    return prune(store, keep)
+    try:
+        return prune(store, keep)
+    except StoreError as e:
+        logging.getLogger("shoal.checkpoint").warning("retention skipped this time: %s", e)
+        return []
 
 
 def prune(store: ObjectStore, keep: int) -> list[int]:
-    """Keep the newest ``keep`` committed checkpoints; drop older ones and stale partial ones."""
+    """Keep the newest ``keep`` committed checkpoints; drop older ones and stale partial ones.
+
+    A partial (uncommitted) directory older than the newest committed
+    checkpoint is the remains of a crashed or failed save and is deleted; one
+    newer than it may be an upload still in flight and is left alone.
+    """
     committed = committed_steps(store)
     if not committed:
         return []
@@ -143,16 +383,17 @@ def prune(store: ObjectStore, keep: int) -> list[int]:
     newest = committed[-1]
     deleted = []
     for step in sorted(all_step_dirs(store)):
-        # A partial (uncommitted) directory newer than the newest commit may be
-        # an upload still in flight: leave it alone.
         if step in keep_steps or (step not in committed and step > newest):
             continue
+        # The manifest goes first, so a prune interrupted half-way never leaves
+        # a committed checkpoint with missing shards.
+        store.delete(f"{step_dir(step)}/{MANIFEST}")
         store.delete_prefix(step_dir(step) + "/")
         deleted.append(step)
     return deleted
 
 
-# -- finding ----------------------------------------------------------------
+# -- finding ------------------------------------------------------------------
 
 
 def all_step_dirs(store: ObjectStore) -> set[int]:
@@ -176,7 +417,7 @@ def committed_steps(store: ObjectStore) -> list[int]:
 
 def read_manifest(store: ObjectStore, step: int) -> Manifest:
     key = f"{step_dir(step)}/{MANIFEST}"
-    return Manifest.from_json(store.get(key).decode(), f"{store.uri}/{key}")
+    return Manifest.from_json(store.get(key).decode(errors="replace"), f"{store.uri}/{key}")
 
 
 def latest_manifest(store: ObjectStore) -> Manifest | None:
@@ -189,8 +430,16 @@ def latest_manifest(store: ObjectStore) -> Manifest | None:
     return None
 
 
-def resolve(uri: str, latest_root: str | None = None, **store_options: Any) -> tuple[ObjectStore, Manifest]:
-    """The store and manifest for ``resume``: ``"latest"`` under ``latest_root``, or a ``.../step-N`` URI."""
+def resolve(
+    uri: str, latest_root: str | None = None, **store_options: Any
+) -> tuple[ObjectStore, Manifest]:
+    """The store and manifest for ``resume``.
+
+    ``uri`` is ``"latest"`` (the newest committed checkpoint under
+    ``latest_root`` with a readable manifest) or a checkpoint's own URI
+    ending in ``/step-<N>``. Shard contents are not checked here; see
+    :func:`check_objects` and :func:`verify`.
+    """
     if uri == "latest":
         if latest_root is None:
             raise ValueError("resume=latest needs a checkpoint root")
@@ -198,47 +447,166 @@ def resolve(uri: str, latest_root: str | None = None, **store_options: Any) -> t
         manifest = latest_manifest(store)
         if manifest is None:
             raise StoreError(
-                f"resume=latest: no committed checkpoint under {latest_root}. Point run_dir= at the "
-                "earlier run's folder (see `shoal status`), or pass resume=<checkpoint URI>."
+                f"resume=latest: no committed checkpoint under {latest_root}. Point run_dir= at "
+                "the earlier run's folder (see `shoal status`), or pass resume=<checkpoint URI>."
             )
         return store, manifest
-    root, _, last = uri.rstrip("/").rpartition("/")
-    m = _STEP_DIR.match(last)
-    if not m:
+    parsed = parse_step_uri(uri)
+    if parsed is None:
         raise StoreError(f"resume={uri}: expected a checkpoint URI ending in /step-<N>")
-    store = open_store(root, **store_options)
+    store = open_store(parsed[0], **store_options)
     try:
-        return store, read_manifest(store, int(m.group(1)))
+        return store, read_manifest(store, parsed[1])
     except StoreError:
         raise StoreError(f"resume={uri}: no committed checkpoint there (no {MANIFEST})") from None
 
 
-# -- reading ----------------------------------------------------------------
+# -- checking -----------------------------------------------------------------
+
+
+def check_objects(store: ObjectStore, manifest: Manifest) -> None:
+    """Cheap check (one listing): every shard exists with its committed size.
+
+    Catches missing and truncated shards without reading them;
+    ``CorruptCheckpointError`` names the first bad object.
+    """
+    prefix = step_dir(manifest.step) + "/"
+    sizes = {o.key[len(prefix) :]: o.size for o in store.list(prefix)}
+    for rec in manifest.shards:
+        where = f"{store.uri}/{prefix}{rec.key}"
+        if rec.key not in sizes:
+            raise CorruptCheckpointError(f"{where}: shard is missing")
+        if sizes[rec.key] != rec.nbytes:
+            raise CorruptCheckpointError(
+                f"{where}: {sizes[rec.key]} bytes, expected {rec.nbytes}; the shard is truncated "
+                "or was overwritten"
+            )
+
+
+def _check_chunk(data: memoryview | bytes, expected: str, where: str, what: str) -> None:
+    if hashlib.sha256(data).hexdigest() != expected:
+        raise CorruptCheckpointError(f"{where}: checksum mismatch in {what}; the shard is corrupt")
+
+
+def verify_shard(store: ObjectStore, manifest: Manifest, rec: ShardRecord) -> None:
+    """Re-read one shard object and check every checksum the manifest holds for it.
+
+    Streams the object in blocks of at most 64 MiB (bounded memory), checks
+    the header's bytes and its tensor offsets against the manifest, every
+    chunk of every tensor, and the whole-object SHA-256. ``CorruptCheckpointError``
+    names the object and the tensor / byte range that failed; ``StoreError``
+    if the store cannot be read.
+    """
+    key = f"{step_dir(manifest.step)}/{rec.key}"
+    where = f"{store.uri}/{key}"
+    whole = hashlib.sha256()
+    header = store.get_range(key, 0, rec.header_bytes)
+    whole.update(header)
+    if len(header) != rec.header_bytes:
+        raise CorruptCheckpointError(f"{where}: truncated inside the safetensors header")
+    _check_chunk(header, rec.header_sha256, where, "the safetensors header")
+    (n,) = struct.unpack("<Q", header[:8])
+    entries = json.loads(header[8 : 8 + n])
+    pos = rec.header_bytes
+    for name, t in sorted(rec.tensors.items(), key=lambda kv: kv[1].begin):
+        a, b = entries[name]["data_offsets"]
+        if (a + rec.header_bytes, b + rec.header_bytes) != (t.begin, t.end) or t.begin != pos:
+            raise CorruptCheckpointError(f"{where}: header and manifest disagree on {name!r}")
+        step = max(rec.chunk_bytes, (_VERIFY_BLOCK_BYTES // rec.chunk_bytes) * rec.chunk_bytes)
+        for block_lo in range(t.begin, t.end, step):
+            block_hi = min(block_lo + step, t.end)
+            data = store.get_range(key, block_lo, block_hi)
+            if len(data) != block_hi - block_lo:
+                raise CorruptCheckpointError(
+                    f"{where}: truncated: {name!r} ends at byte {block_lo + len(data)}, "
+                    f"expected {t.end}"
+                )
+            whole.update(data)
+            view = memoryview(data)
+            for a, b in _chunks(block_lo, block_hi, rec.chunk_bytes):
+                i = (a - t.begin) // rec.chunk_bytes
+                _check_chunk(
+                    view[a - block_lo : b - block_lo],
+                    t.chunk_sha256[i],
+                    where,
+                    f"tensor {name!r} chunk {i} (bytes {a}-{b})",
+                )
+        pos = t.end
+    rest = store.get_range(key, pos, rec.nbytes + 1)  # anything past the end: appended junk
+    whole.update(rest)
+    if pos + len(rest) != rec.nbytes or whole.hexdigest() != rec.sha256:
+        raise CorruptCheckpointError(
+            f"{where}: whole-object checksum mismatch ({pos + len(rest)} bytes, expected "
+            f"{rec.nbytes}); the shard is corrupt or truncated"
+        )
+
+
+def verify(store: ObjectStore, manifest: Manifest) -> list[str]:
+    """Every problem of a committed checkpoint, one message per bad object (empty: valid)."""
+    problems = []
+    try:
+        check_objects(store, manifest)
+    except CorruptCheckpointError as e:
+        problems.append(str(e))
+        return problems
+    for rec in manifest.shards:
+        try:
+            verify_shard(store, manifest, rec)
+        except (CorruptCheckpointError, StoreError, ValueError, KeyError) as e:
+            problems.append(str(e) if isinstance(e, CorruptCheckpointError) else f"{rec.key}: {e}")
+    return problems
+
+
+# -- reading ------------------------------------------------------------------
 
 
 class CheckpointReader:
     """Assembles any flat range of a checkpointed tensor from the shards that hold it.
 
-    Each shard object is fetched at most once and verified against the
-    manifest's size and SHA-256 before any of it is used.
+    Reads only the byte ranges needed (widened to the manifest's chunk
+    boundaries) with ``store.get_range``, and verifies every chunk it reads
+    against the manifest before using it. The tensor offsets come from the
+    manifest (recorded from the safetensors header at save time), so no
+    header request is needed. ``bytes_read`` counts what was fetched.
+
+    Raises ``CorruptCheckpointError`` naming the object, tensor and chunk on
+    a checksum mismatch or short read; ``StoreError`` if the store fails.
     """
 
     def __init__(self, store: ObjectStore, manifest: Manifest):
         self.store = store
         self.manifest = manifest
-        self._cache: dict[str, dict[str, torch.Tensor]] = {}
+        self.bytes_read = 0
 
-    def _shard(self, rec: ShardRecord) -> dict[str, torch.Tensor]:
-        if rec.key not in self._cache:
-            key = f"{step_dir(self.manifest.step)}/{rec.key}"
-            data = self.store.get(key)
-            if len(data) != rec.nbytes or hashlib.sha256(data).hexdigest() != rec.sha256:
-                raise CorruptCheckpointError(
-                    f"{self.store.uri}/{key}: checksum mismatch ({len(data)} bytes, expected "
-                    f"{rec.nbytes}); the shard is corrupt or truncated"
-                )
-            self._cache[rec.key] = st_load(data)
-        return self._cache[rec.key]
+    def _read_span(self, rec: ShardRecord, name: str, first: int, last: int) -> torch.Tensor:
+        """Elements ``[first, last)`` of tensor ``name`` of one shard (shard-local indices)."""
+        key = f"{step_dir(self.manifest.step)}/{rec.key}"
+        where = f"{self.store.uri}/{key}"
+        if name not in rec.tensors:
+            raise CorruptCheckpointError(f"{where}: has no tensor {name!r}")
+        t = rec.tensors[name]
+        dtype = _TORCH_DTYPES[t.dtype]
+        size = torch.empty(0, dtype=dtype).element_size()
+        want_lo, want_hi = t.begin + first * size, t.begin + last * size
+        # Widen to whole chunks so each one can be checked against its hash.
+        c0 = (want_lo - t.begin) // rec.chunk_bytes
+        c1 = -(-(want_hi - t.begin) // rec.chunk_bytes)
+        lo, hi = t.begin + c0 * rec.chunk_bytes, min(t.end, t.begin + c1 * rec.chunk_bytes)
+        data = self.store.get_range(key, lo, hi)
+        self.bytes_read += len(data)
+        if len(data) != hi - lo:
+            raise CorruptCheckpointError(
+                f"{where}: truncated ({lo + len(data)} bytes, {name!r} needs {hi}); the shard "
+                "is corrupt or truncated"
+            )
+        view = memoryview(data)
+        for i in range(c0, c1):
+            a, b = t.begin + i * rec.chunk_bytes, min(t.end, t.begin + (i + 1) * rec.chunk_bytes)
+            _check_chunk(
+                view[a - lo : b - lo], t.chunk_sha256[i], where, f"tensor {name!r} chunk {i}"
+            )
+        piece = view[want_lo - lo : want_hi - lo]
+        return torch.frombuffer(bytearray(piece), dtype=dtype) if len(piece) else torch.empty(0)
 
     def read(self, name: str, lo: int, hi: int) -> torch.Tensor:
         """Flat elements ``[lo, hi)`` of checkpointed tensor ``name``."""
@@ -247,17 +615,18 @@ class CheckpointReader:
             a, b = max(lo, rec.lo), min(hi, rec.hi)
             if a >= b:
                 continue
-            tensors = self._shard(rec)
-            if name not in tensors:
-                raise CorruptCheckpointError(f"{rec.key}: has no tensor {name!r}")
-            parts.append(tensors[name][a - rec.lo : b - rec.lo])
+            parts.append(self._read_span(rec, name, a - rec.lo, b - rec.lo))
         out = torch.cat(parts) if parts else torch.empty(0)
         if out.numel() != hi - lo:
             raise CorruptCheckpointError(f"range [{lo}, {hi}) of {name!r} is not fully covered")
         return out
 
     def rng_state(self, rank: int) -> torch.Tensor | None:
+        """The RNG state rank ``rank`` saved, or None if it saved none."""
         for rec in self.manifest.shards:
-            if rec.rank == rank:
-                return self._shard(rec).get(RNG_KEY)
+            if rec.rank == rank and RNG_KEY in rec.tensors:
+                n = 1
+                for d in rec.tensors[RNG_KEY].shape:
+                    n *= d
+                return self._read_span(rec, RNG_KEY, 0, n)
         return None

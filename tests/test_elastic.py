@@ -1,0 +1,155 @@
+"""Chaos tests: workers killed, added and drained mid-run; the controller killed.
+
+Every job here trains on the same global batches as the one-process
+reference, so whatever happens to the membership, the final parameters must
+match it. Tolerance ``ATOL`` as in test_jobs: world-size changes only change
+the order of fp32 sums.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import time
+
+import pytest
+import ray
+import torch
+
+from actors.data import stdlib_text
+from orchestrator import JobSpec, JobState, submit
+from storage.checkpoint import CheckpointReader, latest_manifest
+from storage.object_store import open_store
+from tests.reference import train_reference
+
+ATOL = 2e-5
+CORPUS_BYTES = 200_000
+STEPS = 14
+
+
+def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
+    return JobSpec.from_overrides(
+        [
+            "model.n_layer=1",
+            "model.d_model=32",
+            "model.n_head=2",
+            "model.seq_len=16",
+            f"data.max_bytes={CORPUS_BYTES}",
+            f"run_dir={tmp_path / name}",
+            "train.sample_tokens=0",
+            "train.warmup_steps=2",
+            f"train.steps={STEPS}",
+            "train.global_batch=7",
+            "checkpoint.every=0",  # only the final one: recovery must come from memory
+            *extra,
+        ]
+    )
+
+
+def _final_params(spec: JobSpec) -> torch.Tensor:
+    store = open_store(spec.checkpoint.uri)
+    manifest = latest_manifest(store)
+    assert manifest is not None and manifest.step == spec.train.steps
+    return CheckpointReader(store, manifest).read("param", 0, manifest.numel)
+
+
+def _wait_for_step(handle, step: int, timeout: float = 120) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        metrics = handle.metrics()
+        if metrics and metrics[-1]["step"] >= step:
+            return
+        assert not handle.done(), handle.status().error
+        time.sleep(0.05)
+    raise TimeoutError(f"job did not reach step {step}")
+
+
+def _kill_rank(handle, rank: int) -> int:
+    pid = handle.worker_pids()[rank]
+    os.kill(pid, signal.SIGKILL)
+    return pid
+
+
+def _assert_matches_reference(spec: JobSpec) -> None:
+    reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=STEPS)
+    torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
+
+
+def _events(spec: JobSpec) -> list[str]:
+    lines = (spec.run_dir / "events.jsonl").read_text().splitlines()
+    return [json.loads(line)["event"] for line in lines]
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
+    rng = random.Random(strategy)  # a different, reproducible kill for each strategy
+    spec = _spec(tmp_path, strategy, f"strategy={strategy}", "cluster.workers=3")
+    handle = submit(spec)
+    _wait_for_step(handle, rng.randrange(2, 6))
+    _kill_rank(handle, rng.randrange(3))
+    status = handle.wait(timeout=240)
+    assert status.state == JobState.SUCCEEDED, status.error
+    assert status.failures_survived == 1 and status.steps_redone == 0
+    events = _events(spec)
+    assert "died" in events and "restored-from-buddy" in events
+    assert "restored-from-checkpoint" not in events
+    assert [m["step"] for m in handle.metrics()] == list(range(STEPS))
+    _assert_matches_reference(spec)
+
+
+def test_two_workers_killed_in_different_epochs(ray_session, tmp_path):
+    spec = _spec(tmp_path, "two", "strategy=zero2", "cluster.workers=3", "cluster.min_workers=1")
+    handle = submit(spec)
+    _wait_for_step(handle, 2)
+    _kill_rank(handle, 1)
+    _wait_for_step(handle, 2)
+    while handle.status().epoch < 2:
+        time.sleep(0.05)
+    _wait_for_step(handle, 7)
+    _kill_rank(handle, 0)
+    status = handle.wait(timeout=240)
+    assert status.state == JobState.SUCCEEDED, status.error
+    assert status.failures_survived == 2 and status.epoch >= 3
+    _assert_matches_reference(spec)
+
+
+def test_worker_added_and_drained_mid_run(ray_session, tmp_path):
+    spec = _spec(
+        tmp_path,
+        "scale",
+        "strategy=zero3",
+        "cluster.workers=2",
+        "cluster.min_workers=1",
+        "cluster.max_workers=3",
+    )
+    handle = submit(spec)
+    _wait_for_step(handle, 2)
+    assert handle.scale(3) == 3
+    while len(handle.status().workers) < 3:
+        assert not handle.done(), handle.status().error
+        time.sleep(0.05)
+    _wait_for_step(handle, 8)
+    assert handle.scale(1) == 1
+    status = handle.wait(timeout=240)
+    assert status.state == JobState.SUCCEEDED, status.error
+    assert len(status.workers) == 1 and status.failures_survived == 0
+    events = _events(spec)
+    assert events.count("joined") == 3 and events.count("drained") == 2
+    _assert_matches_reference(spec)
+
+
+def test_controller_killed_then_resumed(ray_session, tmp_path):
+    spec = _spec(tmp_path, "ctl", "cluster.workers=2", "checkpoint.every=4")
+    handle = submit(spec)
+    _wait_for_step(handle, 9)
+    ray.kill(handle._controller, no_restart=True)
+    status = handle.wait(timeout=60)
+    assert status.state == JobState.FAILED and "controller" in status.error
+    manifest = latest_manifest(open_store(spec.checkpoint.uri))
+    assert manifest is not None and manifest.step in (4, 8)
+    again = _spec(tmp_path, "ctl", "cluster.workers=2", "checkpoint.every=4", "resume=latest")
+    status = submit(again).wait(timeout=240)
+    assert status.state == JobState.SUCCEEDED, status.error
+    _assert_matches_reference(again)
