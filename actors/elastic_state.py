@@ -88,7 +88,10 @@ class ElasticState:
         copy = copies.get(done)
         if copy is None or copy.rank != owner:
             raise LookupError(f"worker {self.rank} holds no {kind} copy of rank {owner} at {done}")
-        return copy.tensors
+        with self._replicator.lock:
+            if copy.step != done:  # reused by a step that ran on meanwhile
+                raise LookupError(f"worker {self.rank}: the copy of step {done} was overwritten")
+            return {k: t.clone() for k, t in copy.tensors.items()}
 
     def leave_epoch(self) -> None:
         """Leave the (possibly broken) process group; held copies stay until the next restore."""

@@ -15,13 +15,20 @@ For each: the wall time of every step (time between consecutive completed
 steps, the definition shoal's ``step_time_s`` uses), reported as median and
 mean after ``--warmup`` steps; and the start-up time from launch (before
 ``spawn``, or before ``submit`` including Ray's start) to the first completed
-step. For shoal, also the time from "Ray is ready" to the first step.
+step. For shoal, also the time from "Ray is ready" to the first step. On a
+shared machine wall times follow the other users' load, so it also reports
+CPU seconds per steady-state step: of the training ranks (both systems) and
+of everything else shoal runs (Ray's daemons, the controller, the driver),
+read from /proc for this process's tree.
 
 The per-step losses of both must agree (max abs difference printed): that is
 what makes the comparison apples to apples. Torch's DDP *averages* gradients
 over ranks while shoal *sums* them (its loss is divided by the global token
 count), so the DDP loss here is multiplied by the world size before backward;
-with a power-of-two world size that scaling is exact.
+with a power-of-two world size that scaling is exact. DDP's gradients are
+clipped by one norm over the concatenated gradient, as shoal does, so the
+losses are bitwise equal; ``--torch-clip`` uses ``clip_grad_norm_`` instead
+(per-parameter norms: same math, different rounding, which Adam amplifies).
 
 Runs alternate (DDP first in even repeats, shoal first in odd ones) and Ray
 is shut down after every shoal run, so neither side pays for the other's

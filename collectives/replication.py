@@ -25,6 +25,7 @@ the transfer, but a failure in that step would then lose the last step.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -45,13 +46,11 @@ class ShardCopy:
     tensors: dict[str, torch.Tensor]
 
 
-def _fill(
-    spare: ShardCopy | None, rank: int, step: int, lo: int, hi: int, keys: list[str]
-) -> ShardCopy:
-    """A buffer of the right shape, reusing ``spare`` when it fits."""
+def _fill(spare: ShardCopy | None, rank: int, lo: int, hi: int, keys: list[str]) -> ShardCopy:
+    """A buffer of the right shape (reusing ``spare`` when it fits), marked incomplete (step -1)."""
     if spare is None or (spare.lo, spare.hi) != (lo, hi) or list(spare.tensors) != keys:
-        return ShardCopy(rank, step, lo, hi, {k: torch.empty(hi - lo) for k in keys})
-    spare.rank, spare.step = rank, step
+        return ShardCopy(rank, -1, lo, hi, {k: torch.empty(hi - lo) for k in keys})
+    spare.rank, spare.step = rank, -1
     return spare
 
 
@@ -62,6 +61,9 @@ class BuddyReplicator:
         self.rank = rank
         self.world_size = world_size
         self.group = group
+        # Held while buffers change hands: the controller may ask what this rank
+        # holds from another thread while a step is stuck in a collective.
+        self.lock = threading.Lock()
         self.own: ShardCopy | None = None
         self.replica: ShardCopy | None = None
         self._spare_own: ShardCopy | None = None
@@ -92,19 +94,20 @@ class BuddyReplicator:
         previous complete pair.
         """
         keys = list(tensors)
-        # The spares are about to be overwritten: until the exchange succeeds
+        # The spares are about to be overwritten: until they are complete
         # they hold nothing usable (step -1), whatever they held before.
-        for spare in (self._spare_own, self._spare_replica):
-            if spare is not None:
-                spare.step = -1
-        own = _fill(self._spare_own, self.rank, step, lo, hi, keys)
+        with self.lock:
+            own = _fill(self._spare_own, self.rank, lo, hi, keys)
+            self._spare_own = own
         for k, t in tensors.items():
             own.tensors[k].copy_(t)
+        own.step = step  # complete: a valid copy even if the exchange below fails
         replica = None
         if self.world_size > 1:
             src_lo, src_hi = source_range
-            replica = _fill(self._spare_replica, self.source, step, src_lo, src_hi, keys)
-            replica.step = -1  # incomplete until every receive has landed
+            with self.lock:
+                replica = _fill(self._spare_replica, self.source, src_lo, src_hi, keys)
+                self._spare_replica = replica
             works = []
             # The same key order on every rank, so the n-th message of each pair matches.
             for k in keys:
@@ -113,18 +116,21 @@ class BuddyReplicator:
             for w in works:
                 w.wait()
             replica.step = step
-        self._spare_own, self.own = self.own, own
-        self._spare_replica, self.replica = self.replica, replica
+        with self.lock:
+            self._spare_own, self.own = self.own, own
+            self._spare_replica, self.replica = self.replica, replica
 
     def own_copies(self) -> dict[int, ShardCopy]:
         """This rank's complete snapshots by step (the newest and, if intact, the one before)."""
-        return {c.step: c for c in (self._spare_own, self.own) if c is not None and c.step >= 0}
+        with self.lock:
+            copies = (self._spare_own, self.own)
+            return {c.step: c for c in copies if c is not None and c.step >= 0}
 
     def replica_copies(self) -> dict[int, ShardCopy]:
         """The source rank's complete snapshots held here, by step."""
-        return {
-            c.step: c for c in (self._spare_replica, self.replica) if c is not None and c.step >= 0
-        }
+        with self.lock:
+            copies = (self._spare_replica, self.replica)
+            return {c.step: c for c in copies if c is not None and c.step >= 0}
 
     def forget(self) -> None:
         """Drop everything (a new epoch with a new plan starts from fresh snapshots)."""

@@ -264,11 +264,15 @@ class JobController:
         next_step = done = start_step
         last_done = time.perf_counter()
         while next_step < total or inflight:
-            if not inflight and self._rebalance_membership(done):
-                balancer = self._new_balancer()
+            # A join or drain waits for the steps in flight, then runs between steps.
+            change = self._membership_change_wanted()
+            if change and not inflight:
+                if self._rebalance_membership(done):
+                    balancer = self._new_balancer()
+                change = False
             # Never queue past the next checkpoint: it must see a quiescent step.
             boundary = total if every == 0 else min(total, (done // every + 1) * every)
-            while next_step < boundary and len(inflight) < PIPELINE_DEPTH:
+            while not change and next_step < boundary and len(inflight) < PIPELINE_DEPTH:
                 lr = lr_at(next_step, t)
                 refs = [
                     w.train_step.remote(next_step, lr, lo, hi)
@@ -358,7 +362,7 @@ class JobController:
                 pieces = g.export_pieces(plan, survivors)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 pieces = None  # a holder died while exporting: use the checkpoint
-        g.leave(survivors)
+        survivors = g.leave(survivors)
         self._forget_checkpoint_committer()
         members = survivors + g.admit_ready()
         missing = g.target - len(members) - len(g.pending)
@@ -397,6 +401,14 @@ class JobController:
         self._set(state=JobState.RUNNING, epoch=g.epoch, step=done, workers=g.describe())
         return done
 
+    def _membership_change_wanted(self) -> bool:
+        g = self._group
+        if self._scale_to is not None and self._scale_to != g.target:
+            return True
+        if len(g.members) > g.target:
+            return True
+        return len(g.members) < g.target and g.has_ready_joiner()
+
     def _rebalance_membership(self, done: int) -> bool:
         """At a quiescent step boundary: admit placed joiners, drain workers above the target.
 
@@ -417,7 +429,8 @@ class JobController:
         if plan is None or plan.done != done:
             raise RuntimeError(f"cannot move the state of step {done}: a worker did not answer")
         pieces = g.export_pieces(plan, holders)
-        g.leave(g.members)
+        if len(g.leave(g.members)) < len(g.members):
+            raise RuntimeError("a worker did not leave its epoch at a step boundary")
         self._forget_checkpoint_committer()
         for m in leaving:
             ray.kill(m.actor, no_restart=True)

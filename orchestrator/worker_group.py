@@ -37,8 +37,13 @@ from orchestrator.spec import JobSpec
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _POLL_S = 0.25
 # After the first error of a step, how long to wait for the other ranks'
-# calls to end (a dead peer makes gloo fail within milliseconds).
-_SETTLE_S = 30.0
+# calls to end. A dead peer makes gloo fail within milliseconds, but a
+# survivor can stay blocked on another survivor that has already given up
+# the collective; those are unblocked when the others leave the group.
+_SETTLE_S = 10.0
+# How long a control call (holdings, export) may take: it runs on the
+# worker's control thread, beside whatever the training thread is doing.
+_CONTROL_S = 60.0
 # Error texts of a collective whose peer went away: the rank that reports
 # one is a survivor, not the cause.
 _PEER_FAILURE_MARKERS = (
@@ -181,6 +186,13 @@ class WorkerGroup:
             admitted.append(member)
         self.pending = still
         return admitted
+
+    def has_ready_joiner(self) -> bool:
+        """Whether some pending worker has been placed and started (without waiting)."""
+        if not self.pending:
+            return False
+        ready, _ = ray.wait([ref for _, ref in self.pending], num_returns=1, timeout=0)
+        return bool(ready)
 
     def wait_for_members(
         self, have: list[Member], minimum: int, timeout: float, on_wait: Callable[[], None]
@@ -349,7 +361,7 @@ class WorkerGroup:
         answered, holdings = [], []
         for m, ref in [(m, m.actor.holdings.remote()) for m in survivors]:
             try:
-                rows = ray.get(ref, timeout=_SETTLE_S)
+                rows = ray.get(ref, timeout=_CONTROL_S)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 ray.kill(m.actor, no_restart=True)
                 self.events.emit("died", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
@@ -371,13 +383,33 @@ class WorkerGroup:
         for h in plan.pieces:
             ref = by_rank[h.holder].actor.export_piece.remote(h.kind, h.owner, h.done)
             pieces.append((h.lo, h.hi, [ref]))
-        ray.get([p[2][0] for p in pieces], timeout=_SETTLE_S * 4)  # fail here, not mid-restore
+        ray.get([p[2][0] for p in pieces], timeout=_CONTROL_S)  # fail here, not mid-restore
         return pieces
 
-    def leave(self, members: list[Member]) -> None:
-        """End the epoch on ``members`` (their process group may be broken)."""
+    def leave(self, members: list[Member]) -> list[Member]:
+        """End the epoch on ``members``; returns those that did (the rest are killed).
+
+        Members whose training thread is still stuck in a collective are
+        usually freed when the others leave (their sockets close); one that
+        stays stuck is killed: its state has already been exported.
+        """
         refs = [m.actor.leave_epoch.remote() for m in members]
-        ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S)
+        ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S * 3)
+        left = []
+        for m, ref in zip(members, refs, strict=True):
+            ready, _ = ray.wait([ref], timeout=0)
+            ok = bool(ready)
+            if ok:
+                try:
+                    ray.get(ref)
+                except ray.exceptions.RayError:
+                    ok = False
+            if ok:
+                left.append(m)
+            else:
+                ray.kill(m.actor, no_restart=True)
+                self.events.emit("stuck", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
+        return left
 
     def restore(self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int) -> None:
         self.gather(

@@ -29,7 +29,7 @@ CORPUS_BYTES = 200_000
 STEPS = 14
 
 
-def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
+def _spec(tmp_path, name: str, *extra: str, steps: int = STEPS) -> JobSpec:
     return JobSpec.from_overrides(
         [
             "model.n_layer=1",
@@ -40,7 +40,7 @@ def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
             f"run_dir={tmp_path / name}",
             "train.sample_tokens=0",
             "train.warmup_steps=2",
-            f"train.steps={STEPS}",
+            f"train.steps={steps}",
             "train.global_batch=7",
             "checkpoint.every=0",  # only the final one: recovery must come from memory
             *extra,
@@ -73,7 +73,7 @@ def _kill_rank(handle, rank: int) -> int:
 
 
 def _assert_matches_reference(spec: JobSpec) -> None:
-    reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=STEPS)
+    reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=spec.train.steps)
     torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
 
 
@@ -123,6 +123,7 @@ def test_worker_added_and_drained_mid_run(ray_session, tmp_path):
         "cluster.workers=2",
         "cluster.min_workers=1",
         "cluster.max_workers=3",
+        steps=300,  # long enough for a new worker process to start and join
     )
     handle = submit(spec)
     _wait_for_step(handle, 2)
@@ -130,7 +131,8 @@ def test_worker_added_and_drained_mid_run(ray_session, tmp_path):
     while len(handle.status().workers) < 3:
         assert not handle.done(), handle.status().error
         time.sleep(0.05)
-    _wait_for_step(handle, 8)
+    scaled_up_at = handle.metrics()[-1]["step"]
+    _wait_for_step(handle, scaled_up_at + 3)
     assert handle.scale(1) == 1
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
