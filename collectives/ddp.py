@@ -44,8 +44,21 @@ class Bucket:
     n_params: int
 
 
-def plan_buckets(layout: FlatLayout, bucket_numel: int) -> list[Bucket]:
-    """Group parameters, last first, into contiguous buckets of about ``bucket_numel`` elements."""
+# The first bucket (the last layers, whose gradients backward produces first)
+# is kept small, as in PyTorch's DDP, so communication starts early instead of
+# after most of the backward pass.
+FIRST_BUCKET_BYTES = 1 << 20
+
+
+def plan_buckets(
+    layout: FlatLayout, bucket_numel: int, first_bucket_numel: int | None = None
+) -> list[Bucket]:
+    """Group parameters, last first, into contiguous buckets of about ``bucket_numel`` elements.
+
+    The first bucket closes at ``first_bucket_numel`` (default: 1 MiB of fp32).
+    """
+    if first_bucket_numel is None:
+        first_bucket_numel = FIRST_BUCKET_BYTES // 4
     buckets: list[Bucket] = []
     hi = layout.numel
     count = 0
@@ -53,7 +66,8 @@ def plan_buckets(layout: FlatLayout, bucket_numel: int) -> list[Bucket]:
     for slot in reversed(layout.slots):
         lo = slot.offset
         count += 1
-        if hi - lo >= bucket_numel:
+        cap = min(bucket_numel, first_bucket_numel) if not buckets else bucket_numel
+        if hi - lo >= cap:
             buckets.append(Bucket(lo, hi, count))
             hi, count = lo, 0
     if count:

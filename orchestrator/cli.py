@@ -231,12 +231,14 @@ def cmd_status(run_dir: str | None, runs_root: Path) -> int:
     if not rows:
         print(f"no runs under {runs_root}/ (start one with `shoal run`)")
         return EXIT_OK
-    print(f"{'job':24} {'state':12} {'step':>11} {'loss':>8}  run folder")
+    header = f"{'job':24} {'state':20} {'step':>11} {'loss':>7} {'wrk':>3} {'ep':>3} {'lost':>4}"
+    print(header + "  folder")
     for s in rows:
         loss = f"{s.loss:.3f}" if s.loss is not None else "-"
+        step = f"{s.step}/{s.total_steps}"
         print(
-            f"{s.job_id:24} {s.state.value:12} {f'{s.step}/{s.total_steps}':>11} {loss:>8}  "
-            f"{s.run_dir}"
+            f"{s.job_id:24} {s.state.value:20} {step:>11} {loss:>7} {len(s.workers):>3} "
+            f"{s.epoch:>3} {s.failures_survived:>4}  {s.run_dir}"
         )
     return EXIT_OK
 

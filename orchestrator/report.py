@@ -68,9 +68,17 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     )
     if status.resumed_from:
         lines.append(f"  resumed     from {status.resumed_from}")
+    if status.resume_note:
+        lines.append(f"  note        {status.resume_note}")
+    if status.epoch > 1 or status.failures_survived:
+        lines.append(
+            f"  elastic     epoch {status.epoch}, {len(status.workers)} workers now, "
+            f"{status.failures_survived} failures survived, {status.steps_redone} steps redone, "
+            f"{status.recovery_s:.1f}s recovering (events.jsonl)"
+        )
     for w, mem in zip(status.workers, status.memory, strict=False):
         lines.append(
-            f"  worker {w['rank']}    pid {w['pid']} on {w['node_ip']} ({w['device']}): "
+            f"  rank {w['rank']}      pid {w['pid']} on {w['node_ip']} ({w['device']}): "
             f"params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
             f"optimizer {human_bytes(mem['optimizer'])}, peak RSS {human_bytes(mem['peak_rss'])}"
         )
@@ -79,6 +87,11 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     lines.append(f"  run folder  {status.run_dir}  (config.yaml, metrics.jsonl, loss.png)")
     if status.last_checkpoint:
         lines.append(f"  checkpoint  {status.last_checkpoint}")
+    if status.checkpoints_failed:
+        lines.append(
+            f"  warning     {status.checkpoints_failed} checkpoint(s) failed to save: "
+            f"{status.checkpoint_warning}"
+        )
     if status.sample:
         lines.append("  sample      " + status.sample.replace("\n", "\n              "))
     return "\n".join(lines)
