@@ -76,6 +76,15 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
             f"{status.failures_survived} failures survived, {status.steps_redone} steps redone, "
             f"{status.recovery_s:.1f}s recovering (events.jsonl)"
         )
+    if not status.memory:  # still running: who is in the current epoch
+        for w in status.workers:
+            lo, hi = w.get("shard", (0, 0))
+            share = w.get("batch_share")
+            lines.append(
+                f"  rank {w['rank']}      pid {w['pid']} on {w.get('node_ip', '?')}, "
+                f"worker {w.get('worker_id', '?')}, shard [{lo}, {hi})"
+                + (f", batch share {share}" if share is not None else "")
+            )
     for w, mem in zip(status.workers, status.memory, strict=False):
         lines.append(
             f"  rank {w['rank']}      pid {w['pid']} on {w['node_ip']} ({w['device']}): "
