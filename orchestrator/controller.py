@@ -284,8 +284,14 @@ class JobController:
             try:
                 results = self._group.gather(refs, f"step {step}", timeout=step_timeout)
                 balancer.observe(results)
-                self._status.batch_shares = list(balancer.shares)
-                self._record(self._step_record(step, lr, results, last_done), done=step + 1)
+                record = self._step_record(step, lr, results, last_done)
+                with self._lock:
+                    self._status.batch_shares = list(balancer.shares)
+                    for row, share, compute in zip(
+                        self._status.workers, record["batch"], record["compute_s"], strict=False
+                    ):
+                        row["batch_share"], row["compute_s"] = share, compute
+                self._record(record, done=step + 1)
                 last_done = time.perf_counter()
                 done = step + 1
                 if not inflight and (done == total or (every and done % every == 0)):

@@ -84,6 +84,7 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
                 f"  rank {w['rank']}      pid {w['pid']} on {w.get('node_ip', '?')}, "
                 f"worker {w.get('worker_id', '?')}, shard [{lo}, {hi})"
                 + (f", batch share {share}" if share is not None else "")
+                + (f", {w['compute_s'] * 1000:.0f} ms compute" if "compute_s" in w else "")
             )
     for w, mem in zip(status.workers, status.memory, strict=False):
         lines.append(

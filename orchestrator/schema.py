@@ -55,6 +55,11 @@ class ClusterConfig:
     address: str | None = None
     # How long to wait for Ray to place all workers before giving up.
     start_timeout_s: float = 120.0
+    # true: workers return freed large buffers to the OS at once
+    # (MALLOC_MMAP_THRESHOLD_=65536), so their RSS shows what sharding saves.
+    # Costs about a quarter more CPU per step (measured: BENCHMARKS.md), so
+    # it is for measuring memory, not for training fast.
+    return_freed_memory: bool = False
     # Upper bound on any single collective (and on rendezvous); a dead peer
     # becomes an error after this long instead of a hang.
     collective_timeout_s: float = 300.0

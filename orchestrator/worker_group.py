@@ -33,8 +33,9 @@ from orchestrator.spec import JobSpec
 
 # glibc keeps freed large buffers in its heap, so a worker's RSS would hide
 # what sharding saves; with this threshold, buffers of 64 KiB and more are
-# mmap-ed and returned to the OS when freed, and RSS tracks what is held.
-WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
+# mmap-ed and returned to the OS when freed, and RSS tracks what is held
+# (cluster.return_freed_memory=true). Every step then pays for fresh pages.
+RETURN_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _POLL_S = 0.25
 # After the first error of a step, how long to wait for the other ranks'
 # calls to end. A dead peer makes gloo fail within milliseconds, but a
@@ -141,6 +142,7 @@ class WorkerGroup:
         from actors.worker import DataParallelWorker
 
         cl = self.spec.cluster
+        env = {"env_vars": RETURN_FREED_MEMORY_ENV} if cl.return_freed_memory else None
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
@@ -148,7 +150,9 @@ class WorkerGroup:
                 num_cpus=cl.cpus_per_worker,
                 num_gpus=cl.gpus_per_worker,
                 name=f"shoal-{self.spec.job_id}-w{wid}",
-                runtime_env={"env_vars": WORKER_ENV},
+                runtime_env={"env_vars": RETURN_FREED_MEMORY_ENV}
+                if cl.return_freed_memory
+                else None,
             ).remote(self.spec, wid, self._tokens_ref)
             self.pending.append((Member(wid, actor), actor.probe.remote()))
         self._request_capacity()

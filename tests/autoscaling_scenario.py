@@ -1,0 +1,315 @@
+"""A shoal job on Ray's fake multi-node autoscaler: it grows as nodes are added, survives one
+removed.
+
+Run by ``tests/test_autoscaling.py`` in a subprocess (one Ray per process, and the test
+session already has one)::
+
+    python -m tests.autoscaling_scenario OUT_DIR
+
+The cluster is the one ``ray.cluster_utils.AutoscalingCluster`` builds — a head with no CPUs
+and the ``fake_multinode`` node provider, whose "nodes" are raylets on this machine started
+by the autoscaler — but started here rather than through ``AutoscalingCluster.start()``:
+that runs ``ray stop --force`` before and after, which kills every Ray process of the
+user on the machine (the test session's own instance, and anyone else's), and it reads
+``fake_multi_node/example.yaml``, which Ray's wheels do not ship. Here the head is a
+``ray.cluster_utils.Cluster`` on a free port, the config is the one AutoscalingCluster
+generates (with the provider pointed at that port), and shutting down stops only the
+processes this script started.
+
+The job asks for 3 one-CPU workers (``min_workers=1``) on a cluster that has no CPU at
+all: it waits for capacity, Ray's autoscaler adds one-CPU nodes (one per update round), and
+each new worker joins at a step boundary. Once all three train, the raylet of the node that
+hosts one of them is SIGKILLed (a lost node); the job recovers from buddy replicas and
+finishes. Everything observed goes to ``OUT_DIR/result.json`` (written even on failure);
+the test asserts on it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import psutil
+import ray
+
+from orchestrator import JobSpec, JobState, submit
+
+WORKERS = 3
+STEPS = 1500
+# One autoscaler round every this many seconds; the fake provider starts one node per round,
+# so nodes arrive one after another and the job can be seen to grow.
+UPDATE_INTERVAL_S = 4
+NODE_TYPE = "cpu_node"
+JOB_TIMEOUT_S = 240.0
+
+# The config ``AutoscalingCluster`` generates, from the fake provider's example.yaml.
+BASE_CONFIG: dict[str, Any] = {
+    "cluster_name": "shoal-fake-multinode",
+    "max_workers": WORKERS,
+    "provider": {
+        "type": "fake_multinode",
+        "use_node_id_as_ip": True,
+        "disable_node_updaters": True,
+        "disable_launch_config_check": True,
+    },
+    "head_node_type": "ray.head.default",
+    "auth": {},
+    "upscaling_speed": 1.0,
+    # Long: a node is removed only by the test, never for being idle.
+    "idle_timeout_minutes": 10,
+    "docker": {},
+    "initialization_commands": [],
+    "setup_commands": [],
+    "head_setup_commands": [],
+    "worker_setup_commands": [],
+    "head_start_ray_commands": [],
+    "worker_start_ray_commands": [],
+    "file_mounts": {},
+    "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False,
+    "rsync_exclude": [],
+    "rsync_filter": [],
+}
+
+
+class Terminated(Exception):
+    """SIGTERM from the test (its timeout): clean up and report."""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def cluster_config(gcs_address: str) -> dict[str, Any]:
+    config = json.loads(json.dumps(BASE_CONFIG))
+    config["provider"]["gcs_address"] = gcs_address
+    config["available_node_types"] = {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        NODE_TYPE: {
+            "resources": {"CPU": 1, NODE_TYPE: 1, "object_store_memory": 100 * 2**20},
+            "node_config": {},
+            "min_workers": 0,
+            "max_workers": WORKERS,
+        },
+    }
+    return config
+
+
+class FakeAutoscalingCluster:
+    """A head with the fake multi-node autoscaler; stops only the processes it started."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.cluster = None
+        self.address: str | None = None
+        self._seen: dict[int, psutil.Process] = {}
+
+    def start(self) -> str:
+        from ray.cluster_utils import Cluster
+
+        ip = ray.util.get_node_ip_address()
+        port = _free_port()
+        self.address = f"{ip}:{port}"
+        config_path = self.workdir / "autoscaling.json"
+        config_path.write_text(json.dumps(cluster_config(self.address)))
+        # Read by the autoscaler (the head's monitor process inherits them).
+        os.environ["RAY_FAKE_CLUSTER"] = "1"
+        os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = str(UPDATE_INTERVAL_S)
+        self.cluster = Cluster(
+            initialize_head=True,
+            head_node_args={
+                "num_cpus": 0,
+                "gcs_server_port": port,
+                "autoscaling_config": str(config_path),
+                "include_dashboard": False,
+                # A short socket path (Unix sockets are limited to ~107 bytes), and no
+                # /tmp/ray/ray_current_cluster for others' `ray.init("auto")` to find.
+                "temp_dir": tempfile.mkdtemp(prefix="shoal-as-"),
+                "object_store_memory": 100 * 2**20,
+                # Notice a lost node within seconds.
+                "_system_config": {
+                    "health_check_period_ms": 1000,
+                    "health_check_failure_threshold": 3,
+                },
+            },
+        )
+        got = self.cluster.address
+        if got != self.address:
+            raise RuntimeError(f"the head is at {got}, not at {self.address} as configured")
+        self.remember_processes()
+        return self.address
+
+    def remember_processes(self) -> None:
+        """Note every process below this one (the head's, and the nodes the autoscaler started)."""
+        for p in psutil.Process().children(recursive=True):
+            self._seen.setdefault(p.pid, p)
+
+    def shutdown(self) -> list[int]:
+        """Stop the head, then whatever this script started that is still running."""
+        self.remember_processes()
+        if self.cluster is not None:
+            try:
+                self.cluster.shutdown()
+            except Exception:  # noqa: BLE001 - the sweep below still runs
+                traceback.print_exc()
+        left = [p for p in self._seen.values() if p.is_running()]
+        for p in left:
+            try:
+                p.terminate()
+            except psutil.NoSuchProcess:
+                pass
+        _, alive = psutil.wait_procs(left, timeout=10)
+        for p in alive:
+            try:
+                p.kill()
+            except psutil.NoSuchProcess:
+                pass
+        return [p.pid for p in left]
+
+
+def worker_nodes() -> list[dict[str, Any]]:
+    return [n for n in ray.nodes() if n["Alive"] and n["Resources"].get(NODE_TYPE)]
+
+
+def kill_node_of(pid: int) -> dict[str, Any]:
+    """SIGKILL the raylet of the (fake) node running worker process ``pid``: the node is lost."""
+    worker = psutil.Process(pid)
+    raylet = worker.parent()
+    if raylet is None or "raylet" not in raylet.name():
+        raise RuntimeError(f"the parent of worker pid {pid} is not a raylet: {raylet}")
+    cmdline = " ".join(raylet.cmdline())
+    raylet.kill()
+    return {"worker_pid": pid, "raylet_pid": raylet.pid, "raylet_cmdline": cmdline[:300]}
+
+
+def job_spec(run_dir: Path, address: str) -> JobSpec:
+    return JobSpec.from_overrides(
+        [
+            "strategy=zero2",
+            "model.n_layer=1",
+            "model.d_model=32",
+            "model.n_head=2",
+            "model.seq_len=16",
+            "data.max_bytes=200000",
+            f"run_dir={run_dir}",
+            "train.sample_tokens=0",
+            "train.warmup_steps=2",
+            f"train.steps={STEPS}",
+            "train.global_batch=6",
+            "checkpoint.every=0",
+            f"cluster.address={address}",
+            f"cluster.workers={WORKERS}",
+            "cluster.min_workers=1",
+            f"cluster.max_workers={WORKERS}",
+            "cluster.cpus_per_worker=1",
+            "cluster.start_timeout_s=120",
+            "elastic.wait_timeout_s=120",
+        ]
+    )
+
+
+def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster) -> None:
+    t0 = time.monotonic()
+
+    def now() -> float:
+        return round(time.monotonic() - t0, 2)
+
+    address = cluster.start()
+    result["address"] = address
+    result["cluster_started_s"] = now()
+    ray.init(
+        address=address,
+        namespace="shoal",
+        logging_level=logging.WARNING,
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+    )
+    result["worker_nodes_at_submit"] = len(worker_nodes())
+    spec = job_spec(out / "run", address)
+    handle = submit(spec)
+    result["run_dir"] = str(spec.run_dir)
+    timeline: list[dict[str, Any]] = []
+    result["timeline"] = timeline
+    killed = None
+    deadline = time.monotonic() + JOB_TIMEOUT_S
+    while not handle.done() and time.monotonic() < deadline:
+        st = handle.status()
+        nodes = worker_nodes()
+        row = {
+            "t": now(),
+            "state": st.state.value if hasattr(st.state, "value") else str(st.state),
+            "step": st.step,
+            "epoch": st.epoch,
+            "workers": len(st.workers or []),
+            "nodes": len(nodes),
+        }
+        if not timeline or any(timeline[-1][k] != row[k] for k in row if k not in ("t", "step")):
+            timeline.append(row)
+            print(json.dumps(row), flush=True)
+        cluster.remember_processes()
+        if (
+            killed is None
+            and row["workers"] == WORKERS
+            and st.state == JobState.RUNNING
+            and st.step >= 5
+        ):
+            # The whole membership has trained together; lose the node of the last joiner.
+            pids = handle.worker_pids()
+            killed = kill_node_of(pids[-1])
+            killed.update(t=now(), step=st.step, epoch=st.epoch)
+            result["killed"] = killed
+            print("killed", json.dumps(killed), flush=True)
+        time.sleep(0.5)
+    final = handle.wait(timeout=max(1.0, deadline - time.monotonic()))
+    result["job_s"] = now()
+    result["state"] = final.state.value if hasattr(final.state, "value") else str(final.state)
+    result["error"] = final.error
+    result["failures_survived"] = final.failures_survived
+    result["steps_redone"] = final.steps_redone
+    result["final_workers"] = len(final.workers or [])
+    result["final_step"] = final.step
+    result["events"] = [
+        json.loads(line) for line in (spec.run_dir / "events.jsonl").read_text().splitlines()
+    ]
+    result["worker_nodes_at_end"] = len(worker_nodes())
+
+
+def main(argv: list[str]) -> int:
+    out = Path(argv[0]).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    result: dict[str, Any] = {"ok": False}
+
+    def on_term(signum, frame):
+        raise Terminated(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, on_term)
+    cluster = FakeAutoscalingCluster(out)
+    start = time.monotonic()
+    try:
+        scenario(out, result, cluster)
+        result["ok"] = True
+    except BaseException as e:  # noqa: BLE001 - reported in the result file
+        result["exception"] = "".join(traceback.format_exception(e))
+        traceback.print_exc()
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            result["leftover_pids_stopped"] = cluster.shutdown()
+            result["total_s"] = round(time.monotonic() - start, 2)
+            (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
