@@ -150,9 +150,7 @@ class WorkerGroup:
                 num_cpus=cl.cpus_per_worker,
                 num_gpus=cl.gpus_per_worker,
                 name=f"shoal-{self.spec.job_id}-w{wid}",
-                runtime_env={"env_vars": RETURN_FREED_MEMORY_ENV}
-                if cl.return_freed_memory
-                else None,
+                runtime_env=env,
             ).remote(self.spec, wid, self._tokens_ref)
             self.pending.append((Member(wid, actor), actor.probe.remote()))
         self._request_capacity()
