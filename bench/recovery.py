@@ -44,6 +44,7 @@ table goes to BENCHMARKS.md.
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import random
 import signal
@@ -57,7 +58,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+import ray  # noqa: E402
+
 from orchestrator import JobSpec, JobState, submit  # noqa: E402
+from orchestrator.api import NAMESPACE  # noqa: E402
 
 POLL_S = 0.02
 SHOAL = "shoal in-memory"
@@ -77,6 +81,7 @@ class Recovery:
     next_step_s: float  # kill -> commit of the first step >= committed
     steps_lost: int
     recovery_s: float  # shoal: status.recovery_s; restart: status.resume_s
+    detected_s: float  # kill -> failure noticed (shoal: `died` event; restart: job FAILED)
     source: str  # where the state came from
 
 
@@ -92,7 +97,9 @@ class Steady:
 # -- job plumbing -------------------------------------------------------------
 
 
-def job_spec(args: argparse.Namespace, strategy: str, run_dir: Path, *extra: str) -> JobSpec:
+def job_spec(
+    args: argparse.Namespace, strategy: str, run_dir: Path, *extra: str, steps: int | None = None
+) -> JobSpec:
     return JobSpec.from_overrides(
         [
             f"strategy={strategy}",
@@ -102,7 +109,7 @@ def job_spec(args: argparse.Namespace, strategy: str, run_dir: Path, *extra: str
             f"model.d_model={args.d_model}",
             f"model.seq_len={args.seq_len}",
             f"train.global_batch={args.global_batch}",
-            f"train.steps={args.steps}",
+            f"train.steps={steps or args.steps}",
             "train.warmup_steps=5",
             "train.sample_tokens=0",
             "data.max_bytes=1000000",
@@ -179,6 +186,7 @@ def measure_shoal(
     events = handle.events()
     restored = [e for e in events if e["event"].startswith("restored-from-")]
     resumed_from = restored[-1]["step"]
+    died = next(e for e in events if e["event"] == "died")
     done_before = resumed_from + status.steps_redone
     first_new = next(r for r in records if r["epoch"] > epoch and r["step"] >= done_before)
     stop(handle)
@@ -194,6 +202,7 @@ def measure_shoal(
         steps_lost=status.steps_redone,
         recovery_s=status.recovery_s,
         source=restored[-1]["event"],
+        detected_s=died["time"] - t_kill,
     )
 
 
@@ -205,6 +214,7 @@ def measure_restart(
     seen = committed(handle.metrics())
     t_kill = kill_rank(handle, rank)
     failed = handle.wait(timeout=300)
+    detected_s = time.time() - t_kill
     if failed.state != JobState.FAILED:
         raise RuntimeError(f"expected the kill to fail the job, got {failed.state}")
     done_before = committed(handle.metrics())
@@ -227,12 +237,12 @@ def measure_restart(
         steps_lost=done_before - resumed_from,
         recovery_s=status.resume_s or 0.0,
         source=f"checkpoint step-{resumed_from}",
+        detected_s=detected_s,
     )
 
 
 def measure_steady(args: argparse.Namespace, run_dir: Path, label: str, *extra: str) -> Steady:
-    steps = args.steady_steps
-    spec = job_spec(args, "zero2", run_dir, f"train.steps={steps}", "checkpoint.every=0", *extra)
+    spec = job_spec(args, "zero2", run_dir, "checkpoint.every=0", *extra, steps=args.steady_steps)
     handle = submit(spec)
     status = handle.wait(timeout=900)
     if status.state != JobState.SUCCEEDED:
@@ -259,21 +269,27 @@ def median_of(rows: list[Recovery], field: str) -> float:
 
 def print_recovery_table(results: list[Recovery]) -> None:
     print(
-        "\n| strategy | method | kills | kill -> next step (s), median [runs] "
-        "| steps lost [runs] | recovery_s / resume_s (median) | state from |"
+        "\n| strategy | method | kills | kill -> next step (s), median [runs] | detected (s) "
+        "| steps lost [runs] | recovery_s / resume_s | state from |"
     )
-    print("| --- | --- | ---: | ---: | ---: | ---: | --- |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | --- |")
     groups: dict[tuple[str, str], list[Recovery]] = {}
     for r in results:
         groups.setdefault((r.strategy, r.method), []).append(r)
     for (strategy, method), rows in groups.items():
         runs = ", ".join(f"{r.next_step_s:.1f}" for r in rows)
         lost = ", ".join(str(r.steps_lost) for r in rows)
-        sources = sorted({r.source for r in rows})
-        print(
-            f"| {strategy} | {method} | {len(rows)} | {median_of(rows, 'next_step_s'):.2f} [{runs}] "
-            f"| {lost} | {median_of(rows, 'recovery_s'):.2f} | {', '.join(sources)} |"
-        )
+        cells = [
+            strategy,
+            method,
+            str(len(rows)),
+            f"{median_of(rows, 'next_step_s'):.2f} [{runs}]",
+            f"{median_of(rows, 'detected_s'):.2f}",
+            lost,
+            f"{median_of(rows, 'recovery_s'):.2f}",
+            ", ".join(sorted({r.source for r in rows})),
+        ]
+        print("| " + " | ".join(cells) + " |")
     print("\nratios (restart + checkpoint / shoal), medians:")
     for strategy in dict.fromkeys(r.strategy for r in results):
         base = groups.get((strategy, RESTART))
@@ -293,7 +309,8 @@ def print_runs(results: list[Recovery]) -> None:
     for r in results:
         print(
             f"  {r.strategy:5} {r.method:22} {r.kill_at:3} / {r.committed:3} -> {r.resumed_from:3}"
-            f"  next step {r.next_step_s:6.2f} s, lost {r.steps_lost}, {r.source}"
+            f"  detected {r.detected_s:5.2f} s, next step {r.next_step_s:6.2f} s,"
+            f" lost {r.steps_lost}, {r.source}"
         )
 
 
@@ -334,8 +351,21 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def start_ray(args: argparse.Namespace) -> None:
+    """Ray as ``submit`` would start it, but without the workers' logs on our stdout (a
+    killed worker's peers print gloo tracebacks)."""
+    ray.init(
+        namespace=NAMESPACE,
+        num_cpus=max(os.cpu_count() or 1, args.workers),
+        include_dashboard=False,
+        log_to_driver=False,
+        logging_level=logging.WARNING,
+    )
+
+
 def main() -> None:
     args = parse_args()
+    start_ray(args)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="shoal-recovery-"))
     print(f"load average at start: {load_average()}; runs under {root}")
@@ -367,7 +397,9 @@ def main() -> None:
         ]
         for label, override in pair if rep % 2 == 0 else reversed(pair):
             print(f"[{rep}] zero2 steady, {label} (load {load_average()})", flush=True)
-            steady.append(measure_steady(args, root / f"steady-{label}-{rep}", label, override))
+            steady.append(
+                measure_steady(args, root / f"steady-{slug(label)}-{rep}", label, override)
+            )
             print(f"    -> {steady[-1]}", flush=True)
     print(f"\nload average at end: {load_average()}")
     print_recovery_table(results)

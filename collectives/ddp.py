@@ -161,7 +161,9 @@ class DDPEngine:
     def step(self, lr: float) -> StepStats:
         """Finish the gradient all-reduce, clip by global norm, and update the parameters."""
         wait_s = self._finish_reduction()
-        norm = self.flat_grad.norm(2)
+        # fp64 accumulation: one fp32 sum of millions of squares drifts by
+        # ~1e-4 relative, which clipping and Adam then carry into the weights.
+        norm = torch.linalg.vector_norm(self.flat_grad, 2, dtype=torch.float64).float()
         if self.grad_clip > 0:
             # Same rule as torch.nn.utils.clip_grad_norm_.
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)

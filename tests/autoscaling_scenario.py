@@ -38,16 +38,19 @@ import traceback
 from pathlib import Path
 from typing import Any
 
-import psutil
 import ray
 
 from orchestrator import JobSpec, JobState, submit
 
 WORKERS = 3
-STEPS = 1500
+# Enough for the autoscaler to add every node while the job trains (~20-40 ms a step here).
+STEPS = 2500
 # One autoscaler round every this many seconds; the fake provider starts one node per round,
 # so nodes arrive one after another and the job can be seen to grow.
-UPDATE_INTERVAL_S = 4
+UPDATE_INTERVAL_S = 8
+# Steps the full membership trains together before a node is lost.
+KILL_AFTER_STEPS = 10
+POLL_S = 0.5
 NODE_TYPE = "cpu_node"
 JOB_TIMEOUT_S = 240.0
 
@@ -79,6 +82,13 @@ BASE_CONFIG: dict[str, Any] = {
     "rsync_exclude": [],
     "rsync_filter": [],
 }
+
+
+def _psutil():
+    """Ray's own copy of psutil (ray/thirdparty_files, on sys.path once ray is imported)."""
+    import psutil
+
+    return psutil
 
 
 class Terminated(Exception):
@@ -113,7 +123,7 @@ class FakeAutoscalingCluster:
         self.workdir = workdir
         self.cluster = None
         self.address: str | None = None
-        self._seen: dict[int, psutil.Process] = {}
+        self._seen: dict[int, Any] = {}
 
     def start(self) -> str:
         from ray.cluster_utils import Cluster
@@ -152,7 +162,7 @@ class FakeAutoscalingCluster:
 
     def remember_processes(self) -> None:
         """Note every process below this one (the head's, and the nodes the autoscaler started)."""
-        for p in psutil.Process().children(recursive=True):
+        for p in _psutil().Process().children(recursive=True):
             self._seen.setdefault(p.pid, p)
 
     def shutdown(self) -> list[int]:
@@ -163,6 +173,7 @@ class FakeAutoscalingCluster:
                 self.cluster.shutdown()
             except Exception:  # noqa: BLE001 - the sweep below still runs
                 traceback.print_exc()
+        psutil = _psutil()
         left = [p for p in self._seen.values() if p.is_running()]
         for p in left:
             try:
@@ -184,7 +195,7 @@ def worker_nodes() -> list[dict[str, Any]]:
 
 def kill_node_of(pid: int) -> dict[str, Any]:
     """SIGKILL the raylet of the (fake) node running worker process ``pid``: the node is lost."""
-    worker = psutil.Process(pid)
+    worker = _psutil().Process(pid)
     raylet = worker.parent()
     if raylet is None or "raylet" not in raylet.name():
         raise RuntimeError(f"the parent of worker pid {pid} is not a raylet: {raylet}")
@@ -241,38 +252,34 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
     timeline: list[dict[str, Any]] = []
     result["timeline"] = timeline
     killed = None
+    full_at: int | None = None  # the step at which all WORKERS were first seen training
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not handle.done() and time.monotonic() < deadline:
         st = handle.status()
-        nodes = worker_nodes()
         row = {
             "t": now(),
-            "state": st.state.value if hasattr(st.state, "value") else str(st.state),
+            "state": st.state.value,
             "step": st.step,
             "epoch": st.epoch,
             "workers": len(st.workers or []),
-            "nodes": len(nodes),
+            "nodes": len(worker_nodes()),
         }
         if not timeline or any(timeline[-1][k] != row[k] for k in row if k not in ("t", "step")):
             timeline.append(row)
             print(json.dumps(row), flush=True)
         cluster.remember_processes()
-        if (
-            killed is None
-            and row["workers"] == WORKERS
-            and st.state == JobState.RUNNING
-            and st.step >= 5
-        ):
-            # The whole membership has trained together; lose the node of the last joiner.
-            pids = handle.worker_pids()
-            killed = kill_node_of(pids[-1])
+        if full_at is None and row["workers"] == WORKERS and st.state == JobState.RUNNING:
+            full_at = st.step
+        if killed is None and full_at is not None and st.step >= full_at + KILL_AFTER_STEPS:
+            # The whole membership has trained together: lose the node of the last joiner.
+            killed = kill_node_of(handle.worker_pids()[-1])
             killed.update(t=now(), step=st.step, epoch=st.epoch)
             result["killed"] = killed
             print("killed", json.dumps(killed), flush=True)
-        time.sleep(0.5)
+        time.sleep(POLL_S)
     final = handle.wait(timeout=max(1.0, deadline - time.monotonic()))
     result["job_s"] = now()
-    result["state"] = final.state.value if hasattr(final.state, "value") else str(final.state)
+    result["state"] = final.state.value
     result["error"] = final.error
     result["failures_survived"] = final.failures_survived
     result["steps_redone"] = final.steps_redone
@@ -282,6 +289,7 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
         json.loads(line) for line in (spec.run_dir / "events.jsonl").read_text().splitlines()
     ]
     result["worker_nodes_at_end"] = len(worker_nodes())
+    result["metric_steps"] = [m["step"] for m in handle.metrics()]
 
 
 def main(argv: list[str]) -> int:
