@@ -93,6 +93,17 @@ class ElasticState:
                 raise LookupError(f"worker {self.rank}: the copy of step {done} was overwritten")
             return {k: t.clone() for k, t in copy.tensors.items()}
 
+    def begin(self, done: int) -> None:
+        """Training starts (fresh, or from a checkpoint) with ``done`` steps applied.
+
+        A collective: the first replication of the shards happens here, so a
+        failure in the very first step is covered too.
+        """
+        self._applied = done
+        self._live_valid = True
+        if self._replicator is not None and self.spec.elastic.enabled:
+            self._replicate(done)
+
     def leave_epoch(self) -> None:
         """Leave the (possibly broken) process group; held copies stay until the next restore."""
         leave_group()

@@ -355,6 +355,7 @@ def start_ray(args: argparse.Namespace) -> None:
     """Ray as ``submit`` would start it, but without the workers' logs on our stdout (a
     killed worker's peers print gloo tracebacks)."""
     ray.init(
+        address="local",  # our own instance, never another user's cluster on this machine
         namespace=NAMESPACE,
         num_cpus=max(os.cpu_count() or 1, args.workers),
         include_dashboard=False,

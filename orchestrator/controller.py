@@ -134,6 +134,7 @@ class JobController:
             store.check()  # a bad bucket or credentials fail now, not at the first checkpoint
             self._start_workers()
             start_step = self._restore(self.spec.resume)
+            self._gather([w.begin.remote(start_step) for w in self._workers], "start")
             self._set(state=JobState.RUNNING, step=start_step)
             self._train(start_step, store)
             self._finish()

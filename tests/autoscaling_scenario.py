@@ -29,12 +29,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import sys
 import tempfile
 import time
 import traceback
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -123,6 +125,7 @@ class FakeAutoscalingCluster:
         self.workdir = workdir
         self.cluster = None
         self.address: str | None = None
+        self.temp_dir: str | None = None
         self._seen: dict[int, Any] = {}
 
     def start(self) -> str:
@@ -136,6 +139,7 @@ class FakeAutoscalingCluster:
         # Read by the autoscaler (the head's monitor process inherits them).
         os.environ["RAY_FAKE_CLUSTER"] = "1"
         os.environ["AUTOSCALER_UPDATE_INTERVAL_S"] = str(UPDATE_INTERVAL_S)
+        self.temp_dir = tempfile.mkdtemp(prefix="shoal-as-")
         self.cluster = Cluster(
             initialize_head=True,
             head_node_args={
@@ -145,7 +149,7 @@ class FakeAutoscalingCluster:
                 "include_dashboard": False,
                 # A short socket path (Unix sockets are limited to ~107 bytes), and no
                 # /tmp/ray/ray_current_cluster for others' `ray.init("auto")` to find.
-                "temp_dir": tempfile.mkdtemp(prefix="shoal-as-"),
+                "temp_dir": self.temp_dir,
                 "object_store_memory": 100 * 2**20,
                 # Notice a lost node within seconds.
                 "_system_config": {
@@ -165,8 +169,12 @@ class FakeAutoscalingCluster:
         for p in _psutil().Process().children(recursive=True):
             self._seen.setdefault(p.pid, p)
 
-    def shutdown(self) -> list[int]:
-        """Stop the head, then whatever this script started that is still running."""
+    def shutdown(self, keep_logs: Path | None = None) -> list[int]:
+        """Stop the head, then whatever this script started that is still running.
+
+        Returns the pids of the processes that were still running after the head stopped.
+        ``keep_logs``: copy Ray's logs there before the temporary folder is removed.
+        """
         self.remember_processes()
         if self.cluster is not None:
             try:
@@ -186,6 +194,11 @@ class FakeAutoscalingCluster:
                 p.kill()
             except psutil.NoSuchProcess:
                 pass
+        if self.temp_dir is not None:
+            logs = Path(self.temp_dir) / "session_latest" / "logs"
+            if keep_logs is not None and logs.is_dir():
+                shutil.copytree(logs, keep_logs, dirs_exist_ok=True)
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
         return [p.pid for p in left]
 
 
@@ -194,14 +207,30 @@ def worker_nodes() -> list[dict[str, Any]]:
 
 
 def kill_node_of(pid: int) -> dict[str, Any]:
-    """SIGKILL the raylet of the (fake) node running worker process ``pid``: the node is lost."""
+    """Lose the (fake) node running worker process ``pid``: SIGKILL its raylet and everything
+    the raylet started (workers, agents), as when a machine goes away.
+
+    Killing the raylet alone is not enough here: its parent, the autoscaler process that
+    started the fake node, does not reap it, and a Ray worker takes a raylet that is a zombie
+    for a live one, so the workers on a "lost" node would go on training.
+    """
     worker = _psutil().Process(pid)
     raylet = worker.parent()
     if raylet is None or "raylet" not in raylet.name():
         raise RuntimeError(f"the parent of worker pid {pid} is not a raylet: {raylet}")
-    cmdline = " ".join(raylet.cmdline())
-    raylet.kill()
-    return {"worker_pid": pid, "raylet_pid": raylet.pid, "raylet_cmdline": cmdline[:300]}
+    socket_arg = next((a for a in raylet.cmdline() if a.startswith("--raylet_socket_name")), "")
+    node = [raylet, *raylet.children(recursive=True)]
+    for p in node:
+        try:
+            p.kill()
+        except _psutil().NoSuchProcess:
+            pass
+    return {
+        "worker_pid": pid,
+        "raylet_pid": raylet.pid,
+        "node_pids": [p.pid for p in node],
+        "raylet_socket": socket_arg.partition("=")[2],
+    }
 
 
 def job_spec(run_dir: Path, address: str) -> JobSpec:
@@ -236,7 +265,11 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
     def now() -> float:
         return round(time.monotonic() - t0, 2)
 
-    address = cluster.start()
+    try:
+        address = cluster.start()
+    except Exception as e:
+        result["cluster_error"] = f"{type(e).__name__}: {e}"
+        raise
     result["address"] = address
     result["cluster_started_s"] = now()
     ray.init(
@@ -270,7 +303,12 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
         cluster.remember_processes()
         if full_at is None and row["workers"] == WORKERS and st.state == JobState.RUNNING:
             full_at = st.step
-        if killed is None and full_at is not None and st.step >= full_at + KILL_AFTER_STEPS:
+        if (
+            killed is None
+            and full_at is not None
+            and st.state == JobState.RUNNING
+            and st.step >= full_at + KILL_AFTER_STEPS
+        ):
             # The whole membership has trained together: lose the node of the last joiner.
             killed = kill_node_of(handle.worker_pids()[-1])
             killed.update(t=now(), step=st.step, epoch=st.epoch)
@@ -285,11 +323,18 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
     result["steps_redone"] = final.steps_redone
     result["final_workers"] = len(final.workers or [])
     result["final_step"] = final.step
+    result["steps"] = STEPS
     result["events"] = [
         json.loads(line) for line in (spec.run_dir / "events.jsonl").read_text().splitlines()
     ]
     result["worker_nodes_at_end"] = len(worker_nodes())
-    result["metric_steps"] = [m["step"] for m in handle.metrics()]
+    steps = [m["step"] for m in handle.metrics()]
+    result["metric_steps"] = {
+        "count": len(steps),
+        "missing": sorted(set(range(STEPS)) - set(steps)),
+        "repeated": sorted(s for s, n in Counter(steps).items() if n > 1),
+        "in_order": steps == sorted(steps),
+    }
 
 
 def main(argv: list[str]) -> int:
@@ -313,7 +358,9 @@ def main(argv: list[str]) -> int:
         try:
             ray.shutdown()
         finally:
-            result["leftover_pids_stopped"] = cluster.shutdown()
+            succeeded = result["ok"] and result.get("state") == JobState.SUCCEEDED.value
+            keep_logs = None if succeeded else out / "ray-logs"
+            result["leftover_pids_stopped"] = cluster.shutdown(keep_logs)
             result["total_s"] = round(time.monotonic() - start, 2)
             (out / "result.json").write_text(json.dumps(result, indent=1, default=str))
     return 0

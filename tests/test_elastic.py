@@ -95,7 +95,11 @@ def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
     events = _events(spec)
     assert "died" in events and "restored-from-buddy" in events
     assert "restored-from-checkpoint" not in events
-    assert [m["step"] for m in handle.metrics()] == list(range(STEPS))
+    steps = [m["step"] for m in handle.metrics()]
+    assert steps == sorted(set(steps)) and steps[-1] == STEPS - 1
+    # Replicated (ddp) survivors may all have finished the step during which
+    # a peer died; it is then kept, not redone, and has no metrics record.
+    assert len(steps) >= STEPS - (1 if strategy == "ddp" else 0)
     _assert_matches_reference(spec)
 
 
