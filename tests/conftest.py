@@ -24,12 +24,16 @@ def ray_session():
     os.environ["PYTHONPATH"] = os.pathsep.join(
         p for p in (str(REPO_ROOT), os.environ.get("PYTHONPATH", "")) if p
     )
+    from tests.s3_server import FAKE_AWS_ENV
+
+    # Workers get the fake S3 credentials of tests/s3_server.py from the
+    # start, so the S3 tests need no Ray restart of their own.
     ray.init(
         num_cpus=4,
         include_dashboard=False,
         namespace="shoal-tests",
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"]}},
+        runtime_env={"env_vars": {"PYTHONPATH": os.environ["PYTHONPATH"], **FAKE_AWS_ENV}},
     )
     yield ray
     ray.shutdown()
