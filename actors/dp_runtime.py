@@ -159,7 +159,24 @@ class DataParallelRuntime(ElasticState):
     # -- training -----------------------------------------------------------
 
     def train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
-        """One optimizer step on samples ``[batch_lo, batch_hi)`` of global batch ``step``."""
+        """One optimizer step on samples ``[batch_lo, batch_hi)`` of global batch ``step``.
+
+        If a collective fails (a peer is gone), this rank leaves the process
+        group before raising, so the other survivors are not left waiting.
+        """
+        if not torch.distributed.is_initialized():
+            raise RuntimeError("peer failure earlier in this epoch: the process group is gone")
+        try:
+            return self._train_step(step, lr, batch_lo, batch_hi)
+        except torch.distributed.DistError:
+            self._abort_epoch()
+            raise
+        except RuntimeError as e:
+            if "gloo" in str(e) or "NCCL" in str(e) or "Connection" in str(e):
+                self._abort_epoch()
+            raise
+
+    def _train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
         t = self.spec.train
         seq_len = self.spec.seq_len
         start = time.perf_counter()

@@ -93,6 +93,17 @@ class ElasticState:
                 raise LookupError(f"worker {self.rank}: the copy of step {done} was overwritten")
             return {k: t.clone() for k, t in copy.tensors.items()}
 
+    def _abort_epoch(self) -> None:
+        """A collective failed: leave the group now, not when the controller asks.
+
+        Peers of this rank that are still blocked in a collective with it
+        then see its connections close and fail too, instead of waiting for
+        the collective timeout.
+        """
+        if self.engine is not None:
+            self.engine.abandon_collectives()
+        leave_group()
+
     def begin(self, done: int) -> None:
         """Training starts (fresh, or from a checkpoint) with ``done`` steps applied.
 

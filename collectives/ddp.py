@@ -142,6 +142,10 @@ class DDPEngine:
         view = self.flat_grad[bucket.lo : bucket.hi]
         self._works[b_idx] = dist.all_reduce(view, group=self.group, async_op=True)
 
+    def abandon_collectives(self) -> None:
+        """Forget in-flight reductions (after a peer failed): their handles keep the group alive."""
+        self._works = {}
+
     def _finish_reduction(self) -> float:
         """Wait for every bucket; returns seconds spent waiting after backward ended."""
         if self.world_size == 1:

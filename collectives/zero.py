@@ -404,6 +404,10 @@ class ZeroEngine:
                 # Every gradient of the unit exists, so nothing in backward reads it any more.
                 self._free(self.units[g_idx])
 
+    def abandon_collectives(self) -> None:
+        """Forget in-flight reductions (after a peer failed): their handles keep the group alive."""
+        self._inflight = []
+
     def _drain(self) -> None:
         """Wait for every in-flight reduce-scatter and fold the results into the shard gradient."""
         for pend in self._inflight:

@@ -45,7 +45,11 @@ def ensure_ray(spec: JobSpec) -> None:
         # Enough logical CPUs for every worker, even on a small machine: the
         # workers then share cores (slower) rather than wait forever.
         needed = int(np.ceil(cl.workers * cl.cpus_per_worker))
-        kwargs.update(num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False)
+        # address="local": always a new instance of our own, never a cluster
+        # that happens to run on this machine.
+        kwargs.update(
+            address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False
+        )
         if cl.gpus_per_worker > 0:
             import torch
 

@@ -353,12 +353,12 @@ class JobController:
                 rank=m.rank,
                 pid=m.pid,
                 during=lost.what,
-                error=str(lost.first).splitlines()[0],
+                reason=lost.reason,
             )
         if g.failures > e.max_failures:
             raise RuntimeError(
                 f"{g.failures} workers lost, more than elastic.max_failures={e.max_failures}; "
-                f"the last: {lost.first}"
+                f"the last: {lost.reason}"
             )
         self._set(state=JobState.RECOVERING)
         survivors = [m for m in g.members if m not in lost.dead]
@@ -369,7 +369,10 @@ class JobController:
                 pieces = g.export_pieces(plan, survivors)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 pieces = None  # a holder died while exporting: use the checkpoint
+        answered = len(survivors)
         survivors = g.leave(survivors)
+        stuck = answered - len(survivors)  # exported, then killed: lost too
+        g.failures += stuck
         self._forget_checkpoint_committer()
         members = survivors + g.admit_ready()
         missing = g.target - len(members) - len(g.pending)
@@ -402,7 +405,7 @@ class JobController:
         self._events.emit("replanned", epoch=g.epoch, workers=len(members), step=done)
         with self._lock:
             st = self._status
-            st.failures_survived += len(lost.dead)
+            st.failures_survived += len(lost.dead) + stuck
             st.steps_redone += redone
             st.recovery_s += time.perf_counter() - start
         self._set(state=JobState.RUNNING, epoch=g.epoch, step=done, workers=g.describe())

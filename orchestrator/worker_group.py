@@ -56,6 +56,7 @@ _PEER_FAILURE_MARKERS = (
     "Timed out waiting",
     "timed out",
     "transport/tcp",
+    "peer failure earlier in this epoch",
     "DistBackendError",
     "NCCL",
 )
@@ -99,11 +100,12 @@ class WorkerError(RuntimeError):
 class MembershipLost(Exception):
     """Workers were lost during ``what``; the job can continue after a recovery."""
 
-    def __init__(self, what: str, dead: list[Member], first: WorkerError):
-        super().__init__(f"{len(dead)} worker(s) lost during {what}: {first}")
+    def __init__(self, what: str, dead: list[Member], first: WorkerError, reason: str):
+        super().__init__(f"{len(dead)} worker(s) lost during {what}: {reason}")
         self.what = what
         self.dead = dead
-        self.first = first
+        self.first = first  # the first error seen (often a survivor's lost-peer error)
+        self.reason = reason  # why the dead ones are considered lost
 
 
 def is_peer_failure(cause: Exception) -> bool:
@@ -306,7 +308,7 @@ class WorkerGroup:
                 if not self.spec.elastic.enabled:
                     raise error
                 self._settle(refs)
-                raise MembershipLost(what, slow, error)
+                raise MembershipLost(what, slow, error, "missed elastic.step_timeout_s (killed)")
         return ray.get(refs)
 
     def _failed(self, refs: list[ray.ObjectRef], index: int, cause: Exception, what: str):
@@ -327,15 +329,17 @@ class WorkerGroup:
         for i, outcome in enumerate(outcomes):
             if isinstance(outcome, Exception) and not is_peer_failure(outcome):
                 raise WorkerError(self.members[i].rank, self.members[i].pid, what, outcome)
+        reason = "process died (killed, crashed or its node lost)"
         if not dead:
             # Only lost-peer errors but no dead actor: a peer hung or its node
             # is unreachable. Those still running are the suspects.
             dead = [self.members[i] for i, o in enumerate(outcomes) if o is None]
+            reason = "stopped responding while its peers reported a lost connection (killed)"
         if not dead:
             raise error
         for m in dead:
             ray.kill(m.actor, no_restart=True)
-        raise MembershipLost(what, dead, error)
+        raise MembershipLost(what, dead, error, reason)
 
     def _settle(self, refs: list[ray.ObjectRef]) -> list[Exception | Any | None]:
         """Each call's outcome after a failure: a result, an exception, or None if still running."""
@@ -396,7 +400,7 @@ class WorkerGroup:
         stays stuck is killed: its state has already been exported.
         """
         refs = [m.actor.leave_epoch.remote() for m in members]
-        ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S * 3)
+        ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S)
         left = []
         for m, ref in zip(members, refs, strict=True):
             ready, _ = ray.wait([ref], timeout=0)
