@@ -42,6 +42,11 @@ _POLL_S = 0.25
 # survivor can stay blocked on another survivor that has already given up
 # the collective; those are unblocked when the others leave the group.
 _SETTLE_S = 10.0
+# How long a survivor may take to leave its epoch before it is counted as
+# stuck and killed (its state has been exported by then). Survivors blocked in
+# a collective with another survivor are usually freed within seconds, but
+# not always (see the elasticity notes in BENCHMARKS.md).
+_LEAVE_S = 20.0
 # How long a control call (holdings, export) may take: it runs on the
 # worker's control thread, beside whatever the training thread is doing.
 _CONTROL_S = 60.0
@@ -400,7 +405,7 @@ class WorkerGroup:
         stays stuck is killed: its state has already been exported.
         """
         refs = [m.actor.leave_epoch.remote() for m in members]
-        ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S)
+        ray.wait(refs, num_returns=len(refs), timeout=_LEAVE_S)
         left = []
         for m, ref in zip(members, refs, strict=True):
             ready, _ = ray.wait([ref], timeout=0)

@@ -91,8 +91,11 @@ def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
     _kill_rank(handle, rng.randrange(3))
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
-    assert status.failures_survived == 1 and status.steps_redone == 0
+    # A survivor that stays blocked in a collective is exported, then
+    # replaced too ("stuck"): more workers lost, but still no step.
     events = _events(spec)
+    assert status.failures_survived == 1 + events.count("stuck")
+    assert status.steps_redone == 0
     assert "died" in events and "restored-from-buddy" in events
     assert "restored-from-checkpoint" not in events
     steps = [m["step"] for m in handle.metrics()]
