@@ -19,6 +19,14 @@ Both run per *group*: a contiguous flat range (a DDP-style gradient bucket for
 stages 1-2, a module *unit* for stage 3), so transient buffers are bounded by a
 group's size and reductions overlap the backward pass.
 
+Stage 3 **prefetches**: the first forward and the first backward record the
+order in which units are gathered (the same every step for a static graph);
+from then on, when unit ``k`` is needed, the asynchronous all-gather of the
+next unit in that order (``k+1`` in forward, ``k-1`` in backward) is started
+right away, so it travels while unit ``k`` computes, and that unit's own hook
+only waits for it. At most one unit is prefetched ahead, and only units that
+would be gathered anyway: the elements moved per step are unchanged.
+
 What each stage keeps persistently on a rank (``Ψ`` = model numel, ``Ψ_r`` =
 its shard):
 
@@ -32,7 +40,8 @@ stage     parameters  gradients  optimizer state
 
 Communication per step is a reduce-scatter plus an all-gather of ``Ψ`` for
 stages 1-2 (never an all-reduce of the gradients), and for stage 3 one
-reduce-scatter plus two all-gathers (before forward and before backward).
+reduce-scatter plus two all-gathers (before forward and before backward, each
+prefetched one unit ahead).
 
 Loss contract (as for :class:`~collectives.ddp.DDPEngine`): each rank's loss is
 scaled so that the SUM over ranks of the gradients is the global-batch
@@ -103,6 +112,7 @@ class _Unit:
     refs: int = 0  # forward calls currently using it
     held_for_backward: bool = False
     gathered: bool = False
+    work: dist.Work | None = None  # an in-flight (prefetched) all-gather into ``buf``
 
 
 @dataclass
@@ -144,9 +154,18 @@ class ZeroEngine:
     (descending into ``ModuleList``/``ModuleDict``, e.g. one unit per
     transformer block), plus runs of parameters that belong to no child, which
     the root module itself gathers. Between steps, ``model.parameters()``
-    have empty storage: use :meth:`full_state_dict` to read them. Stage-3
-    gathers are synchronous (no prefetch of the next unit yet), so they do not
-    overlap compute; reduce-scatters are asynchronous in every stage.
+    have empty storage: use :meth:`full_state_dict` to read them.
+
+    ``prefetch`` (stage 3, default on): after the first forward and backward
+    have recorded the order in which units are gathered, each unit's hook
+    starts the asynchronous gather of the next unit in that order, so at most
+    one gather is in flight while a unit computes; a hook whose unit was
+    prefetched just waits. If a pass departs from the recorded order, it stops
+    prefetching for the rest of that pass (results stay exact; only the overlap
+    is lost). ``prefetch_stats`` counts ``sync`` gathers (started by the hook
+    that needs the unit), ``prefetched`` gathers (started one unit ahead) and
+    ``hits`` (hooks that found their unit prefetched). Reduce-scatters are
+    asynchronous in every stage.
     """
 
     def __init__(
@@ -159,6 +178,7 @@ class ZeroEngine:
         grad_clip: float = 0.0,
         bucket_mb: float = 25.0,
         group: dist.ProcessGroup | None = None,
+        prefetch: bool = True,
     ):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
@@ -166,6 +186,14 @@ class ZeroEngine:
         self.stage = stage
         self.group = group
         self.grad_clip = grad_clip
+        self.prefetch = prefetch
+        # Stage-3 prefetch: per pass ("forward" / "backward"), the recorded order of
+        # unit gathers, the trace being recorded, and the position in the order.
+        self._order: dict[str, tuple[int, ...] | None] = {"forward": None, "backward": None}
+        self._trace: dict[str, list[int] | None] = {"forward": None, "backward": None}
+        self._cursor: dict[str, int | None] = {"forward": None, "backward": None}
+        self._prefetched: _Unit | None = None  # the one unit gathered ahead, if any
+        self.prefetch_stats = {"sync": 0, "prefetched": 0, "hits": 0}
         self.world_size = dist.get_world_size(group) if dist.is_initialized() else 1
         self.rank = dist.get_rank(group) if dist.is_initialized() else 0
         self.layout = FlatLayout.of(model)
@@ -281,6 +309,10 @@ class ZeroEngine:
             self._params[i].data = u.buf[slot.offset - u.lo : slot.end - u.lo].view(slot.shape)
         for u in self.units:
             self._free(u)
+        # The root's forward brackets a forward pass (before and after every other hook).
+        self.model.register_forward_pre_hook(
+            lambda module, args: self._begin_pass("forward"), prepend=True
+        )
         # Every module that uses a unit's parameters needs that unit gathered.
         slot_index = {id(p): i for i, p in enumerate(self._params)}
         modules = [*self._hook_modules, self.model]
@@ -294,41 +326,103 @@ class ZeroEngine:
             needed_sorted = sorted(needed)
             m.register_forward_pre_hook(self._make_pre_forward(needed_sorted))
             m.register_forward_hook(self._make_post_forward(needed_sorted))
+        self.model.register_forward_hook(lambda module, args, output: self._end_pass("forward"))
 
     # -- stage 3: gather / free -------------------------------------------
 
-    def _gather(self, u: _Unit) -> None:
-        if u.gathered:
-            return
+    def _start_gather(self, u: _Unit) -> None:
+        """Allocate the unit's buffer and start its all-gather (finished at once for one rank)."""
         u.buf.untyped_storage().resize_(u.buf.numel() * u.buf.element_size())
         g = self.groups[u.group]
         piece = self.shard_param[g.mine[0] - self.lo : g.mine[1] - self.lo]
-        work = self._all_gather(u.buf, piece, g.splits)
-        if work is not None:
-            work.wait()
+        u.work = self._all_gather(u.buf, piece, g.splits)
+
+    def _gather(self, u: _Unit) -> None:
+        """Make the unit's parameters valid: wait for its prefetch, or gather it now."""
+        if u.gathered:
+            return
+        if u.work is None:
+            self._start_gather(u)
+        if u.work is not None:
+            u.work.wait()
+            u.work = None
         u.gathered = True
+        if self._prefetched is u:
+            self._prefetched = None
 
     def _free(self, u: _Unit) -> None:
+        if u.work is not None:  # never release storage a collective still writes into
+            u.work.wait()
+            u.work = None
+        if self._prefetched is u:
+            self._prefetched = None
         u.buf.untyped_storage().resize_(0)
         u.gathered = False
         u.refs = 0
         u.held_for_backward = False
 
+    def _begin_pass(self, phase: str) -> None:
+        """A forward or backward pass starts: record its gather order, or follow the recorded."""
+        if not self.prefetch:
+            return
+        if self._order[phase] is None:
+            self._trace[phase] = []
+            self._cursor[phase] = None
+        else:
+            self._trace[phase] = None
+            self._cursor[phase] = 0
+
+    def _end_pass(self, phase: str) -> None:
+        if self._trace[phase] is not None:
+            self._order[phase] = tuple(self._trace[phase])
+            self._trace[phase] = None
+        self._cursor[phase] = None
+        u = self._prefetched
+        if u is not None and u.refs == 0 and not u.held_for_backward:
+            self._free(u)  # prefetched for a use that did not come (the graph changed)
+
+    def _need(self, u_idx: int, phase: str) -> None:
+        """A hook needs unit ``u_idx`` gathered; then prefetch the next unit of the pass."""
+        u = self.units[u_idx]
+        if u.gathered:
+            return
+        trace = self._trace[phase]
+        if trace is not None:
+            trace.append(u_idx)
+        order, pos = self._order[phase], self._cursor[phase]
+        if pos is not None:
+            if pos < len(order) and order[pos] == u_idx:
+                self._cursor[phase] = pos + 1
+            else:
+                self._cursor[phase] = pos = None  # off the recorded order: stop this pass
+        self.prefetch_stats["hits" if u.work is not None else "sync"] += 1
+        self._gather(u)
+        if pos is not None and pos + 1 < len(order):
+            self._prefetch(self.units[order[pos + 1]])
+
+    def _prefetch(self, u: _Unit) -> None:
+        """Start gathering ``u`` ahead of its hook; at most one unit is ahead at a time."""
+        if self.world_size == 1 or self._prefetched is not None:
+            return  # one rank: nothing to overlap
+        if u.gathered or u.work is not None:
+            return  # still gathered from an earlier use (its hook will not gather it)
+        self._start_gather(u)
+        self._prefetched = u
+        self.prefetch_stats["prefetched"] += 1
+
     def _make_pre_forward(self, needed: list[int]):
         def hook(module: nn.Module, args: tuple) -> None:
             for u_idx in needed:
-                u = self.units[u_idx]
-                self._gather(u)
-                u.refs += 1
+                self._need(u_idx, "forward")
+                self.units[u_idx].refs += 1
 
         return hook
 
     def _make_post_forward(self, needed: list[int]):
         def pre_backward(grad: torch.Tensor) -> None:
             for u_idx in needed:
-                u = self.units[u_idx]
-                self._gather(u)
-                u.held_for_backward = True
+                self._need(u_idx, "backward")
+                self.units[u_idx].held_for_backward = True
 
         def hook(module: nn.Module, args: tuple, output):
             for u_idx in needed:
@@ -440,7 +534,11 @@ class ZeroEngine:
     def backward(self, loss: torch.Tensor, *, sync: bool = True) -> None:
         """Backward one micro-batch; ``sync=False`` for all but the last one of a step."""
         self._sync = sync
+        if self.stage == 3:
+            self._begin_pass("backward")
         loss.backward()
+        if self.stage == 3:
+            self._end_pass("backward")
         if self.stage == 1 and not sync:
             return
         # Groups that got no (or only some) gradients never fired; reduce them now,
@@ -449,7 +547,7 @@ class ZeroEngine:
             if not g.launched:
                 self._launch(g_idx)
         for u in self.units:
-            if u.gathered:
+            if u.gathered or u.work is not None:
                 self._free(u)
         if self.stage > 1 and not sync:
             # Bound transient memory: fold this micro-batch in before the next one.
@@ -545,12 +643,14 @@ def build_engine(
     bucket_mb: float = 25.0,
     shard_bounds: list[tuple[int, int]] | None = None,
     group: dist.ProcessGroup | None = None,
+    prefetch: bool = True,
 ) -> DDPEngine | ZeroEngine:
     """The engine for ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``).
 
     ``shard_bounds`` (rank ``r`` owns flat range ``shard_bounds[r]``; made by
     the planner, ``orchestrator.shard_plan.shard_bounds``) may be uneven;
-    ``None`` splits evenly. DDP has no shards and ignores it.
+    ``None`` splits evenly. DDP has no shards and ignores it. ``prefetch``
+    only affects ``zero3`` (see :class:`ZeroEngine`).
     """
     if strategy == "ddp":
         return DDPEngine(model, optimizer, grad_clip=grad_clip, bucket_mb=bucket_mb, group=group)
@@ -564,4 +664,5 @@ def build_engine(
         grad_clip=grad_clip,
         bucket_mb=bucket_mb,
         group=group,
+        prefetch=prefetch,
     )

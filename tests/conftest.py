@@ -29,6 +29,7 @@ def ray_session():
     # Workers get the fake S3 credentials of tests/s3_server.py from the
     # start, so the S3 tests need no Ray restart of their own.
     ray.init(
+        address="local",  # our own instance, even if a cluster runs on this machine
         num_cpus=4,
         include_dashboard=False,
         namespace="shoal-tests",

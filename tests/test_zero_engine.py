@@ -444,3 +444,118 @@ def test_bad_arguments():
         build_engine("zero4", make_model("mlp"), ADAMW)
     with pytest.raises(ValueError, match="world size"):
         build_engine("zero2", make_model("mlp"), ADAMW, shard_bounds=[(0, 1), (1, 2)])
+
+
+# -- stage-3 prefetch ------------------------------------------------------------
+
+PREFETCH_WS = 2
+
+
+def _prefetch_run(rank: int, prefetch: bool) -> dict:
+    """GPT, zero3, uneven shards and batches; per-step gather counts and in-flight gathers."""
+    model = make_model("gpt")
+    numel = FlatLayout.of(model).numel
+    engine = ZeroEngine(
+        model,
+        ADAMW,
+        stage=3,
+        grad_clip=CLIP,
+        shard_bounds=shard_bounds(numel, UNEVEN[PREFETCH_WS]),
+        prefetch=prefetch,
+    )
+    # Registered after the engine's hooks: sees the state right after a unit's pre-hook.
+    inflight: list[int] = []
+    for m in engine._hook_modules:
+        m.register_forward_pre_hook(
+            lambda mod, args: inflight.append(sum(u.work is not None for u in engine.units))
+        )
+    case = Case("prefetch", "gpt", "zero3", batch_weights=(1.0, 2.0))
+    lo, hi = rank_samples(PREFETCH_WS, case)[rank]
+    counts: dict[str, int] = {}
+    _count_comm(counts)
+    steps = []
+    for step in range(STEPS):
+        x, y = global_batch("gpt", step)
+        before = dict(engine.prefetch_stats)
+        counts.clear()
+        inflight.clear()
+        engine.zero_grad()
+        engine.backward(summed_loss("gpt", model, x[lo:hi], y[lo:hi]))
+        norm = engine.step(LR).grad_norm
+        stats = {k: v - before[k] for k, v in engine.prefetch_stats.items()}
+        steps.append(
+            {"norm": norm, "stats": stats, "comm": dict(counts), "inflight": list(inflight)}
+        )
+    unit_name = {}
+    for i, slot in enumerate(engine.layout.slots):
+        unit_name.setdefault(engine._unit_of_slot[i], slot.name)
+    order = {
+        phase: None if o is None else [unit_name[u] for u in o]
+        for phase, o in engine._order.items()
+    }
+    return {
+        "steps": steps,
+        "order": order,
+        "state": engine.full_state_dict(),
+        "param_storage": sum(p.untyped_storage().nbytes() for p in model.parameters()),
+        "memory": engine.memory_bytes(),
+    }
+
+
+def _prefetch_child(rank: int, store_path: str, out_dir: str):
+    torch.set_num_threads(1)
+    dist.init_process_group(
+        "gloo", store=dist.FileStore(store_path, PREFETCH_WS), rank=rank, world_size=PREFETCH_WS
+    )
+    real = {name: getattr(dist, name) for name in COLLECTIVES}
+    results = {}
+    for prefetch in (True, False):
+        results[prefetch] = _prefetch_run(rank, prefetch)
+        for name, fn in real.items():
+            setattr(dist, name, fn)
+    dist.destroy_process_group()
+    torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_zero3_prefetch_overlaps_and_is_exact():
+    """After step 1 records the order, every gather but each pass's first is issued one unit
+    ahead (one in flight at the unit hooks), with the same elements moved and identical results.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(
+            _prefetch_child,
+            args=(os.path.join(tmp, "store"), tmp),
+            nprocs=PREFETCH_WS,
+            join=True,
+            start_method=_START_METHOD,
+        )
+        per_rank = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(PREFETCH_WS)]
+    forward = ["wpe", "wte.weight", "blocks.0.ln1.weight", "blocks.1.ln1.weight"]
+    forward += ["ln_f.weight", "wte.weight"]  # lm_head re-gathers the tied weight
+    backward = ["wte.weight", "wpe", "ln_f.weight", "blocks.1.ln1.weight", "blocks.0.ln1.weight"]
+    n_gathers = len(forward) + len(backward)
+    ref = reference(Case("prefetch", "gpt", "zero3"))
+    for r, res in enumerate(per_rank):
+        on, off = res[True], res[False]
+        assert on["order"] == {"forward": forward, "backward": backward}, f"rank {r}"
+        assert off["order"] == {"forward": None, "backward": None}
+        # Step 1 records the order with synchronous gathers; then only each pass's first is.
+        first, *later = on["steps"]
+        assert first["stats"] == {"sync": n_gathers, "prefetched": 0, "hits": 0}
+        assert max(first["inflight"]) == 0
+        for s in later:
+            assert s["stats"] == {"sync": 2, "prefetched": n_gathers - 2, "hits": n_gathers - 2}
+            # Right after a unit hook the next unit's gather is in flight, never more than one.
+            assert max(s["inflight"]) == 1
+        for s in off["steps"]:
+            assert s["stats"] == {"sync": n_gathers, "prefetched": 0, "hits": 0}
+            assert max(s["inflight"]) == 0
+        # Same collectives, same elements, same numbers (bit for bit) with and without prefetch.
+        for s_on, s_off in zip(on["steps"], off["steps"], strict=True):
+            assert s_on["comm"] == s_off["comm"]
+            assert s_on["norm"] == s_off["norm"]
+        assert on["memory"] == off["memory"]
+        assert on["param_storage"] == off["param_storage"] == 0
+        for name, want in off["state"].items():
+            assert torch.equal(on["state"][name], want), name
+            torch.testing.assert_close(on["state"][name], ref["state"][name], atol=ATOL, rtol=RTOL)
