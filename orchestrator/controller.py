@@ -362,7 +362,10 @@ class JobController:
             )
         self._set(state=JobState.RECOVERING)
         survivors = [m for m in g.members if m not in lost.dead]
-        plan, survivors = g.collect_plan(survivors)
+        # A step that every rank applied but whose result was lost with a worker
+        # is redone from the copies of the step before (they are double-
+        # buffered) rather than kept: kept, it would have no metrics record.
+        plan, survivors = g.collect_plan(survivors, upto=committed)
         pieces = None
         if plan is not None:
             try:
@@ -393,6 +396,7 @@ class JobController:
             )
         else:
             done = self._restore("latest")
+            self._gather([w.begin.remote(done) for w in self._workers], "start")
             self._events.emit(
                 "restored-from-checkpoint",
                 step=done,

@@ -363,11 +363,14 @@ class WorkerGroup:
 
     # -- moving state between epochs -----------------------------------------
 
-    def collect_plan(self, survivors: list[Member]) -> tuple[RecoveryPlan | None, list[Member]]:
+    def collect_plan(
+        self, survivors: list[Member], upto: int | None = None
+    ) -> tuple[RecoveryPlan | None, list[Member]]:
         """Ask ``survivors`` what they hold and plan where the state comes from.
 
         Returns the plan (None: no complete state in memory) and the
         survivors that answered (one that fails to answer is treated as lost).
+        ``upto``: prefer the newest step not after it, when the copies cover one.
         """
         answered, holdings = [], []
         for m, ref in [(m, m.actor.holdings.remote()) for m in survivors]:
@@ -383,7 +386,10 @@ class WorkerGroup:
         self.last_holdings = [
             f"{h.kind} of rank {h.owner} at step {h.done} on rank {h.holder}" for h in holdings
         ]
-        return plan_recovery(old_bounds, holdings), answered
+        plan = None
+        if upto is not None:
+            plan = plan_recovery(old_bounds, [h for h in holdings if h.done <= upto])
+        return plan or plan_recovery(old_bounds, holdings), answered
 
     def export_pieces(
         self, plan: RecoveryPlan, holders: list[Member]

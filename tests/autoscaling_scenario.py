@@ -18,10 +18,10 @@ processes this script started.
 
 The job asks for 3 one-CPU workers (``min_workers=1``) on a cluster that has no CPU at
 all: it waits for capacity, Ray's autoscaler adds one-CPU nodes (one per update round), and
-each new worker joins at a step boundary. Once all three train, the raylet of the node that
-hosts one of them is SIGKILLed (a lost node); the job recovers from buddy replicas and
-finishes. Everything observed goes to ``OUT_DIR/result.json`` (written even on failure);
-the test asserts on it.
+each new worker joins at a step boundary. Once all three train, the node that hosts the
+last to join is lost (its raylet and everything the raylet started are SIGKILLed); the job
+recovers from buddy replicas and finishes. Everything observed goes to
+``OUT_DIR/result.json`` (written even on failure); the test asserts on it.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ from orchestrator import JobSpec, JobState, submit
 
 WORKERS = 3
 # Enough for the autoscaler to add every node while the job trains (~20-40 ms a step here).
-STEPS = 2500
+STEPS = 2000
 # One autoscaler round every this many seconds; the fake provider starts one node per round,
 # so nodes arrive one after another and the job can be seen to grow.
 UPDATE_INTERVAL_S = 8

@@ -113,10 +113,17 @@ def test_job_grows_with_the_autoscaler_and_survives_a_lost_node(tmp_path):
     assert result["error"] is None, why
     died = [e for e in events if e["event"] == "died"]
     assert [e["pid"] for e in died] == [result["killed"]["worker_pid"]], why
-    assert "restored-from-buddy" in names[names.index("died") :], why
+    restored = [e for e in events if e["event"] == "restored-from-buddy"]
+    assert len(restored) == 1 and names.index("died") < names.index("restored-from-buddy"), why
     assert "restored-from-checkpoint" not in names, why
-    assert result["failures_survived"] == 1 and result["steps_redone"] == 0, why
-    assert result["final_step"] == result["steps"] == result["metric_steps"]["count"], why
+    # A survivor that stays blocked in a collective is exported, then replaced ("stuck").
+    assert result["failures_survived"] == 1 + names.count("stuck"), why
+    assert result["steps_redone"] == 0, why
+    assert result["final_step"] == result["steps"], why
     assert result["final_workers"] >= 1, why
     steps = result["metric_steps"]
-    assert not steps["missing"] and not steps["repeated"] and steps["in_order"], why
+    assert not steps["repeated"] and steps["in_order"], why
+    # Every step has its record, except steps every rank had applied (and replicated) when
+    # the worker died but whose results were lost with it: those are kept, not redone.
+    died_during = int(died[0]["during"].removeprefix("step "))
+    assert set(steps["missing"]) <= set(range(died_during, restored[0]["step"])), why

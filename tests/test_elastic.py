@@ -100,8 +100,9 @@ def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
     assert "restored-from-checkpoint" not in events
     steps = [m["step"] for m in handle.metrics()]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS - 1
-    # Replicated (ddp) survivors may all have finished the step during which
-    # a peer died; it is then kept, not redone, and has no metrics record.
+    # Replicated (ddp) survivors hold no copy of earlier steps: if they all
+    # finished the step during which a peer died, it is kept, not redone, and
+    # has no metrics record.
     assert len(steps) >= STEPS - (1 if strategy == "ddp" else 0)
     _assert_matches_reference(spec)
 
