@@ -121,7 +121,8 @@ class PlainJob:
 def clip_like_shoal(model: torch.nn.Module, max_norm: float) -> None:
     """``clip_grad_norm_`` with shoal's rounding: one norm over the flat gradient vector."""
     grads = [p.grad for p in model.parameters()]
-    norm = torch.cat([g.reshape(-1) for g in grads]).norm(2)
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    norm = torch.linalg.vector_norm(flat, 2, dtype=torch.float64).float()  # as DDPEngine.step
     coef = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
     for g in grads:
         g.mul_(coef)
