@@ -42,9 +42,10 @@ def ensure_ray(spec: JobSpec) -> None:
         "log_to_driver": True,
     }
     if cl.address is None:
-        # Enough logical CPUs for every worker, even on a small machine: the
-        # workers then share cores (slower) rather than wait forever.
-        needed = int(np.ceil(cl.workers * cl.cpus_per_worker))
+        # Enough logical CPUs for cluster.max_workers, even on a small machine:
+        # workers then share cores (slower) rather than wait forever, and
+        # `shoal scale` can grow the job up to its maximum.
+        needed = int(np.ceil(cl.max_workers * cl.cpus_per_worker))
         # address="local": always a new instance of our own, never a cluster
         # that happens to run on this machine.
         kwargs.update(
