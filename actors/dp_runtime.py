@@ -190,12 +190,16 @@ class DataParallelRuntime(ElasticState):
         engine = self.engine
         engine.zero_grad()
         micro = np.array_split(np.arange(len(x)), min(t.micro_batches, len(x)))
+        bf16 = t.precision == "bf16"
         loss_sum = 0.0
         for i, rows in enumerate(micro):
             rows_t = torch.from_numpy(rows).to(self.device)
-            logits = engine.model(x[rows_t])
+            # bf16: matmuls and activations in bfloat16, while parameters,
+            # gradients and optimizer state stay fp32 (the master weights).
+            with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
+                logits = engine.model(x[rows_t])
             loss = F.cross_entropy(
-                logits.reshape(-1, logits.shape[-1]), y[rows_t].reshape(-1), reduction="sum"
+                logits.float().reshape(-1, logits.shape[-1]), y[rows_t].reshape(-1), reduction="sum"
             )
             engine.backward(loss / global_tokens, sync=i == len(micro) - 1)
             loss_sum += float(loss.detach())

@@ -18,6 +18,7 @@ from omegaconf import MISSING
 STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 BALANCE = ("equal", "auto")
 OPTIMIZERS = ("adamw", "sgd")
+PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 
 
@@ -104,6 +105,9 @@ class TrainConfig:
     # micro-batches (less activation memory, same result).
     micro_batches: int = 1
     optimizer: str = "adamw"
+    # bf16: forward and backward compute in bfloat16 (torch.autocast), with
+    # fp32 parameters, gradients and optimizer state (master weights).
+    precision: str = "fp32"
     lr: float = 3e-3
     lr_schedule: str = "cosine"
     warmup_steps: int = 20

@@ -22,6 +22,7 @@ from orchestrator.schema import (
     BALANCE,
     LR_SCHEDULES,
     OPTIMIZERS,
+    PRECISIONS,
     STRATEGIES,
     ClusterConfig,
     JobConfig,
@@ -152,6 +153,7 @@ def validate(c: JobConfig) -> None:
         t.micro_batches,
     )
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {list(OPTIMIZERS)}", t.optimizer)
+    _check(t.precision in PRECISIONS, "train.precision", f"one of {list(PRECISIONS)}", t.precision)
     _check(t.lr > 0, "train.lr", "> 0", t.lr)
     _check(
         t.lr_schedule in LR_SCHEDULES,

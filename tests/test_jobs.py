@@ -160,3 +160,18 @@ def test_cancel_stops_at_a_step_boundary(ray_session, tmp_path):
     status = handle.wait(timeout=60)
     assert status.state == JobState.CANCELLED
     assert 0 < status.step < 100000
+
+
+def test_bf16_compute_keeps_fp32_master_weights(ray_session, tmp_path):
+    """bf16 autocast changes the arithmetic, not the training: every Adam step moves a
+    weight by at most about lr, so after 4 steps bf16 and fp32 weights differ by
+    less than 4 * lr, and the losses agree to within bf16's resolution."""
+    extra = ["strategy=zero2", "train.steps=4", "train.global_batch=7", "train.lr=1e-3"]
+    fp32 = _spec(tmp_path, "fp32", *extra)
+    bf16 = _spec(tmp_path, "bf16", *extra, "train.precision=bf16")
+    loss32 = [m["loss"] for m in _run(fp32)[0].metrics()]
+    loss16 = [m["loss"] for m in _run(bf16)[0].metrics()]
+    diff = (_final_params(bf16) - _final_params(fp32)).abs().max().item()
+    assert 0 < diff < 4 * 1e-3
+    assert _final_params(bf16).dtype == torch.float32
+    assert max(abs(a - b) for a, b in zip(loss32, loss16, strict=True)) < 0.05
