@@ -21,7 +21,6 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -30,10 +29,11 @@ import torch
 from actors.data import VOCAB_SIZE
 from actors.models.build import build_model
 from collectives.flat import FlatLayout
+from orchestrator.balancer import BatchBalancer
+from orchestrator.checkpoint_committer import CheckpointCommitter
 from orchestrator.events import EventLog
 from orchestrator.report import plot_loss
 from orchestrator.schedule import lr_at
-from orchestrator.shard_plan import batch_shares, weights_from_throughput
 from orchestrator.spec import JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
 from orchestrator.worker_group import MembershipLost, WorkerError, WorkerGroup
@@ -44,7 +44,6 @@ from storage.checkpoint import (
     ShardRecord,
     all_step_dirs,
     check_objects,
-    commit,
     committed_steps,
     read_manifest,
     resolve,
@@ -679,140 +678,6 @@ class JobController:
         if isinstance(e, WorkerError):
             return str(e)
         return f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)[-3:])}".strip()
-
-
-class CheckpointCommitter:
-    """Writes checkpoint manifests, in step order, once every worker's upload has succeeded.
-
-    A thread of the controller. For each submitted step it polls the workers'
-    ``checkpoint_done(step)`` (a non-blocking call that runs between their
-    training steps) every ``poll_s`` seconds until every rank has an outcome,
-    then commits the manifest (and applies retention) if all succeeded, and
-    reports through ``on_outcome(step, uri, error)``: ``uri`` when committed,
-    ``error`` when any upload or the commit failed. Steps are handled one at a
-    time, oldest first, so a prune never runs while an older manifest is being
-    written. ``preexisting``: steps that had a directory under the root
-    before this run's first checkpoint. A worker that dies fails the step it was uploading (the job
-    itself fails through the training loop).
-    """
-
-    FINAL_TIMEOUT_S = 600.0  # how long the run's last checkpoint may take to upload
-
-    def __init__(
-        self,
-        store: ObjectStore,
-        manifest_for: Callable[[int, list[ShardRecord]], Manifest],
-        *,
-        keep: int,
-        on_outcome: Callable[[int, str | None, str | None], None],
-        preexisting: set[int] | None = None,
-        poll_s: float = 0.2,
-        call_timeout_s: float = 300.0,
-    ):
-        # Steps with a directory under the root before this run saved anything.
-        self.preexisting = set(preexisting or ())
-        self.store = store
-        self.manifest_for = manifest_for
-        self.keep = keep
-        self.on_outcome = on_outcome
-        self.poll_s = poll_s
-        self.call_timeout_s = call_timeout_s
-        self._queue: deque[tuple[int, list[Any]]] = deque()
-        self._cond = threading.Condition()
-        self._busy = False
-        self._thread = threading.Thread(target=self._loop, name="shoal-committer", daemon=True)
-        self._thread.start()
-
-    def submit(self, step: int, workers: list[Any]) -> None:
-        """Commit ``step`` once each of ``workers`` (the ranks that saved it) uploaded its shard."""
-        with self._cond:
-            self._queue.append((step, workers))
-            self._cond.notify_all()
-
-    def drain(self, timeout: float) -> bool:
-        """Wait until every submitted step has an outcome; False if ``timeout`` passed first."""
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while self._queue or self._busy:
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
-
-    def _loop(self) -> None:
-        while True:
-            with self._cond:
-                while not self._queue:
-                    self._cond.wait()
-                step, workers = self._queue.popleft()
-                self._busy = True
-            try:
-                uri, error = self._finish(step, workers)
-                self.on_outcome(step, uri, error)
-            except Exception as e:  # noqa: BLE001 - the committer must outlive any one step
-                self.on_outcome(step, None, f"{type(e).__name__}: {e}")
-            finally:
-                with self._cond:
-                    self._busy = False
-                    self._cond.notify_all()
-
-    def _finish(self, step: int, workers: list[Any]) -> tuple[str | None, str | None]:
-        outcomes: dict[int, dict[str, Any]] = {}
-        while len(outcomes) < len(workers):
-            missing = [r for r in range(len(workers)) if r not in outcomes]
-            got = ray.get(
-                [workers[r].checkpoint_done.remote(step) for r in missing],
-                timeout=self.call_timeout_s,
-            )
-            for rank, outcome in zip(missing, got, strict=True):
-                if outcome is not None:
-                    outcomes[rank] = outcome
-            if len(outcomes) < len(workers):
-                time.sleep(self.poll_s)
-        failed = [(r, o["error"]) for r, o in sorted(outcomes.items()) if not o["ok"]]
-        if failed:
-            rank, error = failed[0]
-            return None, f"upload of rank {rank}'s shard failed after retries: {error}"
-        records = [ShardRecord.from_dict(outcomes[r]["record"]) for r in range(len(workers))]
-        commit(self.store, self.manifest_for(step, records), keep=self.keep)
-        return f"{self.store.uri}/{step_dir(step)}", None
-
-
-class BatchBalancer:
-    """Per-worker batch shares: equal, or proportional to measured throughput.
-
-    With ``auto``, each window of ``every`` steps measures every rank's
-    samples per second of compute (forward + backward, which excludes time
-    spent waiting for slower peers) and re-plans the shares for the next
-    window. Only how the global batch is split changes, never its content.
-    """
-
-    def __init__(self, global_batch: int, workers: int, auto: bool, every: int):
-        self.global_batch = global_batch
-        self.auto = auto
-        self.every = every
-        self.shares = batch_shares(global_batch, [1.0] * workers)
-        self._samples = [0] * workers
-        self._seconds = [0.0] * workers
-        self._steps = 0
-
-    def bounds(self) -> list[tuple[int, int]]:
-        starts = [sum(self.shares[:r]) for r in range(len(self.shares))]
-        return [(lo, lo + n) for lo, n in zip(starts, self.shares, strict=True)]
-
-    def observe(self, results: list[Any]) -> None:
-        if not self.auto:
-            return
-        for r in results:
-            self._samples[r.rank] += r.n_tokens
-            self._seconds[r.rank] += max(r.compute_s, 1e-9)
-        self._steps += 1
-        if self._steps % self.every == 0:
-            rates = [n / s for n, s in zip(self._samples, self._seconds, strict=True)]
-            self.shares = batch_shares(self.global_batch, weights_from_throughput(rates))
-            self._samples = [0] * len(rates)
-            self._seconds = [0.0] * len(rates)
 
 
 def controller_actor_class():
