@@ -108,18 +108,32 @@ def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
 
 
 def test_two_workers_killed_in_different_epochs(ray_session, tmp_path):
-    spec = _spec(tmp_path, "two", "strategy=zero2", "cluster.workers=3", "cluster.min_workers=1")
+    spec = _spec(
+        tmp_path,
+        "two",
+        "strategy=zero2",
+        "cluster.workers=3",
+        "cluster.min_workers=1",
+        # Long enough for a replacement to join between the kills; SGD keeps
+        # 200 steps of changing world sizes comparable to the reference.
+        "train.optimizer=sgd",
+        "train.lr=0.05",
+        steps=200,
+    )
     handle = submit(spec)
     _wait_for_step(handle, 2)
     _kill_rank(handle, 1)
-    _wait_for_step(handle, 2)
-    while handle.status().epoch < 2:
+    # The second kill waits until the replacement has joined, so that the
+    # killed worker's buddy is alive to hold its shard.
+    while handle.status().epoch < 2 or len(handle.status().workers) < 2:
+        assert not handle.done(), handle.status().error
         time.sleep(0.05)
-    _wait_for_step(handle, 7)
+    killed_at = handle.metrics()[-1]["step"]
     _kill_rank(handle, 0)
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
-    assert status.failures_survived == 2 and status.epoch >= 3
+    assert status.failures_survived == 2 + _events(spec).count("stuck") and status.epoch >= 3
+    assert killed_at < STEPS - 1
     _assert_matches_reference(spec)
 
 
