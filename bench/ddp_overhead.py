@@ -145,29 +145,17 @@ def shoal_overrides(args: argparse.Namespace, run_dir: str) -> list[str]:
 
 def plain_job(args: argparse.Namespace) -> PlainJob:
     """The shoal job's configuration, resolved into the plain values a DDP script would use."""
+    from plain_job import gpt_job_values
+
     from orchestrator import JobSpec
-    from orchestrator.schedule import lr_at
     from orchestrator.shard_plan import batch_shares
 
     spec = JobSpec.from_overrides(shoal_overrides(args, tempfile.gettempdir()))
-    t, model = spec.train, spec.model
-    assert spec.data._target_ == "actors.data.stdlib_text", "the benchmark uses data=stdlib_text"
-    assert model._target_ == "actors.models.gpt.GPT", "the benchmark uses the GPT model"
-    assert t.optimizer == "adamw" and t.micro_batches == 1
-    kwargs = {k: getattr(model, k) for k in ("n_layer", "n_head", "d_model", "seq_len", "dropout")}
+    assert spec.train.micro_batches == 1
     return PlainJob(
-        model_kwargs=kwargs,
-        max_bytes=spec.data.max_bytes,
-        seed=t.seed,
-        steps=t.steps,
-        global_batch=t.global_batch,
-        seq_len=spec.seq_len,
-        shares=tuple(batch_shares(t.global_batch, [1.0] * args.workers)),
-        lrs=tuple(lr_at(s, t) for s in range(t.steps)),
+        **gpt_job_values(spec),
+        shares=tuple(batch_shares(spec.train.global_batch, [1.0] * args.workers)),
         warmup=args.warmup,
-        weight_decay=t.weight_decay,
-        betas=(t.beta1, t.beta2),
-        grad_clip=t.grad_clip,
         flat_norm=not args.torch_clip,
     )
 

@@ -129,8 +129,9 @@ class BenchJob:
 
 def resolve_job(args: argparse.Namespace) -> BenchJob:
     """The shoal job's defaults for ``--model`` and ``--global-batch``, as plain values."""
+    from plain_job import gpt_job_values
+
     from orchestrator import JobSpec
-    from orchestrator.schedule import lr_at
 
     spec = JobSpec.from_overrides(
         [
@@ -139,25 +140,10 @@ def resolve_job(args: argparse.Namespace) -> BenchJob:
             f"train.global_batch={args.global_batch}",
         ]
     )
-    t, model = spec.train, spec.model
-    assert spec.data._target_ == "actors.data.stdlib_text", "the benchmark uses data=stdlib_text"
-    assert model._target_ == "actors.models.gpt.GPT", "the benchmark uses the GPT model"
-    assert t.optimizer == "adamw"
-    kwargs = {k: getattr(model, k) for k in ("n_layer", "n_head", "d_model", "seq_len", "dropout")}
-    return BenchJob(
-        model_kwargs=kwargs,
-        max_bytes=spec.data.max_bytes,
-        seed=t.seed,
-        steps=t.steps,
-        global_batch=t.global_batch,
-        seq_len=spec.seq_len,
-        lrs=tuple(lr_at(s, t) for s in range(t.steps)),
-        weight_decay=t.weight_decay,
-        betas=(t.beta1, t.beta2),
-        eps=1e-8,
-        grad_clip=t.grad_clip if args.grad_clip is None else args.grad_clip,
-        bucket_mb=spec.strategy.bucket_mb,
-    )
+    values = gpt_job_values(spec)
+    if args.grad_clip is not None:
+        values["grad_clip"] = args.grad_clip
+    return BenchJob(**values, eps=1e-8, bucket_mb=spec.strategy.bucket_mb)
 
 
 def _storage_bytes(tensors) -> int:
