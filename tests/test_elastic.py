@@ -22,6 +22,7 @@ from actors.data import stdlib_text
 from orchestrator import JobSpec, JobState, submit
 from storage.checkpoint import CheckpointReader, latest_manifest
 from storage.object_store import open_store
+from tests.faulty_models import HeldGPT
 from tests.reference import train_reference
 
 ATOL = 2e-5
@@ -114,26 +115,33 @@ def test_two_workers_killed_in_different_epochs(ray_session, tmp_path):
         "strategy=zero2",
         "cluster.workers=3",
         "cluster.min_workers=1",
-        # Long enough for a replacement to join between the kills; SGD keeps
-        # 200 steps of changing world sizes comparable to the reference.
+        # Slow steps until the second kill, so that the job cannot finish
+        # before the replacement joins, however long its start-up takes.
+        "model._target_=tests.faulty_models.HeldGPT",
+        # SGD keeps 200 steps of changing world sizes comparable to the
+        # reference.
         "train.optimizer=sgd",
         "train.lr=0.05",
         steps=200,
     )
-    handle = submit(spec)
-    _wait_for_step(handle, 2)
-    _kill_rank(handle, 1)
-    # The second kill waits until the replacement has joined, so that the
-    # killed worker's buddy is alive to hold its shard.
-    while handle.status().epoch < 2 or len(handle.status().workers) < 2:
-        assert not handle.done(), handle.status().error
-        time.sleep(0.05)
-    killed_at = handle.metrics()[-1]["step"]
-    _kill_rank(handle, 0)
+    HeldGPT.HOLD_FILE.touch()
+    try:
+        handle = submit(spec)
+        _wait_for_step(handle, 2)
+        _kill_rank(handle, 1)
+        # The second kill waits until the replacement has joined, so that
+        # the killed worker's buddy is alive to hold its shard.
+        while handle.status().epoch < 2 or len(handle.status().workers) < 2:
+            assert not handle.done(), handle.status().error
+            time.sleep(0.05)
+        killed_at = handle.metrics()[-1]["step"]
+        _kill_rank(handle, 0)
+    finally:
+        HeldGPT.HOLD_FILE.unlink(missing_ok=True)
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
     assert status.failures_survived == 2 + _events(spec).count("stuck") and status.epoch >= 3
-    assert killed_at < STEPS - 1
+    assert killed_at < spec.train.steps - 1
     _assert_matches_reference(spec)
 
 
