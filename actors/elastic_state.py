@@ -17,7 +17,7 @@ from typing import Any
 import ray
 import torch
 
-from collectives.process_group import leave_group
+from collectives.process_group import leave_group, sever_group
 from collectives.replication import BuddyReplicator
 from orchestrator.recovery import Holding
 
@@ -102,6 +102,7 @@ class ElasticState:
         """
         if self.engine is not None:
             self.engine.abandon_collectives()
+        sever_group()
         leave_group()
 
     def begin(self, done: int) -> None:

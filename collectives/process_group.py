@@ -14,6 +14,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from collectives import gloo_sockets
+
 
 @dataclass(frozen=True)
 class Rendezvous:
@@ -47,6 +49,8 @@ def join_group(rdzv: Rendezvous, rank: int, store: dist.TCPStore | None = None) 
     (then raises). The same timeout bounds every later collective, so a dead
     peer turns into an error instead of a hang.
     """
+    global _connections
+    before = gloo_sockets.open_tcp_sockets()
     timeout = datetime.timedelta(seconds=rdzv.timeout_s)
     if store is None:
         store = dist.TCPStore(
@@ -55,9 +59,28 @@ def join_group(rdzv: Rendezvous, rank: int, store: dist.TCPStore | None = None) 
     dist.init_process_group(
         rdzv.backend, store=store, rank=rank, world_size=rdzv.world_size, timeout=timeout
     )
+    if rdzv.backend == "gloo":
+        _connections = gloo_sockets.find_connections(store, rank, rdzv.world_size, before)
+
+
+def sever_group() -> int:
+    """Shut down this rank's connections to its peers; returns how many.
+
+    Called after a collective failed here, so that peers still blocked
+    receiving from this rank fail at once instead of at the collective
+    timeout (see ``collectives/gloo_sockets.py`` for why gloo needs this).
+    NCCL groups are left alone.
+    """
+    return gloo_sockets.sever(_connections)
 
 
 def leave_group() -> None:
     """Tear down the default process group, if any (safe to call twice)."""
+    global _connections
     if dist.is_initialized():
         dist.destroy_process_group()
+    _connections = {}
+
+
+# fd -> socket inode of the current gloo group's peer connections.
+_connections: dict[int, int] = {}

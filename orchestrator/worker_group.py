@@ -38,14 +38,14 @@ from orchestrator.spec import JobSpec
 RETURN_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 _POLL_S = 0.25
 # After the first error of a step, how long to wait for the other ranks'
-# calls to end. A dead peer makes gloo fail within milliseconds, but a
-# survivor can stay blocked on another survivor that has already given up
-# the collective; those are unblocked when the others leave the group.
+# calls to end. A dead peer makes gloo fail within milliseconds, and a
+# survivor blocked on another survivor is freed as soon as that one severs
+# its connections (collectives/gloo_sockets.py), so this is a safety bound.
 _SETTLE_S = 10.0
 # How long a survivor may take to leave its epoch before it is counted as
-# stuck and killed (its state has been exported by then). Survivors blocked in
-# a collective with another survivor are usually freed within seconds, but
-# not always (see the elasticity notes in BENCHMARKS.md).
+# stuck and killed (its state has been exported by then). With severing, no
+# survivor has stayed stuck in the chaos runs; this is the fallback should
+# one ever block outside a collective (e.g. in user code).
 _LEAVE_S = 20.0
 # How long a control call (holdings, export) may take: it runs on the
 # worker's control thread, beside whatever the training thread is doing.
@@ -406,9 +406,8 @@ class WorkerGroup:
     def leave(self, members: list[Member]) -> list[Member]:
         """End the epoch on ``members``; returns those that did (the rest are killed).
 
-        Members whose training thread is still stuck in a collective are
-        usually freed when the others leave (their sockets close); one that
-        stays stuck is killed: its state has already been exported.
+        A member whose training thread is still busy after ``_LEAVE_S`` is
+        killed ("stuck"): its state has already been exported.
         """
         refs = [m.actor.leave_epoch.remote() for m in members]
         ray.wait(refs, num_returns=len(refs), timeout=_LEAVE_S)

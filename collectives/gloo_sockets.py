@@ -1,0 +1,126 @@
+"""Find and sever the TCP connections of a gloo process group.
+
+Why this exists: after a collective fails on one rank (a peer died), the
+other survivors may still be blocked receiving from *this* rank. gloo closes
+its connections only when the last reference to its context is gone, and an
+abandoned in-flight operation (or a traceback holding one) keeps it alive;
+``ProcessGroup.abort()``, ``shutdown()`` and ``destroy_process_group()``
+leave the sockets open in torch 2.13 (tested: the blocked peer waits for the
+whole collective timeout). Shutting this rank's sockets down makes every
+peer's pending receive fail at once ("Connection closed by peer"); those
+peers sever theirs in turn, so a failure spreads through the group in
+milliseconds.
+
+Which sockets are gloo's: a Ray worker opens TCP connections of its own at
+any time (its gRPC server accepts callers), so "sockets that appeared during
+init" is not enough. Each gloo connection has one end on some rank's gloo
+listener, so the ranks publish their listener ports through the rendezvous
+store and a connection is ours only if it appeared during init *and* touches
+one of those ports. Linux only (``/proc``); elsewhere nothing is severed and
+blocked peers wait for the collective timeout as before.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+
+import torch.distributed as dist
+
+_LISTEN = 0x0A  # TCP_LISTEN in /proc/net/tcp's "st" column
+_KEY = "shoal/gloo-listeners/{rank}"
+
+
+@dataclass(frozen=True)
+class TcpSocket:
+    inode: int
+    local_port: int
+    remote_port: int
+    listening: bool
+
+
+def open_tcp_sockets() -> dict[int, TcpSocket]:
+    """fd -> TCP socket, for this process (empty where /proc is missing)."""
+    table = _tcp_table()
+    try:
+        names = os.listdir("/proc/self/fd")
+    except OSError:
+        return {}
+    out = {}
+    for name in names:
+        try:
+            link = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # closed meanwhile
+        if link.startswith("socket:["):
+            sock = table.get(int(link[len("socket:[") : -1]))
+            if sock is not None:
+                out[int(name)] = sock
+    return out
+
+
+def find_connections(
+    store: dist.Store, rank: int, world_size: int, before: dict[int, TcpSocket]
+) -> dict[int, int]:
+    """fd -> inode of the peer connections gloo opened since ``before`` was taken.
+
+    A collective over ``store``: every rank must call it right after joining.
+    """
+    new = {fd: s for fd, s in open_tcp_sockets().items() if before.get(fd) != s}
+    mine = sorted(s.local_port for s in new.values() if s.listening)
+    store.set(_KEY.format(rank=rank), ",".join(map(str, mine)))
+    listeners: set[int] = set()
+    for r in range(world_size):
+        ports = store.get(_KEY.format(rank=r)).decode()
+        listeners.update(int(p) for p in ports.split(",") if p)
+    return {
+        fd: s.inode
+        for fd, s in new.items()
+        if not s.listening and (s.local_port in mine or s.remote_port in listeners)
+    }
+
+
+def sever(connections: dict[int, int]) -> int:
+    """Shut down ``connections`` (fd -> inode); returns how many were still open.
+
+    Only an fd that still refers to the same socket is touched, so a number
+    the OS has since reused is left alone. The fd itself stays gloo's to close.
+    """
+    current = {fd: s.inode for fd, s in open_tcp_sockets().items()}
+    severed = 0
+    for fd, inode in connections.items():
+        if current.get(fd) != inode:
+            continue
+        sock = socket.socket(fileno=fd)
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+            severed += 1
+        except OSError:
+            pass  # already reset by the peer
+        finally:
+            sock.detach()
+    return severed
+
+
+def _tcp_table() -> dict[int, TcpSocket]:
+    """inode -> socket, from /proc/net/tcp and tcp6 (this network namespace)."""
+    out = {}
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            with open(path) as f:
+                next(f)  # header
+                for line in f:
+                    cols = line.split()
+                    inode = int(cols[9])
+                    if inode == 0:
+                        continue  # TIME_WAIT and the like: no socket behind it
+                    out[inode] = TcpSocket(
+                        inode=inode,
+                        local_port=int(cols[1].rsplit(":", 1)[1], 16),
+                        remote_port=int(cols[2].rsplit(":", 1)[1], 16),
+                        listening=int(cols[3], 16) == _LISTEN,
+                    )
+        except FileNotFoundError:
+            continue
+    return out
