@@ -152,9 +152,15 @@ class DataParallelRuntime(ElasticState):
     def shutdown(self) -> None:
         leave_group()
 
-    def probe(self) -> dict[str, int]:
-        """What the planner needs before the group forms: pid and memory available here."""
-        return {"pid": os.getpid(), "available_memory": available_memory_bytes()}
+    def probe(self) -> dict[str, Any]:
+        """What the planner needs before the group forms: pid, node, memory available here."""
+        import ray
+
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "available_memory": available_memory_bytes(),
+        }
 
     # -- training -----------------------------------------------------------
 

@@ -32,11 +32,12 @@ from collectives.flat import FlatLayout
 from orchestrator.balancer import BatchBalancer
 from orchestrator.checkpoint_committer import CheckpointCommitter
 from orchestrator.events import EventLog
+from orchestrator.node_drain import DrainDecision, DrainingNodes, on_draining_nodes, plan_drain
 from orchestrator.report import plot_loss
 from orchestrator.schedule import lr_at
 from orchestrator.spec import JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
-from orchestrator.worker_group import MembershipLost, WorkerError, WorkerGroup
+from orchestrator.worker_group import Member, MembershipLost, WorkerError, WorkerGroup
 from storage.checkpoint import (
     MANIFEST,
     CorruptCheckpointError,
@@ -80,6 +81,8 @@ class JobController:
         self._group: WorkerGroup | None = None
         self._events = EventLog(self.run_dir / "events.jsonl")
         self._scale_to: int | None = None
+        self._draining = DrainingNodes()
+        self._drain_noticed: set[int] = set()  # worker ids announced as on a draining node
         self._status = JobStatus(
             job_id=spec.job_id,
             state=JobState.PENDING,
@@ -420,24 +423,82 @@ class JobController:
             return True
         if len(g.members) > g.target:
             return True
-        return len(g.members) < g.target and g.has_ready_joiner()
+        joiner_ready = g.has_ready_joiner()
+        if self._drain_decision(joining=int(joiner_ready)).leaving:
+            return True
+        return len(g.members) < g.target and joiner_ready
+
+    def _drain_decision(self, joining: int) -> DrainDecision:
+        """Which members on draining nodes would leave now; announces newly seen ones.
+
+        A member first seen on a draining node gets a replacement spawned at
+        once, so that it can start (elsewhere: Ray places nothing on a
+        draining node) while the member trains on.
+        """
+        g = self._group
+        draining = self._draining.current()
+        on_draining = on_draining_nodes(g.members, draining)
+        new = [m for m in on_draining if m.worker_id not in self._drain_noticed]
+        for m in new:
+            self._drain_noticed.add(m.worker_id)
+            self._events.emit(
+                "node-draining",
+                worker_id=m.worker_id,
+                rank=m.rank,
+                node_id=m.node_id,
+                deadline_ms=draining[m.node_id],
+            )
+        if new:
+            missing = g.target - (len(g.members) - len(on_draining)) - len(g.pending)
+            if missing > 0:
+                g.spawn(missing)
+        return plan_drain(g.members, draining, joining, self.spec.cluster.min_workers)
 
     def _rebalance_membership(self, done: int) -> bool:
-        """At a quiescent step boundary: admit placed joiners, drain workers above the target.
+        """At a quiescent step boundary: admit placed joiners, drain workers that must go.
 
-        Returns whether the membership changed (a new epoch started).
+        Workers go when they are above the target (``shoal scale`` down) or
+        on a node Ray is draining. Their state moves to the remaining and
+        joining workers first, as in a recovery but from live state, so no
+        step is lost. Returns whether the membership changed (a new epoch).
         """
         g = self._group
         if self._scale_to is not None:
             g.target, self._scale_to = self._scale_to, None
-            missing = g.target - len(g.members) - len(g.pending)
-            if missing > 0:
-                g.spawn(missing)
-        joiners = g.admit_ready() if len(g.members) < g.target else []
-        joiners = joiners[: max(0, g.target - len(g.members))]
-        leaving = g.members[g.target :] if len(g.members) > g.target else []
-        if not joiners and not leaving:
-            return False
+        draining = self._draining.current()
+        joiners = []
+        for m in g.admit_ready():
+            if m.node_id in draining:  # placed just before its node was marked
+                ray.kill(m.actor, no_restart=True)
+            else:
+                joiners.append(m)
+        drain = self._drain_decision(joining=len(joiners))
+        staying = [m for m in g.members if m not in drain.leaving]
+        scaled_down = staying[g.target :]
+        staying = staying[: g.target]
+        room = max(0, g.target - len(staying))
+        for m in joiners[room:]:  # more were placed than the target needs
+            ray.kill(m.actor, no_restart=True)
+        joiners = joiners[:room]
+        leaving = drain.leaving + scaled_down
+        changed = bool(joiners or leaving)
+        if changed:
+            self._move_state(done, staying, joiners, leaving, drain.leaving)
+        missing = g.target - len(g.members) - len(g.pending)
+        if missing > 0:
+            g.spawn(missing)
+        return changed
+
+    def _move_state(
+        self,
+        done: int,
+        staying: list[Member],
+        joiners: list[Member],
+        leaving: list[Member],
+        from_draining_nodes: list[Member],
+    ) -> None:
+        """End the epoch at step ``done`` and start the next one on ``staying + joiners``."""
+        g = self._group
         plan, holders = g.collect_plan(list(g.members))
         if plan is None or plan.done != done:
             raise RuntimeError(f"cannot move the state of step {done}: a worker did not answer")
@@ -447,15 +508,17 @@ class JobController:
         self._forget_checkpoint_committer()
         for m in leaving:
             ray.kill(m.actor, no_restart=True)
-            self._events.emit("drained", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done)
-        members = [m for m in g.members if m not in leaving] + joiners
+            reason = "node draining" if m in from_draining_nodes else "scaled down"
+            self._events.emit(
+                "drained", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done, reason=reason
+            )
+        members = staying + joiners
         g.form_epoch(members)
         g.restore(pieces, done)
         for m in joiners:
             self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done)
         self._events.emit("replanned", epoch=g.epoch, workers=len(members), step=done)
         self._set(epoch=g.epoch, workers=g.describe())
-        return True
 
     def _checkpoint(self, step: int, store: ObjectStore) -> None:
         """Start checkpoint ``step``; commit it once every worker's upload has succeeded.

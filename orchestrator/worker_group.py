@@ -75,6 +75,7 @@ class Member:
     actor: Any
     pid: int | None = None
     available_memory: int = 0
+    node_id: str | None = None  # Ray's node id (hex), known once placed
     rank: int = -1
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -192,6 +193,7 @@ class WorkerGroup:
                 continue  # died before joining: forget it
             member.pid = probe["pid"]
             member.available_memory = probe["available_memory"]
+            member.node_id = probe.get("node_id")
             admitted.append(member)
         self.pending = still
         return admitted
@@ -276,7 +278,9 @@ class WorkerGroup:
         for m in self.members:
             lo, hi = self.bounds[m.rank] if self.bounds else (0, self.numel)
             row = dict(m.info)
-            row.update(worker_id=m.worker_id, rank=m.rank, pid=m.pid, shard=[lo, hi])
+            row.update(
+                worker_id=m.worker_id, rank=m.rank, pid=m.pid, node_id=m.node_id, shard=[lo, hi]
+            )
             if shares is not None:
                 row["batch_share"] = shares[m.rank]
             rows.append(row)
