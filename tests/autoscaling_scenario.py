@@ -1,5 +1,5 @@
-"""A shoal job on Ray's fake multi-node autoscaler: it grows as nodes are added, survives one
-removed.
+"""A shoal job on Ray's fake multi-node autoscaler: it grows as nodes are added, moves off a
+node Ray drains, survives one removed.
 
 Run by ``tests/test_autoscaling.py`` in a subprocess (one Ray per process, and the test
 session already has one)::
@@ -18,9 +18,11 @@ processes this script started.
 
 The job asks for 3 one-CPU workers (``min_workers=1``) on a cluster that has no CPU at
 all: it waits for capacity, Ray's autoscaler adds one-CPU nodes (one per update round), and
-each new worker joins at a step boundary. Once all three train, the node that hosts the
-last to join is lost (its raylet and everything the raylet started are SIGKILLed); the job
-recovers from buddy replicas and finishes. Everything observed goes to
+each new worker joins at a step boundary. Once all three train, Ray is asked to drain the
+node of the first (a preemption notice with a deadline): that worker's state moves to the
+others at a step boundary and it leaves. Then the node that hosts the last to join is lost
+(its raylet and everything the raylet started are SIGKILLed); the job recovers from buddy
+replicas and finishes. Everything observed goes to
 ``OUT_DIR/result.json`` (written even on failure); the test asserts on it.
 """
 
@@ -50,8 +52,11 @@ STEPS = 2000
 # One autoscaler round every this many seconds; the fake provider starts one node per round,
 # so nodes arrive one after another and the job can be seen to grow.
 UPDATE_INTERVAL_S = 8
-# Steps the full membership trains together before a node is lost.
+# Steps the full membership trains together before a node is drained, and the
+# remaining workers before another node is lost.
 KILL_AFTER_STEPS = 10
+# The drained node's deadline (it is never enforced here: the node stays up).
+DRAIN_DEADLINE_S = 120
 POLL_S = 0.5
 NODE_TYPE = "cpu_node"
 JOB_TIMEOUT_S = 240.0
@@ -233,6 +238,28 @@ def kill_node_of(pid: int) -> dict[str, Any]:
     }
 
 
+def drain_node_of(worker: dict[str, Any]) -> dict[str, Any]:
+    """Ask Ray to drain the node running ``worker`` (a status row), with a deadline.
+
+    The same request Ray's autoscaler makes before removing a node, and what
+    ``ray drain-node --reason DRAIN_NODE_REASON_PREEMPTION`` sends on a spot
+    notice; the node keeps running, but Ray places nothing new on it.
+    """
+    from ray.core.generated import autoscaler_pb2
+
+    gcs = ray._raylet.GcsClient(address=ray.get_runtime_context().gcs_address)
+    deadline_ms = int(time.time() * 1000) + DRAIN_DEADLINE_S * 1000
+    accepted, why = gcs.drain_node(
+        worker["node_id"],
+        autoscaler_pb2.DrainNodeReason.Value("DRAIN_NODE_REASON_PREEMPTION"),
+        "shoal test: spot preemption notice",
+        deadline_ms,
+    )
+    if not accepted:
+        raise RuntimeError(f"Ray refused to drain node {worker['node_id']}: {why}")
+    return {"worker_id": worker["worker_id"], "pid": worker["pid"], "node_id": worker["node_id"]}
+
+
 def job_spec(run_dir: Path, address: str) -> JobSpec:
     return JobSpec.from_overrides(
         [
@@ -285,6 +312,8 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
     timeline: list[dict[str, Any]] = []
     result["timeline"] = timeline
     killed = None
+    drained = None
+    drained_at: int | None = None  # the step at which the drained worker had left
     full_at: int | None = None  # the step at which all WORKERS were first seen training
     deadline = time.monotonic() + JOB_TIMEOUT_S
     while not handle.done() and time.monotonic() < deadline:
@@ -304,12 +333,31 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
         if full_at is None and row["workers"] == WORKERS and st.state == JobState.RUNNING:
             full_at = st.step
         if (
-            killed is None
+            drained is None
             and full_at is not None
             and st.state == JobState.RUNNING
             and st.step >= full_at + KILL_AFTER_STEPS
         ):
-            # The whole membership has trained together: lose the node of the last joiner.
+            # The whole membership has trained together: Ray drains the first
+            # joiner's node, as on a spot-preemption notice.
+            drained = drain_node_of(st.workers[0])
+            drained.update(t=now(), step=st.step, epoch=st.epoch)
+            result["drained"] = drained
+            print("drained", json.dumps(drained), flush=True)
+        if (
+            drained is not None
+            and drained_at is None
+            and st.state == JobState.RUNNING
+            and drained["worker_id"] not in [w["worker_id"] for w in st.workers]
+        ):
+            drained_at = st.step
+        if (
+            killed is None
+            and drained_at is not None
+            and st.state == JobState.RUNNING
+            and st.step >= drained_at + KILL_AFTER_STEPS
+        ):
+            # Then a node is lost without notice: the last joiner's.
             killed = kill_node_of(handle.worker_pids()[-1])
             killed.update(t=now(), step=st.step, epoch=st.epoch)
             result["killed"] = killed

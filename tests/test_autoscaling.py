@@ -2,9 +2,11 @@
 
 A job with ``min_workers=1, max_workers=3`` is submitted to a cluster that has no worker
 node (and a head with no CPU). Ray's autoscaler adds one-CPU nodes one after another; the
-job starts on the first and grows as the others arrive. Then one node — the one running
-the last worker to join — is lost (its raylet and everything it started are SIGKILLed),
-and the job survives it from buddy replicas and finishes.
+job starts on the first and grows as the others arrive. Then Ray drains the node of the
+first worker (as on a spot-preemption notice) and the job moves that worker's state off
+before it leaves. Then one node — the one running the last worker to join — is lost (its
+raylet and everything it started are SIGKILLed), and the job survives it from buddy
+replicas and finishes.
 
 The scenario runs in a subprocess (``tests/autoscaling_scenario.py``): one process holds
 one Ray connection, and this session already holds one (``ray_session``). It starts and
@@ -84,7 +86,7 @@ def _describe(result: dict, output: str) -> str:
 
 
 @pytest.mark.timeout(SCENARIO_TIMEOUT_S + 90)
-def test_job_grows_with_the_autoscaler_and_survives_a_lost_node(tmp_path):
+def test_job_grows_with_the_autoscaler_moves_off_a_drained_node_and_survives_a_lost_one(tmp_path):
     if importlib.util.find_spec("ray.autoscaler._private.fake_multi_node.node_provider") is None:
         pytest.skip("this Ray has no fake multi-node autoscaler provider")
     result, output = _run_scenario(tmp_path / "autoscaling")
@@ -105,6 +107,16 @@ def test_job_grows_with_the_autoscaler_and_survives_a_lost_node(tmp_path):
     mid_run_joins = [e for e in events if e["event"] == "joined" and "step" in e]
     assert len(mid_run_joins) >= 1, why
     assert names.count("joined") >= WORKERS, why
+
+    # A node drained mid-run: the job saw it, moved the worker's state off at a step
+    # boundary and let it go, before and apart from the failure below.
+    assert "drained" in result, f"the job ended before a node could be drained\n{why}"
+    drained_id = result["drained"]["worker_id"]
+    notices = [e["worker_id"] for e in events if e["event"] == "node-draining"]
+    assert notices == [drained_id], why
+    drains = [(e["worker_id"], e["reason"]) for e in events if e["event"] == "drained"]
+    assert drains == [(drained_id, "node draining")], why
+    assert "died" not in names[: names.index("drained")], why
 
     # A node lost mid-run: its worker died, the job recovered from buddy replicas
     # (no checkpoint, no step redone) and finished every step.
