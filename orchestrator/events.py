@@ -1,7 +1,8 @@
 """``events.jsonl``: what happened to a job's membership, one JSON object per line.
 
-Events: ``joined``, ``died``, ``drained``, ``replanned``,
-``restored-from-buddy``, ``restored-from-checkpoint``, ``waiting-for-workers``.
+Events: ``joined``, ``died``, ``stuck``, ``node-draining``, ``drained``,
+``replanned``, ``restored-from-buddy``, ``restored-from-checkpoint``,
+``waiting-for-workers``.
 """
 
 from __future__ import annotations
