@@ -1,10 +1,13 @@
 """An optimizer over one flat tensor (the whole model for DDP, a rank's shard for ZeRO).
 
-Running ``torch.optim`` over a single flat parameter gives exactly the
-element-wise math of the per-parameter optimizer (AdamW and SGD are
-element-wise), so a sharded run can be compared bit-for-bit-ish with a plain
-one-process reference, and its state is a handful of flat tensors that a
-checkpoint can slice.
+AdamW and SGD are element-wise, so one update over a flat tensor is exactly
+the per-parameter update, and a sharded run can be compared with a plain
+one-process ``torch.optim`` reference (``OptimizerSpec.build``). The flat
+update is written out here rather than run through ``torch.optim``: the
+first ``torch.optim.Optimizer`` built in a process imports ``torch._dynamo``
+(1.4 s of a worker's start-up, measured), and the flat state is then plain
+tensors a checkpoint can slice. The arithmetic follows torch's single-tensor
+code path operation for operation, so both round identically.
 """
 
 from __future__ import annotations
@@ -51,50 +54,69 @@ class OptimizerSpec:
 
 
 class FlatOptimizer:
-    """``torch.optim`` over one flat fp32 tensor whose gradient is another flat tensor.
+    """AdamW or SGD over one flat fp32 tensor whose gradient is another flat tensor.
 
-    ``flat_param`` and ``flat_grad`` are updated in place, so views into them
-    (model parameters, gradient buckets) see every step.
+    ``flat_param`` is updated in place, so views into it (model parameters)
+    see every step; ``flat_grad`` is read, never written.
     """
 
     def __init__(self, spec: OptimizerSpec, flat_param: torch.Tensor, flat_grad: torch.Tensor):
+        if spec.name not in ("adamw", "sgd"):
+            raise ValueError(f"optimizer name must be 'adamw' or 'sgd', got {spec.name!r}")
         self.spec = spec
-        self.param = nn.Parameter(flat_param, requires_grad=True)
-        # nn.Parameter(t) shares t's storage; keep the original views valid.
-        assert self.param.data_ptr() == flat_param.data_ptr()
-        self.param.grad = flat_grad
-        self._opt = spec.build([self.param], lr=0.0)
+        self.param = flat_param
+        self.grad = flat_grad
+        # Zeros from the start: torch's SGD starts its momentum buffer as a
+        # copy of the first gradient, which 0 * momentum + grad equals exactly.
+        self._state = {key: torch.zeros_like(flat_param) for key in spec.state_keys()}
+        self._steps = 0
 
     @property
     def step_count(self) -> int:
-        state = self._opt.state.get(self.param, {})
-        step = state.get("step")
-        return int(step) if step is not None else 0
+        return self._steps
 
+    @torch.no_grad()
     def step(self, lr: float) -> None:
-        for group in self._opt.param_groups:
-            group["lr"] = lr
-        self._opt.step()
+        self._steps += 1
+        if self.spec.name == "adamw":
+            self._adamw_step(lr)
+        else:
+            self._sgd_step(lr)
+
+    def _adamw_step(self, lr: float) -> None:
+        s, param, grad = self.spec, self.param, self.grad
+        exp_avg, exp_avg_sq = self._state["exp_avg"], self._state["exp_avg_sq"]
+        if s.weight_decay != 0:
+            param.mul_(1 - lr * s.weight_decay)  # decoupled, as AdamW
+        exp_avg.lerp_(grad, 1 - s.beta1)
+        exp_avg_sq.mul_(s.beta2).addcmul_(grad, grad, value=1 - s.beta2)
+        step = float(self._steps)
+        step_size = lr / (1 - s.beta1**step)
+        bias_correction2_sqrt = (1 - s.beta2**step) ** 0.5
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(s.eps)
+        param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _sgd_step(self, lr: float) -> None:
+        s, param, grad = self.spec, self.param, self.grad
+        if s.weight_decay != 0:
+            grad = grad.add(param, alpha=s.weight_decay)
+        if s.momentum != 0:
+            buf = self._state["momentum_buffer"]
+            buf.mul_(s.momentum).add_(grad)
+            grad = buf
+        param.add_(grad, alpha=-lr)
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
-        """The flat per-element state (e.g. Adam moments), created as zeros if not yet stepped."""
-        state = self._opt.state[self.param]
-        for key in self.spec.state_keys():
-            if key not in state:
-                state[key] = torch.zeros_like(self.param, memory_format=torch.preserve_format)
-        if self.spec.name == "adamw" and "step" not in state:
-            state["step"] = torch.tensor(0.0)
-        return {key: state[key] for key in self.spec.state_keys()}
+        """The flat per-element state (e.g. Adam moments)."""
+        return dict(self._state)
 
     def load_state(self, tensors: dict[str, torch.Tensor], step_count: int) -> None:
         """Restore per-element state (each the length of this optimizer's flat tensor)."""
-        mine = self.state_tensors()
-        for key, dst in mine.items():
+        for key, dst in self._state.items():
             if key not in tensors:
                 raise KeyError(f"optimizer state {key!r} missing from checkpoint")
             dst.copy_(tensors[key])
-        if self.spec.name == "adamw":
-            self._opt.state[self.param]["step"] = torch.tensor(float(step_count))
+        self._steps = step_count
 
     def state_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state_tensors().values())
+        return sum(t.numel() * t.element_size() for t in self._state.values())

@@ -17,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -159,15 +160,8 @@ def scale_job(job_id: str, workers: int, address: str = "auto") -> int:
     return ray.get(controller.scale.remote(workers), timeout=30)
 
 
-def submit(spec: JobSpec) -> JobHandle:
-    """Start ``spec`` in the background and return its handle.
-
-    Raises ``ConfigError`` if the dataset cannot be loaded; everything that
-    goes wrong after the job has started is reported by ``JobHandle.status()``.
-    """
-    ensure_ray(spec)
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
+def _load_corpus(spec: JobSpec):
+    """The job's corpus; a ``ConfigError`` naming ``data`` if it cannot be used."""
     try:
         corpus = build_dataset(spec.data)
     except Exception as e:  # noqa: BLE001 - a user's dataset may raise anything
@@ -178,11 +172,29 @@ def submit(spec: JobSpec) -> JobHandle:
             f"data: the corpus has {len(corpus.tokens)} tokens; it needs more than "
             f"model.seq_len + 1 = {spec.seq_len + 1}"
         )
+    return corpus
+
+
+def submit(spec: JobSpec) -> JobHandle:
+    """Start ``spec`` in the background and return its handle.
+
+    Raises ``ConfigError`` if the dataset cannot be loaded; everything that
+    goes wrong after the job has started is reported by ``JobHandle.status()``.
+    """
+    submitted_at = time.time()
+    # The corpus is read while Ray starts (mostly waiting on its processes).
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        loading = pool.submit(_load_corpus, spec)
+        ensure_ray(spec)
+        ray_ready_s = time.time() - submitted_at
+        corpus = loading.result()
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
     tokens_ref = ray.put(corpus.tokens)
     controller = (
         controller_actor_class()
         .options(name=controller_name(spec.job_id))
-        .remote(spec, [tokens_ref], os.getpid())
+        .remote(spec, [tokens_ref], os.getpid(), submitted_at, ray_ready_s)
     )
     run_ref = controller.run.remote()
     return JobHandle(spec, controller, run_ref)

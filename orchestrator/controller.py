@@ -67,7 +67,12 @@ class JobController:
     may be called concurrently (the actor is threaded)."""
 
     def __init__(
-        self, spec: JobSpec, tokens_ref: list[ray.ObjectRef], driver_pid: int | None = None
+        self,
+        spec: JobSpec,
+        tokens_ref: list[ray.ObjectRef],
+        driver_pid: int | None = None,
+        submitted_at: float | None = None,
+        ray_ready_s: float | None = None,
     ):
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
@@ -91,6 +96,10 @@ class JobController:
             driver_pid=driver_pid,
         )
         self._started = time.time()
+        self._submitted_at = submitted_at or self._started
+        if ray_ready_s is not None:
+            self._status.startup_s["ray"] = round(ray_ready_s, 3)
+        self._phase("controller")
         self._write_status()
 
     # -- queries (called concurrently with run) ------------------------------
@@ -137,6 +146,7 @@ class JobController:
             self._start_workers()
             start_step = self._restore(self.spec.resume)
             self._gather([w.begin.remote(start_step) for w in self._workers], "start")
+            self._phase("state_ready")
             self._set(state=JobState.RUNNING, step=start_step)
             self._train(start_step, store)
             self._finish()
@@ -152,12 +162,15 @@ class JobController:
 
     def _start_workers(self) -> None:
         """Ask Ray for ``cluster.workers`` workers; start once the minimum is placed."""
-        with torch.device("meta"):  # shapes only, no memory
-            numel = FlatLayout.of(build_model(self.spec.model, VOCAB_SIZE)).numel
         cl = self.spec.cluster
-        group = WorkerGroup(self.spec, self._tokens_ref, numel, self._events)
+        group = WorkerGroup(self.spec, self._tokens_ref, 0, self._events)
         self._group = group
         group.spawn(cl.workers)
+        # The planner needs the parameter count; it is worked out while the
+        # workers start. On the meta device (shapes only, no memory), whose
+        # first initializer call imports torch._dynamo: ~1 s worth hiding.
+        with torch.device("meta"):
+            group.numel = FlatLayout.of(build_model(self.spec.model, VOCAB_SIZE)).numel
         members = group.admit_ready(timeout=min(START_GRACE_S, cl.start_timeout_s))
         members = group.wait_for_members(
             members,
@@ -165,7 +178,9 @@ class JobController:
             cl.start_timeout_s,
             on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
         )
+        self._phase("workers_placed")
         group.form_epoch(members)
+        self._phase("group_formed")
         for m in members:
             self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
         self._set(state=JobState.STARTING, workers=group.describe(), epoch=group.epoch)
@@ -701,6 +716,7 @@ class JobController:
         )
 
     def _record(self, record: dict[str, Any], done: int) -> None:
+        self._phase("first_step")
         with self._lock:
             self._metrics.append(record)
             self._status.step = done
@@ -724,6 +740,12 @@ class JobController:
         path.write_text("".join(line + "\n" for line in kept))
         with self._lock:
             self._metrics = [json.loads(line) for line in kept]
+
+    def _phase(self, name: str) -> None:
+        """Note when a start-up phase ended, in seconds since the job was submitted."""
+        with self._lock:
+            if name not in self._status.startup_s:
+                self._status.startup_s[name] = round(time.time() - self._submitted_at, 3)
 
     def _set(self, **fields: Any) -> None:
         with self._lock:

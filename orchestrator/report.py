@@ -66,6 +66,11 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     lines.append(
         f"  steps       {status.step}/{status.total_steps} in {status.elapsed_s:.1f}s{rate}"
     )
+    if "first_step" in status.startup_s:
+        phases = ", ".join(
+            f"{name.replace('_', ' ')} {t:.1f}s" for name, t in status.startup_s.items()
+        )
+        lines.append(f"  start-up    since submit: {phases}")
     if status.resumed_from:
         lines.append(f"  resumed     from {status.resumed_from}")
     if status.resume_note:

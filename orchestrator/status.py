@@ -58,6 +58,9 @@ class JobStatus:
     resume_bytes_read: list[int] = field(default_factory=list)
     resume_s: float | None = None
     memory: list[dict[str, int]] = field(default_factory=list)  # per rank, bytes
+    # Seconds from submit() to the end of each start-up phase: ray (connected or
+    # started), controller, workers_placed, group_formed, state_ready, first_step.
+    startup_s: dict[str, float] = field(default_factory=dict)
     sample: str | None = None
     driver_pid: int | None = None
     updated_at: float = 0.0

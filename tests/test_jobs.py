@@ -61,6 +61,10 @@ def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
     metrics = handle.metrics()
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert min(m["grad_norm"] for m in metrics) > 0.5  # clipping was active
+    # Start-up phases are reported in the order they happen (Ray was already up).
+    phases = ["controller", "workers_placed", "group_formed", "state_ready", "first_step"]
+    assert [p for p in status.startup_s if p != "ray"] == phases
+    assert [status.startup_s[p] for p in phases] == sorted(status.startup_s[p] for p in phases)
     reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=4)
     torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
 
