@@ -181,15 +181,22 @@ def test_worker_added_and_drained_mid_run(ray_session, tmp_path):
 
 
 def test_controller_killed_then_resumed(ray_session, tmp_path):
-    spec = _spec(tmp_path, "ctl", "cluster.workers=2", "checkpoint.every=4")
-    handle = submit(spec)
-    _wait_for_step(handle, 9)
-    ray.kill(handle._controller, no_restart=True)
-    status = handle.wait(timeout=60)
+    # Slow steps while the controller is killed, so that the kill lands
+    # mid-run however quickly the job got to step 9.
+    held = ("cluster.workers=2", "checkpoint.every=4", "model._target_=tests.faulty_models.HeldGPT")
+    spec = _spec(tmp_path, "ctl", *held)
+    HeldGPT.HOLD_FILE.touch()
+    try:
+        handle = submit(spec)
+        _wait_for_step(handle, 9)
+        ray.kill(handle._controller, no_restart=True)
+        status = handle.wait(timeout=60)
+    finally:
+        HeldGPT.HOLD_FILE.unlink(missing_ok=True)
     assert status.state == JobState.FAILED and "controller" in status.error
     manifest = latest_manifest(open_store(spec.checkpoint.uri))
-    assert manifest is not None and manifest.step in (4, 8)
-    again = _spec(tmp_path, "ctl", "cluster.workers=2", "checkpoint.every=4", "resume=latest")
+    assert manifest is not None and manifest.step in (4, 8, 12)
+    again = _spec(tmp_path, "ctl", *held, "resume=latest")
     status = submit(again).wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
     _assert_matches_reference(again)
