@@ -88,6 +88,7 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
             lines.append(
                 f"  rank {w['rank']}      pid {w['pid']} on {w.get('node_ip', '?')}, "
                 f"worker {w.get('worker_id', '?')}, shard [{lo}, {hi})"
+                + (f" {human_bytes(w['shard_bytes'])}" if "shard_bytes" in w else "")
                 + (f", batch share {share}" if share is not None else "")
                 + (f", {w['compute_s'] * 1000:.0f} ms compute" if "compute_s" in w else "")
             )

@@ -44,7 +44,8 @@ class JobStatus:
     error: str | None = None
     last_checkpoint: str | None = None  # URI of the newest committed checkpoint
     resumed_from: str | None = None
-    # Membership of the current epoch: worker_id, rank, pid, node_ip, shard, batch_share.
+    # Membership of the current epoch: worker_id, rank, pid, node_ip, node_id, shard,
+    # shard_bytes (parameters + optimizer state owned), batch_share, compute_s.
     workers: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0
     batch_shares: list[int] = field(default_factory=list)

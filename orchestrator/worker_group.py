@@ -25,6 +25,7 @@ from typing import Any
 
 import ray
 
+from collectives.optim import OptimizerSpec
 from collectives.process_group import Rendezvous, default_backend
 from orchestrator.events import EventLog
 from orchestrator.recovery import Holding, RecoveryPlan, plan_recovery
@@ -272,14 +273,26 @@ class WorkerGroup:
             weights = weights_from_memory(available_memory)
         return shard_bounds(self.numel, list(weights))
 
+    @property
+    def _bytes_per_element(self) -> int:
+        """Bytes a shard keeps per flat element: the fp32 parameter and the optimizer's state."""
+        t = self.spec.train
+        state = OptimizerSpec(name=t.optimizer, momentum=t.momentum).state_keys()
+        return 4 * (1 + len(state))
+
     def describe(self, shares: list[int] | None = None) -> list[dict[str, Any]]:
-        """Membership for the status: worker, rank, node, pid, shard, batch share."""
+        """Membership for the status: worker, rank, node, pid, shard and its bytes, batch share."""
         rows = []
         for m in self.members:
             lo, hi = self.bounds[m.rank] if self.bounds else (0, self.numel)
             row = dict(m.info)
             row.update(
-                worker_id=m.worker_id, rank=m.rank, pid=m.pid, node_id=m.node_id, shard=[lo, hi]
+                worker_id=m.worker_id,
+                rank=m.rank,
+                pid=m.pid,
+                node_id=m.node_id,
+                shard=[lo, hi],
+                shard_bytes=(hi - lo) * self._bytes_per_element,
             )
             if shares is not None:
                 row["batch_share"] = shares[m.rank]

@@ -96,6 +96,11 @@ def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, 
     handle, status = _run(spec)
     shard_sizes = [w["shard"][1] - w["shard"][0] for w in status.workers]
     assert sum(shard_sizes) == _final_params(spec).numel()
+    if strategy == "zero3":
+        # The status's shard bytes are what the worker counted in its tensors:
+        # its parameter shard and the Adam moments of that shard.
+        for w, mem in zip(status.workers, status.memory, strict=True):
+            assert w["shard_bytes"] == mem["params"] + mem["optimizer"]
     if "strategy.shard_weights=[2,1,1]" in extra:
         assert abs(shard_sizes[0] / shard_sizes[1] - 2) < 0.01
     if "train.balance=auto" in extra:
