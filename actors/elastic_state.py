@@ -111,12 +111,14 @@ class ElasticState:
         """
         if self.engine is not None:
             self.engine.abandon_collectives()
-        if self._replicator is not None:
-            # Keep a replica whose bytes had arrived before the failure; a
-            # dead source fails its receive at once.
-            self._replicator.settle(timeout_s=_SETTLE_ON_ABORT_S)
-        sever_group()
-        leave_group()
+        try:
+            if self._replicator is not None:
+                # Keep a replica whose bytes had arrived before the failure; a
+                # dead source fails its receive at once.
+                self._replicator.settle(timeout_s=_SETTLE_ON_ABORT_S)
+            sever_group()
+        finally:
+            leave_group()
 
     def begin(self, done: int) -> None:
         """Training starts (fresh, or from a checkpoint) with ``done`` steps applied.

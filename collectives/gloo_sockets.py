@@ -84,22 +84,33 @@ def find_connections(
 def sever(connections: dict[int, int]) -> int:
     """Shut down ``connections`` (fd -> inode); returns how many were still open.
 
-    Only an fd that still refers to the same socket is touched, so a number
-    the OS has since reused is left alone. The fd itself stays gloo's to close.
+    gloo may close a failed pair's socket from its own thread at any moment,
+    and the OS may reuse the number, so each fd is first duplicated (which
+    pins whatever socket it names now) and shut down only if that is still
+    the same socket. Shutting down acts on the socket, not on the number;
+    the original fd stays gloo's to close.
     """
-    current = {fd: s.inode for fd, s in open_tcp_sockets().items()}
     severed = 0
     for fd, inode in connections.items():
-        if current.get(fd) != inode:
-            continue
-        sock = socket.socket(fileno=fd)
         try:
-            sock.shutdown(socket.SHUT_RDWR)
-            severed += 1
+            pinned = os.dup(fd)
         except OSError:
-            pass  # already reset by the peer
+            continue  # already closed by gloo
+        try:
+            if os.fstat(pinned).st_ino != inode:
+                continue  # the number now names something else
+            sock = socket.socket(fileno=pinned)
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+                severed += 1
+            except OSError:
+                pass  # already reset by the peer
+            finally:
+                sock.detach()
+        except OSError:
+            continue
         finally:
-            sock.detach()
+            os.close(pinned)
     return severed
 
 

@@ -17,8 +17,13 @@ started before the dead rank returned step ``s``, so its bytes were already
 on their way; settling waits for them (a dead source's connection fails the
 receive at once instead). Only if they never arrived does recovery go back
 to the previous exchange, one step earlier: the buffers are double-buffered,
-so that pair is still complete. When both a rank and its buddy are lost, the
-replica is gone too, and the controller falls back to the last checkpoint.
+so that pair is still complete. (Unless an exchange takes longer than a
+whole step, e.g. large shards on a slow link: then the other ranks may have
+reused their older snapshot before the failure, no step is complete in
+memory, and recovery falls back to the checkpoint. A third own snapshot
+would close that window for one more shard copy of host memory.) When both
+a rank and its buddy are lost, the replica is gone too, and the controller
+falls back to the last checkpoint.
 ``replicate_every`` trades the exchange's cost against steps redone.
 """
 
@@ -56,11 +61,26 @@ def _fill(spare: ShardCopy | None, rank: int, lo: int, hi: int, keys: list[str])
 
 @dataclass
 class _Exchange:
-    """An exchange in flight: ``replica`` is complete once every one of ``works`` is."""
+    """An exchange in flight: ``replica`` is complete once every one of ``receives`` is."""
 
     step: int
     replica: ShardCopy
-    works: list
+    receives: list
+    sends: list
+
+
+def _wait_all(works: list, timeout_s: float | None) -> RuntimeError | None:
+    """Wait for every work; the first error (a failed peer, or the timeout), else None."""
+    failure = None
+    for w in works:
+        try:
+            if timeout_s is None:
+                w.wait()
+            else:
+                w.wait(datetime.timedelta(seconds=timeout_s))
+        except RuntimeError as e:
+            failure = failure or e
+    return failure
 
 
 class BuddyReplicator:
@@ -78,6 +98,9 @@ class BuddyReplicator:
         self._spare_own: ShardCopy | None = None
         self._spare_replica: ShardCopy | None = None
         self._pending: _Exchange | None = None  # started, not yet settled
+        # Held through a whole replicate() or settle(): the control thread's
+        # settle must not let a new exchange reuse the buffer still receiving.
+        self._exchanging = threading.RLock()
 
     @property
     def buddy(self) -> int:
@@ -104,6 +127,17 @@ class BuddyReplicator:
         the new one runs in the background until the next call or
         ``settle()``.
         """
+        with self._exchanging:
+            self._replicate(step, lo, hi, tensors, source_range)
+
+    def _replicate(
+        self,
+        step: int,
+        lo: int,
+        hi: int,
+        tensors: dict[str, torch.Tensor],
+        source_range: tuple[int, int],
+    ) -> None:
         self.settle()
         keys = list(tensors)
         # The spares are about to be overwritten: until they are complete
@@ -122,40 +156,38 @@ class BuddyReplicator:
         with self.lock:
             replica = _fill(self._spare_replica, self.source, src_lo, src_hi, keys)
             self._spare_replica = replica
-        works = []
+        sends, receives = [], []
         # The same key order on every rank, so the n-th message of each pair matches.
         for k in keys:
-            works.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
-            works.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
+            sends.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
+            receives.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
         with self.lock:
-            self._pending = _Exchange(step, replica, works)
+            self._pending = _Exchange(step, replica, receives, sends)
 
     def settle(self, timeout_s: float | None = None) -> bool:
         """Wait for the exchange in flight, if any; returns whether its replica is complete.
 
-        On success the received copy becomes the newest replica. If a peer
-        failed (or ``timeout_s`` passed), the partial copy is dropped and the
-        error is raised only when ``timeout_s`` is None (the training path);
-        the controller's queries pass a timeout and get False instead.
+        The replica is complete when every receive is, whatever became of
+        this rank's sends (its buddy may be the one that died). If a peer
+        failed (or ``timeout_s`` passed), the error is raised only when
+        ``timeout_s`` is None (the training path); the controller's queries
+        pass a timeout and get the outcome instead.
         """
-        with self.lock:
-            pending, self._pending = self._pending, None
-        if pending is None:
-            return True
-        try:
-            for w in pending.works:
-                if timeout_s is None:
-                    w.wait()
-                elif not w.wait(datetime.timedelta(seconds=timeout_s)):
-                    return False
-        except RuntimeError:
-            if timeout_s is None:
-                raise
-            return False
-        with self.lock:
-            pending.replica.step = pending.step
-            self._spare_replica, self.replica = self.replica, pending.replica
-        return True
+        with self._exchanging:
+            with self.lock:
+                pending, self._pending = self._pending, None
+            if pending is None:
+                return True
+            received = _wait_all(pending.receives, timeout_s)
+            if received is None:
+                with self.lock:
+                    pending.replica.step = pending.step
+                    self._spare_replica, self.replica = self.replica, pending.replica
+            sent = _wait_all(pending.sends, timeout_s)
+            failure = received or sent
+            if failure is not None and timeout_s is None:
+                raise failure
+            return received is None
 
     def own_copies(self) -> dict[int, ShardCopy]:
         """This rank's complete snapshots by step (the newest and, if intact, the one before)."""

@@ -182,14 +182,14 @@ def submit(spec: JobSpec) -> JobHandle:
     goes wrong after the job has started is reported by ``JobHandle.status()``.
     """
     submitted_at = time.time()
+    spec.run_dir.mkdir(parents=True, exist_ok=True)
+    (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
     # The corpus is read while Ray starts (mostly waiting on its processes).
     with ThreadPoolExecutor(max_workers=1) as pool:
         loading = pool.submit(_load_corpus, spec)
         ensure_ray(spec)
         ray_ready_s = time.time() - submitted_at
         corpus = loading.result()
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
     tokens_ref = ray.put(corpus.tokens)
     controller = (
         controller_actor_class()

@@ -438,10 +438,10 @@ class JobController:
             return True
         if len(g.members) > g.target:
             return True
-        joiner_ready = g.has_ready_joiner()
-        if self._drain_decision(joining=int(joiner_ready)).leaving:
+        ready = g.ready_joiners()
+        if self._drain_decision(joining=ready).leaving:
             return True
-        return len(g.members) < g.target and joiner_ready
+        return len(g.members) < g.target and ready > 0
 
     def _drain_decision(self, joining: int) -> DrainDecision:
         """Which members on draining nodes would leave now; announces newly seen ones.
@@ -514,11 +514,18 @@ class JobController:
     ) -> None:
         """End the epoch at step ``done`` and start the next one on ``staying + joiners``."""
         g = self._group
-        plan, holders = g.collect_plan(list(g.members))
-        if plan is None or plan.done != done:
-            raise RuntimeError(f"cannot move the state of step {done}: a worker did not answer")
-        pieces = g.export_pieces(plan, holders)
-        if len(g.leave(g.members)) < len(g.members):
+        plan, answered = g.collect_plan(list(g.members))
+        lost = [m for m in staying if m not in answered]
+        if plan is None or plan.done != done or lost:
+            raise RuntimeError(
+                f"cannot move the state of step {done}: "
+                + (f"{len(lost)} staying worker(s) did not answer" if lost else "no complete copy")
+            )
+        pieces = g.export_pieces(plan, answered)
+        # A leaving worker that is already gone (its node went before its
+        # deadline) has nothing left to do: its state came from its buddy.
+        left = g.leave(answered)
+        if any(m not in left for m in staying):
             raise RuntimeError("a worker did not leave its epoch at a step boundary")
         self._forget_checkpoint_committer()
         for m in leaving:

@@ -199,12 +199,13 @@ class WorkerGroup:
         self.pending = still
         return admitted
 
-    def has_ready_joiner(self) -> bool:
-        """Whether some pending worker has been placed and started (without waiting)."""
+    def ready_joiners(self) -> int:
+        """How many pending workers Ray has placed and started (without waiting)."""
         if not self.pending:
-            return False
-        ready, _ = ray.wait([ref for _, ref in self.pending], num_returns=1, timeout=0)
-        return bool(ready)
+            return 0
+        refs = [ref for _, ref in self.pending]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        return len(ready)
 
     def wait_for_members(
         self, have: list[Member], minimum: int, timeout: float, on_wait: Callable[[], None]
