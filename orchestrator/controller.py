@@ -443,12 +443,14 @@ class JobController:
             return True
         return len(g.members) < g.target and ready > 0
 
-    def _drain_decision(self, joining: int) -> DrainDecision:
+    def _drain_decision(self, joining: int, admitted: int = 0) -> DrainDecision:
         """Which members on draining nodes would leave now; announces newly seen ones.
 
-        A member first seen on a draining node gets a replacement spawned at
-        once, so that it can start (elsewhere: Ray places nothing on a
-        draining node) while the member trains on.
+        ``joining``: ready replacements that would join at this boundary,
+        ``admitted`` of them already taken out of the pending list. A member
+        first seen on a draining node gets a replacement spawned at once, so
+        that it can start (elsewhere: Ray places nothing on a draining node)
+        while the member trains on.
         """
         g = self._group
         draining = self._draining.current()
@@ -464,7 +466,8 @@ class JobController:
                 deadline_ms=draining[m.node_id],
             )
         if new:
-            missing = g.target - (len(g.members) - len(on_draining)) - len(g.pending)
+            staying = len(g.members) - len(on_draining)
+            missing = g.target - staying - len(g.pending) - admitted
             if missing > 0:
                 g.spawn(missing)
         return plan_drain(g.members, draining, joining, self.spec.cluster.min_workers)
@@ -487,7 +490,7 @@ class JobController:
                 ray.kill(m.actor, no_restart=True)
             else:
                 joiners.append(m)
-        drain = self._drain_decision(joining=len(joiners))
+        drain = self._drain_decision(joining=len(joiners), admitted=len(joiners))
         staying = [m for m in g.members if m not in drain.leaving]
         scaled_down = staying[g.target :]
         staying = staying[: g.target]
