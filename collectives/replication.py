@@ -128,41 +128,31 @@ class BuddyReplicator:
         ``settle()``.
         """
         with self._exchanging:
-            self._replicate(step, lo, hi, tensors, source_range)
-
-    def _replicate(
-        self,
-        step: int,
-        lo: int,
-        hi: int,
-        tensors: dict[str, torch.Tensor],
-        source_range: tuple[int, int],
-    ) -> None:
-        self.settle()
-        keys = list(tensors)
-        # The spares are about to be overwritten: until they are complete
-        # they hold nothing usable (step -1), whatever they held before.
-        with self.lock:
-            own = _fill(self._spare_own, self.rank, lo, hi, keys)
-            self._spare_own = own
-        for k, t in tensors.items():
-            own.tensors[k].copy_(t)
-        own.step = step  # complete: a valid copy whatever happens to the exchange
-        with self.lock:
-            self._spare_own, self.own = self.own, own
-        if self.world_size == 1:
-            return
-        src_lo, src_hi = source_range
-        with self.lock:
-            replica = _fill(self._spare_replica, self.source, src_lo, src_hi, keys)
-            self._spare_replica = replica
-        sends, receives = [], []
-        # The same key order on every rank, so the n-th message of each pair matches.
-        for k in keys:
-            sends.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
-            receives.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
-        with self.lock:
-            self._pending = _Exchange(step, replica, receives, sends)
+            self.settle()
+            keys = list(tensors)
+            # The spares are about to be overwritten: until they are complete
+            # they hold nothing usable (step -1), whatever they held before.
+            with self.lock:
+                own = _fill(self._spare_own, self.rank, lo, hi, keys)
+                self._spare_own = own
+            for k, t in tensors.items():
+                own.tensors[k].copy_(t)
+            own.step = step  # complete: a valid copy whatever happens to the exchange
+            with self.lock:
+                self._spare_own, self.own = self.own, own
+            if self.world_size == 1:
+                return
+            src_lo, src_hi = source_range
+            with self.lock:
+                replica = _fill(self._spare_replica, self.source, src_lo, src_hi, keys)
+                self._spare_replica = replica
+            sends, receives = [], []
+            # The same key order on every rank, so the n-th message of each pair matches.
+            for k in keys:
+                sends.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
+                receives.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
+            with self.lock:
+                self._pending = _Exchange(step, replica, receives, sends)
 
     def settle(self, timeout_s: float | None = None) -> bool:
         """Wait for the exchange in flight, if any; returns whether its replica is complete.
