@@ -14,10 +14,13 @@ milliseconds.
 Which sockets are gloo's: a Ray worker opens TCP connections of its own at
 any time (its gRPC server accepts callers), so "sockets that appeared during
 init" is not enough. Each gloo connection has one end on some rank's gloo
-listener, so the ranks publish their listener ports through the rendezvous
-store and a connection is ours only if it appeared during init *and* touches
-one of those ports. Linux only (``/proc``); elsewhere nothing is severed and
-blocked peers wait for the collective timeout as before.
+listener, so the ranks publish their listener addresses (IP and port)
+through the rendezvous store and a connection is ours only if it appeared
+during init *and* has an end on one of those addresses. (Ports alone are not
+enough: a connection of Ray's to another IP may get an ephemeral port that
+equals a gloo listener's; the tests saw it happen.) Linux only (``/proc``);
+elsewhere nothing is severed and blocked peers wait for the collective
+timeout as before.
 """
 
 from __future__ import annotations
@@ -32,11 +35,16 @@ _LISTEN = 0x0A  # TCP_LISTEN in /proc/net/tcp's "st" column
 _KEY = "shoal/gloo-listeners/{rank}"
 
 
+# Addresses as /proc/net/tcp writes them (hex); a listener bound to the
+# wildcard address accepts on every local address.
+_ANY = frozenset({"0" * 8, "0" * 32})
+
+
 @dataclass(frozen=True)
 class TcpSocket:
     inode: int
-    local_port: int
-    remote_port: int
+    local: tuple[str, int]  # (address in /proc's hex form, port)
+    remote: tuple[str, int]
     listening: bool
 
 
@@ -68,17 +76,25 @@ def find_connections(
     A collective over ``store``: every rank must call it right after joining.
     """
     new = {fd: s for fd, s in open_tcp_sockets().items() if before.get(fd) != s}
-    mine = sorted(s.local_port for s in new.values() if s.listening)
-    store.set(_KEY.format(rank=rank), ",".join(map(str, mine)))
-    listeners: set[int] = set()
+    mine = {s.local for s in new.values() if s.listening}
+    store.set(_KEY.format(rank=rank), ",".join(f"{a}:{p}" for a, p in sorted(mine)))
+    listeners: set[tuple[str, int]] = set()
     for r in range(world_size):
-        ports = store.get(_KEY.format(rank=r)).decode()
-        listeners.update(int(p) for p in ports.split(",") if p)
+        for entry in store.get(_KEY.format(rank=r)).decode().split(","):
+            if entry:
+                addr, port = entry.rsplit(":", 1)
+                listeners.add((addr, int(port)))
     return {
         fd: s.inode
         for fd, s in new.items()
-        if not s.listening and (s.local_port in mine or s.remote_port in listeners)
+        if not s.listening and (_on(s.local, mine) or _on(s.remote, listeners))
     }
+
+
+def _on(end: tuple[str, int], listeners: set[tuple[str, int]]) -> bool:
+    """Whether a connection end is one of ``listeners`` (wildcard-bound ones included)."""
+    _, port = end
+    return end in listeners or any((any_addr, port) in listeners for any_addr in _ANY)
 
 
 def sever(connections: dict[int, int]) -> int:
@@ -128,10 +144,16 @@ def _tcp_table() -> dict[int, TcpSocket]:
                         continue  # TIME_WAIT and the like: no socket behind it
                     out[inode] = TcpSocket(
                         inode=inode,
-                        local_port=int(cols[1].rsplit(":", 1)[1], 16),
-                        remote_port=int(cols[2].rsplit(":", 1)[1], 16),
+                        local=_end(cols[1]),
+                        remote=_end(cols[2]),
                         listening=int(cols[3], 16) == _LISTEN,
                     )
         except FileNotFoundError:
             continue
     return out
+
+
+def _end(column: str) -> tuple[str, int]:
+    """``"0100007F:96D3"`` -> ``("0100007F", 38611)``."""
+    addr, port = column.rsplit(":", 1)
+    return addr, int(port, 16)
