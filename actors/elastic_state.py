@@ -21,11 +21,6 @@ from collectives.process_group import leave_group, sever_group
 from collectives.replication import BuddyReplicator
 from orchestrator.recovery import Holding
 
-# How long a query for holdings waits for the last replica exchange to land,
-# and how long a rank whose collective failed waits before severing.
-_SETTLE_QUERY_S = 10.0
-_SETTLE_ON_ABORT_S = 1.0
-
 
 class ElasticState:
     """Needs ``self.engine``, ``self.rank``, ``self.spec`` and ``self._bounds`` (set by setup)."""
@@ -61,10 +56,6 @@ class ElasticState:
 
     def holdings(self) -> list[dict[str, Any]]:
         """Every complete copy of training state this worker holds, as ``Holding`` fields."""
-        if self._replicator is not None:
-            # The last exchange may still be in flight: its bytes left every
-            # live sender before that step was reported done.
-            self._replicator.settle(timeout_s=_SETTLE_QUERY_S)
         out: list[Holding] = []
         if self._applied is not None and self.engine is not None and self._live_valid:
             if self._sharded:
@@ -112,10 +103,6 @@ class ElasticState:
         if self.engine is not None:
             self.engine.abandon_collectives()
         try:
-            if self._replicator is not None:
-                # Keep a replica whose bytes had arrived before the failure; a
-                # dead source fails its receive at once.
-                self._replicator.settle(timeout_s=_SETTLE_ON_ABORT_S)
             sever_group()
         finally:
             leave_group()
@@ -130,7 +117,6 @@ class ElasticState:
         self._live_valid = True
         if self._replicator is not None and self.spec.elastic.enabled:
             self._replicate(done)
-            self._replicator.settle()
 
     def leave_epoch(self) -> None:
         """Leave the (possibly broken) process group; held copies stay until the next restore."""
@@ -165,5 +151,4 @@ class ElasticState:
         self._applied = done
         if self._replicator is not None and self.spec.elastic.enabled:
             self._replicate(done)
-            self._replicator.settle()
         return done

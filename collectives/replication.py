@@ -2,34 +2,29 @@
 
 At the end of a step, after its optimizer update, rank ``r`` snapshots the
 state it owns (its flat range of parameters and optimizer state, as the
-engine's ``checkpoint_slice()`` defines it) into host memory and starts
-sending the snapshot to its buddy, rank ``(r + 1) % n``, while receiving the
-snapshot of rank ``(r - 1) % n``. The step does not wait for the exchange:
-it completes during the next step's compute (off the critical path), and is
-settled (waited for, and the received copy marked complete) at the end of
-that next step, or as soon as the controller asks what this rank holds.
+engine's ``checkpoint_slice()`` defines it) into host memory and sends the
+snapshot to its buddy, rank ``(r + 1) % n``, while receiving the snapshot of
+rank ``(r - 1) % n``. The step returns only after the exchange completed, so
+when the controller has seen every rank finish step ``s``:
 
-What a failure finds, then, when the controller has seen every rank finish
-step ``s``: every survivor has a snapshot of its own shard as of ``s`` (a
-local copy, complete at once), and the dead rank's shard as of ``s`` is on
-its buddy as soon as the exchange of ``s`` has settled. That exchange was
-started before the dead rank returned step ``s``, so its bytes were already
-on their way; settling waits for them (a dead source's connection fails the
-receive at once instead). Only if they never arrived does recovery go back
-to the previous exchange, one step earlier: the buffers are double-buffered,
-so that pair is still complete. (Unless an exchange takes longer than a
-whole step, e.g. large shards on a slow link: then the other ranks may have
-reused their older snapshot before the failure, no step is complete in
-memory, and recovery falls back to the checkpoint. A third own snapshot
-would close that window for one more shard copy of host memory.) When both
-a rank and its buddy are lost, the replica is gone too, and the controller
-falls back to the last checkpoint.
-``replicate_every`` trades the exchange's cost against steps redone.
+* every rank holds a snapshot of its own shard as of the end of ``s`` (to roll
+  back a later step that a failure interrupted half-way), and
+* every rank's shard as of the end of ``s`` also lives on its buddy,
+
+so a single dead rank's shard is rebuilt from host memory with no checkpoint
+and no lost step. The exchange is double-buffered: if it fails (a peer died
+mid-transfer), the previous, complete pair is kept, and recovery goes back
+to that step. When both a rank and its buddy are lost, the replica is gone
+too, and the controller falls back to the last checkpoint.
+
+Why at the end of the step, on the critical path: then "committed" simply
+means "replicated". Sending during the next step's forward pass would hide
+the transfer, but a failure in that step would then lose the last step.
+``replicate_every`` trades the transfer's cost against steps redone.
 """
 
 from __future__ import annotations
 
-import datetime
 import threading
 from dataclasses import dataclass
 
@@ -59,30 +54,6 @@ def _fill(spare: ShardCopy | None, rank: int, lo: int, hi: int, keys: list[str])
     return spare
 
 
-@dataclass
-class _Exchange:
-    """An exchange in flight: ``replica`` is complete once every one of ``receives`` is."""
-
-    step: int
-    replica: ShardCopy
-    receives: list
-    sends: list
-
-
-def _wait_all(works: list, timeout_s: float | None) -> RuntimeError | None:
-    """Wait for every work; the first error (a failed peer, or the timeout), else None."""
-    failure = None
-    for w in works:
-        try:
-            if timeout_s is None:
-                w.wait()
-            else:
-                w.wait(datetime.timedelta(seconds=timeout_s))
-        except RuntimeError as e:
-            failure = failure or e
-    return failure
-
-
 class BuddyReplicator:
     """Keeps ``own`` (this rank's snapshot) and ``replica`` (the source rank's), same step."""
 
@@ -97,10 +68,6 @@ class BuddyReplicator:
         self.replica: ShardCopy | None = None
         self._spare_own: ShardCopy | None = None
         self._spare_replica: ShardCopy | None = None
-        self._pending: _Exchange | None = None  # started, not yet settled
-        # Held through a whole replicate() or settle(): the control thread's
-        # settle must not let a new exchange reuse the buffer still receiving.
-        self._exchanging = threading.RLock()
 
     @property
     def buddy(self) -> int:
@@ -119,65 +86,39 @@ class BuddyReplicator:
         tensors: dict[str, torch.Tensor],
         source_range: tuple[int, int],
     ) -> None:
-        """Snapshot ``tensors`` (this rank's ``[lo, hi)`` after ``step``); start the exchange.
+        """Snapshot ``tensors`` (this rank's ``[lo, hi)`` after ``step``) and swap with the buddies.
 
         ``source_range`` is the flat range the source rank owns (from the
-        plan, which every rank knows); it sizes the receive buffer. First
-        settles the previous exchange (raising if a peer failed during it);
-        the new one runs in the background until the next call or
-        ``settle()``.
+        plan, which every rank knows); it sizes the receive buffer. Blocks
+        until sent and received; raises if a peer fails mid-way, keeping the
+        previous complete pair.
         """
-        with self._exchanging:
-            self.settle()
-            keys = list(tensors)
-            # The spares are about to be overwritten: until they are complete
-            # they hold nothing usable (step -1), whatever they held before.
-            with self.lock:
-                own = _fill(self._spare_own, self.rank, lo, hi, keys)
-                self._spare_own = own
-            for k, t in tensors.items():
-                own.tensors[k].copy_(t)
-            own.step = step  # complete: a valid copy whatever happens to the exchange
-            with self.lock:
-                self._spare_own, self.own = self.own, own
-            if self.world_size == 1:
-                return
+        keys = list(tensors)
+        # The spares are about to be overwritten: until they are complete
+        # they hold nothing usable (step -1), whatever they held before.
+        with self.lock:
+            own = _fill(self._spare_own, self.rank, lo, hi, keys)
+            self._spare_own = own
+        for k, t in tensors.items():
+            own.tensors[k].copy_(t)
+        own.step = step  # complete: a valid copy even if the exchange below fails
+        replica = None
+        if self.world_size > 1:
             src_lo, src_hi = source_range
             with self.lock:
                 replica = _fill(self._spare_replica, self.source, src_lo, src_hi, keys)
                 self._spare_replica = replica
-            sends, receives = [], []
+            works = []
             # The same key order on every rank, so the n-th message of each pair matches.
             for k in keys:
-                sends.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
-                receives.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
-            with self.lock:
-                self._pending = _Exchange(step, replica, receives, sends)
-
-    def settle(self, timeout_s: float | None = None) -> bool:
-        """Wait for the exchange in flight, if any; returns whether its replica is complete.
-
-        The replica is complete when every receive is, whatever became of
-        this rank's sends (its buddy may be the one that died). If a peer
-        failed (or ``timeout_s`` passed), the error is raised only when
-        ``timeout_s`` is None (the training path); the controller's queries
-        pass a timeout and get the outcome instead.
-        """
-        with self._exchanging:
-            with self.lock:
-                pending, self._pending = self._pending, None
-            if pending is None:
-                return True
-            received = _wait_all(pending.receives, timeout_s)
-            if received is None:
-                with self.lock:
-                    pending.replica.step = pending.step
-                    self._spare_replica, self.replica = self.replica, pending.replica
-            sent = _wait_all(pending.sends, timeout_s)
-            failure = received or sent
-            if failure is not None and timeout_s is None:
-                raise failure
-            return received is None
+                works.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
+                works.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
+            for w in works:
+                w.wait()
+            replica.step = step
+        with self.lock:
+            self._spare_own, self.own = self.own, own
+            self._spare_replica, self.replica = self.replica, replica
 
     def own_copies(self) -> dict[int, ShardCopy]:
         """This rank's complete snapshots by step (the newest and, if intact, the one before)."""
@@ -194,7 +135,6 @@ class BuddyReplicator:
     def forget(self) -> None:
         """Drop everything (a new epoch with a new plan starts from fresh snapshots)."""
         self.own = self.replica = self._spare_own = self._spare_replica = None
-        self._pending = None
 
     def state_bytes(self) -> int:
         """Host memory held for snapshots and replicas, spares included."""
