@@ -286,6 +286,11 @@ def job_spec(run_dir: Path, address: str) -> JobSpec:
     )
 
 
+def _trained_since(st: Any, mark: int | None) -> bool:
+    """Whether the job is running and has trained KILL_AFTER_STEPS steps since step ``mark``."""
+    return mark is not None and st.state == JobState.RUNNING and st.step >= mark + KILL_AFTER_STEPS
+
+
 def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster) -> None:
     t0 = time.monotonic()
 
@@ -332,12 +337,7 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
         cluster.remember_processes()
         if full_at is None and row["workers"] == WORKERS and st.state == JobState.RUNNING:
             full_at = st.step
-        if (
-            drained is None
-            and full_at is not None
-            and st.state == JobState.RUNNING
-            and st.step >= full_at + KILL_AFTER_STEPS
-        ):
+        if drained is None and _trained_since(st, full_at):
             # The whole membership has trained together: Ray drains the first
             # joiner's node, as on a spot-preemption notice.
             drained = drain_node_of(st.workers[0])
@@ -351,12 +351,7 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
             and drained["worker_id"] not in [w["worker_id"] for w in st.workers]
         ):
             drained_at = st.step
-        if (
-            killed is None
-            and drained_at is not None
-            and st.state == JobState.RUNNING
-            and st.step >= drained_at + KILL_AFTER_STEPS
-        ):
+        if killed is None and _trained_since(st, drained_at):
             # Then a node is lost without notice: the last joiner's.
             killed = kill_node_of(handle.worker_pids()[-1])
             killed.update(t=now(), step=st.step, epoch=st.epoch)
