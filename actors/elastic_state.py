@@ -21,6 +21,12 @@ from collectives.process_group import leave_group, sever_group
 from collectives.replication import BuddyReplicator
 from orchestrator.recovery import Holding
 
+# How long a query for holdings waits for a replica exchange still in flight
+# (a live source's bytes land in milliseconds; a dead one's never do), and
+# how long a rank whose collective failed waits for it before severing.
+_SETTLE_QUERY_S = 5.0
+_SETTLE_ON_ABORT_S = 1.0
+
 
 class ElasticState:
     """Needs ``self.engine``, ``self.rank``, ``self.spec`` and ``self._bounds`` (set by setup)."""
@@ -38,14 +44,24 @@ class ElasticState:
         return self.spec.strategy.name != "ddp"
 
     def _start_epoch(self, world_size: int) -> None:
-        self._replicator = BuddyReplicator(self.rank, world_size) if self._sharded else None
+        self._replicator = None
+        if self._sharded:
+            overlap = self.spec.elastic.replication == "async"
+            self._replicator = BuddyReplicator(self.rank, world_size, overlap=overlap)
 
     def _after_step(self, done: int) -> None:
-        """Called at the end of every step: record it, and replicate the shard when due."""
+        """Called at the end of every step: record it, and replicate the shard when due.
+
+        The previous exchange is settled at every step's end, also when no new
+        one is due, so that a replica is never more than a step behind.
+        """
         self._applied = done
-        every = self.spec.elastic.replicate_every
-        if self._replicator is not None and self.spec.elastic.enabled and done % every == 0:
+        if self._replicator is None or not self.spec.elastic.enabled:
+            return
+        if done % self.spec.elastic.replicate_every == 0:
             self._replicate(done)
+        else:
+            self._replicator.settle()
 
     def _replicate(self, done: int) -> None:
         lo, hi, tensors = self.engine.checkpoint_slice()
@@ -56,6 +72,8 @@ class ElasticState:
 
     def holdings(self) -> list[dict[str, Any]]:
         """Every complete copy of training state this worker holds, as ``Holding`` fields."""
+        if self._replicator is not None:
+            self._replicator.settle(timeout_s=_SETTLE_QUERY_S)
         out: list[Holding] = []
         if self._applied is not None and self.engine is not None and self._live_valid:
             if self._sharded:
@@ -103,6 +121,10 @@ class ElasticState:
         if self.engine is not None:
             self.engine.abandon_collectives()
         try:
+            if self._replicator is not None:
+                # Severing would cut off replica bytes still on their way here
+                # (or from here) from live peers; a dead peer fails at once.
+                self._replicator.settle(timeout_s=_SETTLE_ON_ABORT_S)
             sever_group()
         finally:
             leave_group()

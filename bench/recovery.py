@@ -35,10 +35,9 @@ same machine; a metric record's time is the controller's start, as read from
 * **recovery_s**: shoal's own ``status.recovery_s`` (detection to the new
   epoch's start); for the restart, ``status.resume_s`` (the checkpoint load).
 
-Also the steady-state cost of buddy replication: the median step time of
-zero2 with ``elastic.replicate_every=1`` vs. ``elastic.enabled=false``
-(separate runs, no kill, alternating which goes first). No assertions: the
-table goes to BENCHMARKS.md.
+What replication costs a step without failures is measured by
+``bench/replication_cost.py``. No assertions: the table goes to
+BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -83,15 +82,6 @@ class Recovery:
     recovery_s: float  # shoal: status.recovery_s; restart: status.resume_s
     detected_s: float  # kill -> failure noticed (shoal: `died` event; restart: job FAILED)
     source: str  # where the state came from
-
-
-@dataclass
-class Steady:
-    """Median step time of one run without failures."""
-
-    label: str
-    median_step_s: float
-    steps: int
 
 
 # -- job plumbing -------------------------------------------------------------
@@ -241,17 +231,6 @@ def measure_restart(
     )
 
 
-def measure_steady(args: argparse.Namespace, run_dir: Path, label: str, *extra: str) -> Steady:
-    spec = job_spec(args, "zero2", run_dir, "checkpoint.every=0", *extra, steps=args.steady_steps)
-    handle = submit(spec)
-    status = handle.wait(timeout=900)
-    if status.state != JobState.SUCCEEDED:
-        raise RuntimeError(f"{label}: {status.state}: {status.error}")
-    times = [r["step_time_s"] for r in handle.metrics() if r["step"] >= args.steady_warmup]
-    handle.close()
-    return Steady(label, statistics.median(times), len(times))
-
-
 # -- the report ---------------------------------------------------------------
 
 
@@ -314,21 +293,6 @@ def print_runs(results: list[Recovery]) -> None:
         )
 
 
-def print_steady_table(steady: list[Steady]) -> None:
-    print("\n| zero2, no kill | median step (s) [runs] | steps per run |")
-    print("| --- | ---: | ---: |")
-    labels = list(dict.fromkeys(s.label for s in steady))
-    medians = {}
-    for label in labels:
-        rows = [s for s in steady if s.label == label]
-        medians[label] = statistics.median(s.median_step_s for s in rows)
-        runs = ", ".join(f"{s.median_step_s:.3f}" for s in rows)
-        print(f"| {label} | {medians[label]:.3f} [{runs}] | {rows[0].steps} |")
-    if len(labels) == 2:
-        a, b = labels
-        print(f"\nreplication overhead: {medians[a] / medians[b] - 1:+.1%} ({a} vs {b})")
-
-
 # -- main -----------------------------------------------------------------------
 
 
@@ -342,8 +306,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--global-batch", type=int, default=12)
     p.add_argument("--every", type=int, default=20, help="checkpoint.every")
     p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--steady-steps", type=int, default=40)
-    p.add_argument("--steady-warmup", type=int, default=5)
     p.add_argument("--no-survivors", action="store_true", help="skip cluster.min_workers=2")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
@@ -371,7 +333,6 @@ def main() -> None:
     root = Path(tempfile.mkdtemp(prefix="shoal-recovery-"))
     print(f"load average at start: {load_average()}; runs under {root}")
     results: list[Recovery] = []
-    steady: list[Steady] = []
     for rep in range(args.repeats):
         for strategy in args.strategies:
             kill_at = rng.randint(args.every + 2, 2 * args.every - 2)
@@ -392,20 +353,9 @@ def main() -> None:
                     r = measure_shoal(args, strategy, run_dir, kill_at, rank, method == SURVIVORS)
                 print(f"    -> {r}", flush=True)
                 results.append(r)
-        pair = [
-            ("replicate_every=1", "elastic.replicate_every=1"),
-            ("elastic.enabled=false", "elastic.enabled=false"),
-        ]
-        for label, override in pair if rep % 2 == 0 else reversed(pair):
-            print(f"[{rep}] zero2 steady, {label} (load {load_average()})", flush=True)
-            steady.append(
-                measure_steady(args, root / f"steady-{slug(label)}-{rep}", label, override)
-            )
-            print(f"    -> {steady[-1]}", flush=True)
     print(f"\nload average at end: {load_average()}")
     print_recovery_table(results)
     print_runs(results)
-    print_steady_table(steady)
 
 
 if __name__ == "__main__":

@@ -1,31 +1,43 @@
-"""Buddy replication: every rank keeps its last good shard and a copy of a peer's.
+"""Buddy replication: every rank keeps recent snapshots of its shard and copies of a peer's.
 
 At the end of a step, after its optimizer update, rank ``r`` snapshots the
 state it owns (its flat range of parameters and optimizer state, as the
 engine's ``checkpoint_slice()`` defines it) into host memory and sends the
 snapshot to its buddy, rank ``(r + 1) % n``, while receiving the snapshot of
-rank ``(r - 1) % n``. The step returns only after the exchange completed, so
-when the controller has seen every rank finish step ``s``:
+its source, rank ``(r - 1) % n``.
 
-* every rank holds a snapshot of its own shard as of the end of ``s`` (to roll
-  back a later step that a failure interrupted half-way), and
-* every rank's shard as of the end of ``s`` also lives on its buddy,
+**Off the critical path** (``overlap=True``, ``elastic.replication=async``):
+the step does not wait for the exchange. The snapshot (a local copy) is
+complete at once; the transfer runs in gloo's background threads during the
+next step's compute and is *settled* (waited for, the received copy marked
+complete) at the end of that next step, or as soon as the controller asks
+what this rank holds. A step's state is therefore safe against the loss of
+any one rank once its exchange has settled, one step after the step itself.
+If a rank dies before its last exchange landed (a node lost in the moment
+right after a step), its buddy holds its shard as of the step before, and
+the job goes back one step. For that, every rank must still hold its own
+snapshot of that step, even if it has finished one more step meanwhile:
+ranks keep **three** own snapshots (steps ``s``, ``s-1``, ``s-2`` after
+finishing ``s``). A fourth is never needed: no rank can finish a step after
+the one the dead rank missed, as that step's collectives need the dead rank.
 
-so a single dead rank's shard is rebuilt from host memory with no checkpoint
-and no lost step. The exchange is double-buffered: if it fails (a peer died
-mid-transfer), the previous, complete pair is kept, and recovery goes back
-to that step. When both a rank and its buddy are lost, the replica is gone
-too, and the controller falls back to the last checkpoint.
+**On the critical path** (``overlap=False``, ``elastic.replication=sync``):
+the step returns only after its exchange settled, so every step whose result
+reached the controller is on two ranks, and a single failure never sends the
+job back. Two own snapshots suffice.
 
-Why at the end of the step, on the critical path: then "committed" simply
-means "replicated". Sending during the next step's forward pass would hide
-the transfer, but a failure in that step would then lose the last step.
-``replicate_every`` trades the transfer's cost against steps redone.
+Either way the received copies are double-buffered (the one being received
+and the last complete one), a buffer is reused only after the exchange that
+used it settled, and when a rank and its buddy are both lost the replica is
+gone too: the controller falls back to the last checkpoint.
+``replicate_every`` trades the exchange's cost against steps redone.
 """
 
 from __future__ import annotations
 
+import datetime
 import threading
+import time
 from dataclasses import dataclass
 
 import torch
@@ -33,11 +45,15 @@ import torch.distributed as dist
 
 # Point-to-point tag for replica traffic, apart from anything else on the group.
 _TAG = 7_000
+_REPLICA_BUFFERS = 2
 
 
 @dataclass
 class ShardCopy:
-    """Rank ``rank``'s owned flat range ``[lo, hi)`` as of the end of step ``step``."""
+    """Rank ``rank``'s owned flat range ``[lo, hi)`` as of the end of step ``step``.
+
+    ``step`` is -1 while the buffer is being written (it holds nothing usable).
+    """
 
     rank: int
     step: int
@@ -46,28 +62,89 @@ class ShardCopy:
     tensors: dict[str, torch.Tensor]
 
 
-def _fill(spare: ShardCopy | None, rank: int, lo: int, hi: int, keys: list[str]) -> ShardCopy:
-    """A buffer of the right shape (reusing ``spare`` when it fits), marked incomplete (step -1)."""
-    if spare is None or (spare.lo, spare.hi) != (lo, hi) or list(spare.tensors) != keys:
-        return ShardCopy(rank, -1, lo, hi, {k: torch.empty(hi - lo) for k in keys})
-    spare.rank, spare.step = rank, -1
-    return spare
+@dataclass
+class _Exchange:
+    """An exchange in flight: ``replica`` is complete once every one of ``receives`` is."""
+
+    step: int
+    replica: ShardCopy
+    sends: list
+    receives: list | None = None  # None: posting them failed (the source is gone)
+
+
+def _wait_all(works: list, deadline: float | None) -> RuntimeError | None:
+    """Wait for every work until ``deadline`` (``time.monotonic()``; None: no limit).
+
+    Returns the first error (a failed peer, or the deadline passed), else None.
+    """
+    failure = None
+    for w in works:
+        try:
+            if deadline is None:
+                w.wait()
+            else:
+                left = max(deadline - time.monotonic(), 0.001)
+                w.wait(datetime.timedelta(seconds=left))
+        except RuntimeError as e:  # DistError is a RuntimeError
+            failure = failure or e
+    return failure
+
+
+class _Ring:
+    """Up to ``capacity`` copy buffers; hands out the one to overwrite next."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.buffers: list[ShardCopy] = []  # oldest first
+
+    def take(self, rank: int, lo: int, hi: int, keys: list[str]) -> ShardCopy:
+        """A buffer for a new copy, marked incomplete, moved to the newest end.
+
+        An incomplete buffer (an exchange that failed) is reused before the
+        oldest complete one, so no complete copy is dropped needlessly.
+        """
+        if len(self.buffers) < self.capacity:
+            buf = None
+        else:
+            incomplete = [b for b in self.buffers if b.step < 0]
+            buf = incomplete[0] if incomplete else self.buffers[0]
+            self.buffers.remove(buf)
+        if buf is None or (buf.lo, buf.hi) != (lo, hi) or list(buf.tensors) != keys:
+            buf = ShardCopy(rank, -1, lo, hi, {k: torch.empty(hi - lo) for k in keys})
+        buf.rank, buf.step = rank, -1
+        self.buffers.append(buf)
+        return buf
+
+    def complete(self) -> dict[int, ShardCopy]:
+        return {b.step: b for b in self.buffers if b.step >= 0}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for b in self.buffers for t in b.tensors.values())
 
 
 class BuddyReplicator:
-    """Keeps ``own`` (this rank's snapshot) and ``replica`` (the source rank's), same step."""
+    """Snapshots this rank's shard and exchanges it with the neighbours on a ring."""
 
-    def __init__(self, rank: int, world_size: int, group: dist.ProcessGroup | None = None):
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        group: dist.ProcessGroup | None = None,
+        overlap: bool = True,
+    ):
         self.rank = rank
         self.world_size = world_size
         self.group = group
-        # Held while buffers change hands: the controller may ask what this rank
-        # holds from another thread while a step is stuck in a collective.
+        self.overlap = overlap
+        # Held while buffers change hands: the controller asks what this rank
+        # holds from another thread, possibly while a step is stuck.
         self.lock = threading.Lock()
-        self.own: ShardCopy | None = None
-        self.replica: ShardCopy | None = None
-        self._spare_own: ShardCopy | None = None
-        self._spare_replica: ShardCopy | None = None
+        self._own = _Ring(3 if overlap else 2)
+        self._replicas = _Ring(_REPLICA_BUFFERS)
+        self._pending: _Exchange | None = None  # started, not yet settled
+        # Held through a whole replicate() or settle(), so that no exchange
+        # reuses a buffer an earlier one may still be writing.
+        self._exchanging = threading.RLock()
 
     @property
     def buddy(self) -> int:
@@ -86,60 +163,80 @@ class BuddyReplicator:
         tensors: dict[str, torch.Tensor],
         source_range: tuple[int, int],
     ) -> None:
-        """Snapshot ``tensors`` (this rank's ``[lo, hi)`` after ``step``) and swap with the buddies.
+        """Snapshot ``tensors`` (this rank's ``[lo, hi)`` after ``step``) and start the exchange.
 
         ``source_range`` is the flat range the source rank owns (from the
-        plan, which every rank knows); it sizes the receive buffer. Blocks
-        until sent and received; raises if a peer fails mid-way, keeping the
-        previous complete pair.
+        plan, which every rank knows); it sizes the receive buffer. First
+        settles the previous exchange, raising if a peer failed during it.
+        With ``overlap`` the new exchange then runs in the background until
+        the next ``settle()``; without, it is settled before returning.
         """
-        keys = list(tensors)
-        # The spares are about to be overwritten: until they are complete
-        # they hold nothing usable (step -1), whatever they held before.
-        with self.lock:
-            own = _fill(self._spare_own, self.rank, lo, hi, keys)
-            self._spare_own = own
-        for k, t in tensors.items():
-            own.tensors[k].copy_(t)
-        own.step = step  # complete: a valid copy even if the exchange below fails
-        replica = None
-        if self.world_size > 1:
-            src_lo, src_hi = source_range
+        with self._exchanging:
+            self.settle()
+            keys = list(tensors)
             with self.lock:
-                replica = _fill(self._spare_replica, self.source, src_lo, src_hi, keys)
-                self._spare_replica = replica
-            works = []
-            # The same key order on every rank, so the n-th message of each pair matches.
-            for k in keys:
-                works.append(dist.isend(own.tensors[k], self.buddy, self.group, _TAG))
-                works.append(dist.irecv(replica.tensors[k], self.source, self.group, _TAG))
-            for w in works:
-                w.wait()
-            replica.step = step
-        with self.lock:
-            self._spare_own, self.own = self.own, own
-            self._spare_replica, self.replica = self.replica, replica
+                own = self._own.take(self.rank, lo, hi, keys)
+            for k, t in tensors.items():
+                own.tensors[k].copy_(t)
+            own.step = step  # complete: a valid copy whatever happens to the exchange
+            if self.world_size == 1:
+                return
+            with self.lock:
+                replica = self._replicas.take(self.source, *source_range, keys)
+            # The same key order on every rank, so the n-th message of each pair
+            # matches. Every send is posted before any receive: if the source
+            # is gone (posting to it raises), the buddy still gets this copy.
+            sends = [dist.isend(own.tensors[k], self.buddy, self.group, _TAG) for k in keys]
+            self._pending = _Exchange(step, replica, sends=sends)
+            self._pending.receives = [
+                dist.irecv(replica.tensors[k], self.source, self.group, _TAG) for k in keys
+            ]
+            if not self.overlap:
+                self.settle()
+
+    def settle(self, timeout_s: float | None = None) -> bool:
+        """Wait for the exchange in flight, if any; returns whether its replica is complete.
+
+        The replica is complete when every receive is, whatever became of
+        this rank's sends (its buddy may be the one that died). With
+        ``timeout_s`` None (the training path) a failed peer raises. The
+        controller's queries pass a timeout and get the outcome instead; an
+        exchange that has not landed by then is given up (the copy stays
+        incomplete), and so is the wait for another thread's exchange.
+        """
+        if not self._exchanging.acquire(timeout=-1 if timeout_s is None else timeout_s):
+            return False
+        try:
+            pending, self._pending = self._pending, None
+            if pending is None:
+                return True
+            deadline = None if timeout_s is None else time.monotonic() + timeout_s
+            if pending.receives is None:
+                received = RuntimeError(f"rank {self.rank}: no receive from rank {self.source}")
+            else:
+                received = _wait_all(pending.receives, deadline)
+            if received is None:
+                with self.lock:
+                    pending.replica.step = pending.step
+            sent = _wait_all(pending.sends, deadline)
+            failure = received or sent
+            if failure is not None and timeout_s is None:
+                raise failure
+            return received is None
+        finally:
+            self._exchanging.release()
 
     def own_copies(self) -> dict[int, ShardCopy]:
-        """This rank's complete snapshots by step (the newest and, if intact, the one before)."""
+        """This rank's complete snapshots, by step."""
         with self.lock:
-            copies = (self._spare_own, self.own)
-            return {c.step: c for c in copies if c is not None and c.step >= 0}
+            return self._own.complete()
 
     def replica_copies(self) -> dict[int, ShardCopy]:
         """The source rank's complete snapshots held here, by step."""
         with self.lock:
-            copies = (self._spare_replica, self.replica)
-            return {c.step: c for c in copies if c is not None and c.step >= 0}
-
-    def forget(self) -> None:
-        """Drop everything (a new epoch with a new plan starts from fresh snapshots)."""
-        self.own = self.replica = self._spare_own = self._spare_replica = None
+            return self._replicas.complete()
 
     def state_bytes(self) -> int:
-        """Host memory held for snapshots and replicas, spares included."""
-        total = 0
-        for copy in (self.own, self.replica, self._spare_own, self._spare_replica):
-            if copy is not None:
-                total += sum(t.numel() * t.element_size() for t in copy.tensors.values())
-        return total
+        """Host memory held for snapshots and replicas, buffers being written included."""
+        with self.lock:
+            return self._own.nbytes() + self._replicas.nbytes()

@@ -20,6 +20,7 @@ BALANCE = ("equal", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
+REPLICATION_MODES = ("async", "sync")
 
 
 @dataclass
@@ -159,6 +160,11 @@ class ElasticConfig:
     # steps; a lost worker is rebuilt from the copy. More steps: less
     # traffic, more steps redone after a failure.
     replicate_every: int = 1
+    # async: the copy is sent while the next step computes (off the critical
+    # path); a worker lost in the moment after a step, before its copy
+    # landed, sends the job back that one step. sync: each step waits for
+    # its copy to land, so a single failure never sends the job back.
+    replication: str = "async"
     # A step that takes longer than this on some worker marks it as failed.
     step_timeout_s: float = 300.0
     # How long to wait for at least cluster.min_workers before failing the job.

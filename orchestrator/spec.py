@@ -23,6 +23,7 @@ from orchestrator.schema import (
     LR_SCHEDULES,
     OPTIMIZERS,
     PRECISIONS,
+    REPLICATION_MODES,
     STRATEGIES,
     ClusterConfig,
     JobConfig,
@@ -175,6 +176,12 @@ def validate(c: JobConfig) -> None:
 
     e = c.elastic
     _check(e.replicate_every >= 1, "elastic.replicate_every", ">= 1", e.replicate_every)
+    _check(
+        e.replication in REPLICATION_MODES,
+        "elastic.replication",
+        f"one of {list(REPLICATION_MODES)}",
+        e.replication,
+    )
     _check(e.step_timeout_s > 0, "elastic.step_timeout_s", "> 0", e.step_timeout_s)
     _check(e.wait_timeout_s > 0, "elastic.wait_timeout_s", "> 0", e.wait_timeout_s)
     _check(e.max_failures >= 0, "elastic.max_failures", ">= 0", e.max_failures)

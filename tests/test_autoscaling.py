@@ -119,7 +119,9 @@ def test_job_grows_with_the_autoscaler_moves_off_a_drained_node_and_survives_a_l
     assert "died" not in names[: names.index("drained")], why
 
     # A node lost mid-run: its worker died, the job recovered from buddy replicas
-    # (no checkpoint, no step redone) and finished every step.
+    # (no checkpoint) and finished every step. The node is removed right after a
+    # step was seen; if the worker's copy of that step had not left yet
+    # (replication is asynchronous), that one step is redone.
     assert "killed" in result, f"the job ended before a node could be removed\n{why}"
     assert result["state"] == "succeeded", why
     assert result["error"] is None, why
@@ -130,7 +132,7 @@ def test_job_grows_with_the_autoscaler_moves_off_a_drained_node_and_survives_a_l
     assert "restored-from-checkpoint" not in names, why
     assert "stuck" not in names, why
     assert result["failures_survived"] == 1, why
-    assert result["steps_redone"] == 0, why
+    assert result["steps_redone"] <= 1, why
     assert result["final_step"] == result["steps"], why
     assert result["final_workers"] >= 1, why
     steps = result["metric_steps"]

@@ -83,10 +83,26 @@ def _events(spec: JobSpec) -> list[str]:
     return [json.loads(line)["event"] for line in lines]
 
 
-@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
-def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
-    rng = random.Random(strategy)  # a different, reproducible kill for each strategy
-    spec = _spec(tmp_path, strategy, f"strategy={strategy}", "cluster.workers=3")
+@pytest.mark.parametrize(
+    "strategy, replication",
+    [
+        ("ddp", "async"),
+        ("zero1", "async"),
+        ("zero2", "async"),
+        ("zero3", "async"),
+        ("zero2", "sync"),
+    ],
+)
+def test_sigkill_a_worker_loses_no_committed_step(ray_session, tmp_path, strategy, replication):
+    # A different, reproducible kill for each case.
+    rng = random.Random(strategy if replication == "async" else f"{strategy}-{replication}")
+    spec = _spec(
+        tmp_path,
+        f"{strategy}-{replication}",
+        f"strategy={strategy}",
+        "cluster.workers=3",
+        f"elastic.replication={replication}",
+    )
     handle = submit(spec)
     _wait_for_step(handle, rng.randrange(2, 6))
     _kill_rank(handle, rng.randrange(3))
@@ -98,7 +114,11 @@ def test_sigkill_a_worker_loses_no_step(ray_session, tmp_path, strategy):
     events = _events(spec)
     assert "stuck" not in events
     assert status.failures_survived == 1
-    assert status.steps_redone == 0
+    # Synchronous replication, and ddp (every survivor holds the whole state):
+    # no step whose result came back is redone. Asynchronous: a kill in the
+    # moment after a step, before that step's copy left the worker, redoes
+    # that one step (tests/test_replication.py makes that happen on purpose).
+    assert status.steps_redone <= (1 if replication == "async" and strategy != "ddp" else 0)
     assert "died" in events and "restored-from-buddy" in events
     assert "restored-from-checkpoint" not in events
     steps = [m["step"] for m in handle.metrics()]

@@ -40,6 +40,7 @@ def test_overrides_are_typed(tmp_path):
         (["model._target_=no.such.Model"], "model._target_"),
         (["data=text_file"], "data.path"),
         (["data=text_file", "data.path=/definitely/not/here.txt"], "data.path"),
+        (["elastic.replication=eventually"], "elastic.replication"),
         (["checkpoint.keep=0"], "checkpoint.keep"),
         (["checkpoint.uri=ftp://x/y"], "checkpoint.uri"),
         (["resume=yesterday"], "resume"),
