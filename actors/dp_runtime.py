@@ -213,6 +213,7 @@ class DataParallelRuntime(ElasticState):
         # A ZeRO step updates this rank's shard before its last collective (the
         # all-gather), so if that fails the live shard is neither before nor
         # after the step; DDP's update follows its last collective.
+        self._before_update()
         self._live_valid = not self._sharded
         stats = engine.step(lr)
         self._live_valid = True

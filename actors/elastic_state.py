@@ -63,6 +63,11 @@ class ElasticState:
         else:
             self._replicator.settle()
 
+    def _before_update(self) -> None:
+        """Called before the optimizer update: the last snapshot must have been copied."""
+        if self._replicator is not None:
+            self._replicator.wait_for_snapshot()
+
     def _replicate(self, done: int) -> None:
         lo, hi, tensors = self.engine.checkpoint_slice()
         rep = self._replicator

@@ -7,12 +7,15 @@ snapshot to its buddy, rank ``(r + 1) % n``, while receiving the snapshot of
 its source, rank ``(r - 1) % n``.
 
 **Off the critical path** (``overlap=True``, ``elastic.replication=async``):
-the step does not wait for the exchange. The snapshot (a local copy) is
-complete at once; the transfer runs in gloo's background threads during the
-next step's compute and is *settled* (waited for, the received copy marked
-complete) at the end of that next step, or as soon as the controller asks
-what this rank holds. A step's state is therefore safe against the loss of
-any one rank once its exchange has settled, one step after the step itself.
+the step waits for neither the snapshot nor the exchange. A background
+thread copies the shard while the next step's forward and backward run
+(they do not change it; the step waits for the copy only before its
+optimizer update, ``wait_for_snapshot()``) and then posts the exchange,
+which gloo carries on in its own threads. The exchange is *settled* (waited
+for, the received copy marked complete) at the end of that next step, or as
+soon as the controller asks what this rank holds. A step's state is
+therefore safe against the loss of any one rank once its exchange has
+settled, one step after the step itself.
 If a rank dies before its last exchange landed (a node lost in the moment
 right after a step), its buddy holds its shard as of the step before, and
 the job goes back one step. For that, every rank must still hold its own
@@ -38,6 +41,7 @@ from __future__ import annotations
 import datetime
 import threading
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -142,6 +146,10 @@ class BuddyReplicator:
         self._own = _Ring(3 if overlap else 2)
         self._replicas = _Ring(_REPLICA_BUFFERS)
         self._pending: _Exchange | None = None  # started, not yet settled
+        # With overlap, the snapshot copy and the posting of the exchange run
+        # on this one background thread, while the next step computes.
+        self._background: ThreadPoolExecutor | None = None
+        self._snapshot: Future | None = None
         # Held through a whole replicate() or settle(), so that no exchange
         # reuses a buffer an earlier one may still be writing.
         self._exchanging = threading.RLock()
@@ -176,23 +184,51 @@ class BuddyReplicator:
             keys = list(tensors)
             with self.lock:
                 own = self._own.take(self.rank, lo, hi, keys)
-            for k, t in tensors.items():
-                own.tensors[k].copy_(t)
-            own.step = step  # complete: a valid copy whatever happens to the exchange
-            if self.world_size == 1:
-                return
-            with self.lock:
-                replica = self._replicas.take(self.source, *source_range, keys)
-            # The same key order on every rank, so the n-th message of each pair
-            # matches. Every send is posted before any receive: if the source
-            # is gone (posting to it raises), the buddy still gets this copy.
-            sends = [dist.isend(own.tensors[k], self.buddy, self.group, _TAG) for k in keys]
-            self._pending = _Exchange(step, replica, sends=sends)
-            self._pending.receives = [
-                dist.irecv(replica.tensors[k], self.source, self.group, _TAG) for k in keys
-            ]
+                replica = None
+                if self.world_size > 1:
+                    replica = self._replicas.take(self.source, *source_range, keys)
             if not self.overlap:
+                self._copy_and_post(step, own, replica, tensors)
                 self.settle()
+                return
+            if self._background is None:
+                self._background = ThreadPoolExecutor(1, thread_name_prefix="shoal-replica")
+            self._snapshot = self._background.submit(
+                self._copy_and_post, step, own, replica, tensors
+            )
+
+    def _copy_and_post(
+        self,
+        step: int,
+        own: ShardCopy,
+        replica: ShardCopy | None,
+        tensors: dict[str, torch.Tensor],
+    ) -> None:
+        for k, t in tensors.items():
+            own.tensors[k].copy_(t)
+        own.step = step  # complete: a valid copy whatever happens to the exchange
+        if replica is None:
+            return
+        keys = list(tensors)
+        # The same key order on every rank, so the n-th message of each pair
+        # matches. Every send is posted before any receive: if the source
+        # is gone (posting to it raises), the buddy still gets this copy.
+        sends = [dist.isend(own.tensors[k], self.buddy, self.group, _TAG) for k in keys]
+        self._pending = _Exchange(step, replica, sends=sends)
+        self._pending.receives = [
+            dist.irecv(replica.tensors[k], self.source, self.group, _TAG) for k in keys
+        ]
+
+    def wait_for_snapshot(self) -> None:
+        """Block until the last ``replicate()`` has copied its tensors (and posted the exchange).
+
+        The copy runs in a background thread while the next step computes;
+        call this before changing the tensors passed to ``replicate()`` (the
+        optimizer update). Raises if posting the exchange failed.
+        """
+        snapshot = self._snapshot
+        if snapshot is not None:
+            snapshot.result()
 
     def settle(self, timeout_s: float | None = None) -> bool:
         """Wait for the exchange in flight, if any; returns whether its replica is complete.
@@ -207,6 +243,17 @@ class BuddyReplicator:
         if not self._exchanging.acquire(timeout=-1 if timeout_s is None else timeout_s):
             return False
         try:
+            snapshot = self._snapshot
+            if snapshot is not None:
+                try:
+                    snapshot.result(timeout=timeout_s)
+                except TimeoutError:  # still copying; the copy is not offered yet
+                    return False
+                except RuntimeError:  # posting failed: the exchange below is incomplete
+                    if timeout_s is None:
+                        self._snapshot = None
+                        raise
+                self._snapshot = None
             pending, self._pending = self._pending, None
             if pending is None:
                 return True
