@@ -64,9 +64,9 @@ class ElasticState:
             self._replicator.settle()
 
     def _before_update(self) -> None:
-        """Called before the optimizer update: the last snapshot must have been copied."""
+        """Called before the optimizer update, which must not change what is being replicated."""
         if self._replicator is not None:
-            self._replicator.wait_for_snapshot()
+            self._replicator.wait_until_copied()
 
     def _replicate(self, done: int) -> None:
         lo, hi, tensors = self.engine.checkpoint_slice()

@@ -7,22 +7,22 @@ snapshot to its buddy, rank ``(r + 1) % n``, while receiving the snapshot of
 its source, rank ``(r - 1) % n``.
 
 **Off the critical path** (``overlap=True``, ``elastic.replication=async``):
-the step waits for neither the snapshot nor the exchange. A background
-thread copies the shard while the next step's forward and backward run
-(they do not change it; the step waits for the copy only before its
-optimizer update, ``wait_for_snapshot()``) and then posts the exchange,
-which gloo carries on in its own threads. The exchange is *settled* (waited
-for, the received copy marked complete) at the end of that next step, or as
-soon as the controller asks what this rank holds. A step's state is
-therefore safe against the loss of any one rank once its exchange has
-settled, one step after the step itself.
-If a rank dies before its last exchange landed (a node lost in the moment
-right after a step), its buddy holds its shard as of the step before, and
-the job goes back one step. For that, every rank must still hold its own
-snapshot of that step, even if it has finished one more step meanwhile:
-ranks keep **three** own snapshots (steps ``s``, ``s-1``, ``s-2`` after
-finishing ``s``). A fourth is never needed: no rank can finish a step after
-the one the dead rank missed, as that step's collectives need the dead rank.
+the step waits for neither the snapshot nor the exchange. The shard is sent
+to the buddy straight from the live tensors, in gloo's own threads, while a
+background thread copies it into host memory; both overlap the next step's
+forward and backward, which do not change the shard, and that step waits for
+them only before its optimizer update (``wait_until_copied()``). The
+exchange is *settled* (waited for, the received copy marked complete) at the
+end of that next step, or as soon as the controller asks what this rank
+holds. A step's state is therefore safe against the loss of any one rank
+once its exchange has settled, one step after the step itself. If a rank
+dies before its last exchange landed (a node lost in the moment right after
+a step), its buddy holds its shard as of the step before, and the job goes
+back one step. For that, every rank must still hold its own snapshot of that
+step, even if it has finished one more step meanwhile: ranks keep **three**
+own snapshots (steps ``s``, ``s-1``, ``s-2`` after finishing ``s``). A
+fourth is never needed: no rank can finish a step after the one the dead
+rank missed, as that step's collectives need the dead rank.
 
 **On the critical path** (``overlap=False``, ``elastic.replication=sync``):
 the step returns only after its exchange settled, so every step whose result
@@ -94,6 +94,12 @@ def _wait_all(works: list, deadline: float | None) -> RuntimeError | None:
     return failure
 
 
+def _copy_into(copy: ShardCopy, tensors: dict[str, torch.Tensor], step: int) -> None:
+    for k, t in tensors.items():
+        copy.tensors[k].copy_(t)
+    copy.step = step  # complete: a valid copy whatever happens to the exchange
+
+
 class _Ring:
     """Up to ``capacity`` copy buffers; hands out the one to overwrite next."""
 
@@ -146,10 +152,10 @@ class BuddyReplicator:
         self._own = _Ring(3 if overlap else 2)
         self._replicas = _Ring(_REPLICA_BUFFERS)
         self._pending: _Exchange | None = None  # started, not yet settled
-        # With overlap, the snapshot copy and the posting of the exchange run
-        # on this one background thread, while the next step computes.
+        # With overlap, the local copy is made on this background thread
+        # while the next step computes.
         self._background: ThreadPoolExecutor | None = None
-        self._snapshot: Future | None = None
+        self._copying: Future | None = None
         # Held through a whole replicate() or settle(), so that no exchange
         # reuses a buffer an earlier one may still be writing.
         self._exchanging = threading.RLock()
@@ -176,8 +182,11 @@ class BuddyReplicator:
         ``source_range`` is the flat range the source rank owns (from the
         plan, which every rank knows); it sizes the receive buffer. First
         settles the previous exchange, raising if a peer failed during it.
-        With ``overlap`` the new exchange then runs in the background until
-        the next ``settle()``; without, it is settled before returning.
+        With ``overlap`` the sends go out from ``tensors`` themselves at
+        once and the local copy is made in the background, so the caller
+        must ``wait_until_copied()`` before changing ``tensors``; the
+        exchange is settled by the next ``settle()``. Without, the exchange
+        is sent from the copy and settled before returning.
         """
         with self._exchanging:
             self.settle()
@@ -188,47 +197,48 @@ class BuddyReplicator:
                 if self.world_size > 1:
                     replica = self._replicas.take(self.source, *source_range, keys)
             if not self.overlap:
-                self._copy_and_post(step, own, replica, tensors)
+                _copy_into(own, tensors, step)
+                self._post(step, own.tensors, replica)
                 self.settle()
                 return
+            # Sending from the live tensors starts the transfer at once, not
+            # after the copy: the moment after a step in which this rank's
+            # loss would cost the step is as short as the transfer.
+            self._post(step, tensors, replica)
             if self._background is None:
                 self._background = ThreadPoolExecutor(1, thread_name_prefix="shoal-replica")
-            self._snapshot = self._background.submit(
-                self._copy_and_post, step, own, replica, tensors
-            )
+            self._copying = self._background.submit(_copy_into, own, tensors, step)
 
-    def _copy_and_post(
-        self,
-        step: int,
-        own: ShardCopy,
-        replica: ShardCopy | None,
-        tensors: dict[str, torch.Tensor],
+    def _post(
+        self, step: int, send_from: dict[str, torch.Tensor], replica: ShardCopy | None
     ) -> None:
-        for k, t in tensors.items():
-            own.tensors[k].copy_(t)
-        own.step = step  # complete: a valid copy whatever happens to the exchange
         if replica is None:
             return
-        keys = list(tensors)
+        keys = list(send_from)
         # The same key order on every rank, so the n-th message of each pair
         # matches. Every send is posted before any receive: if the source
         # is gone (posting to it raises), the buddy still gets this copy.
-        sends = [dist.isend(own.tensors[k], self.buddy, self.group, _TAG) for k in keys]
+        sends = [dist.isend(send_from[k], self.buddy, self.group, _TAG) for k in keys]
         self._pending = _Exchange(step, replica, sends=sends)
         self._pending.receives = [
             dist.irecv(replica.tensors[k], self.source, self.group, _TAG) for k in keys
         ]
 
-    def wait_for_snapshot(self) -> None:
-        """Block until the last ``replicate()`` has copied its tensors (and posted the exchange).
+    def wait_until_copied(self) -> None:
+        """Block until the last ``replicate()`` no longer reads the tensors it was given.
 
-        The copy runs in a background thread while the next step computes;
-        call this before changing the tensors passed to ``replicate()`` (the
-        optimizer update). Raises if posting the exchange failed.
+        That is, until its local copy is made and its sends are out. Call it
+        before changing those tensors (the optimizer update). Raises if the
+        buddy failed meanwhile.
         """
-        snapshot = self._snapshot
-        if snapshot is not None:
-            snapshot.result()
+        with self._exchanging:
+            if self._copying is not None:
+                self._copying.result()
+            if self._pending is not None:
+                # A gloo send may be waited for only once: settle() will not again.
+                sends, self._pending.sends = self._pending.sends, []
+                for w in sends:
+                    w.wait()
 
     def settle(self, timeout_s: float | None = None) -> bool:
         """Wait for the exchange in flight, if any; returns whether its replica is complete.
@@ -243,17 +253,13 @@ class BuddyReplicator:
         if not self._exchanging.acquire(timeout=-1 if timeout_s is None else timeout_s):
             return False
         try:
-            snapshot = self._snapshot
-            if snapshot is not None:
+            copying = self._copying
+            if copying is not None:
                 try:
-                    snapshot.result(timeout=timeout_s)
+                    copying.result(timeout=timeout_s)
                 except TimeoutError:  # still copying; the copy is not offered yet
                     return False
-                except RuntimeError:  # posting failed: the exchange below is incomplete
-                    if timeout_s is None:
-                        self._snapshot = None
-                        raise
-                self._snapshot = None
+                self._copying = None
             pending, self._pending = self._pending, None
             if pending is None:
                 return True

@@ -41,10 +41,10 @@ def _child(rank: int, ws: int, store_path: str, out_dir: str, overlap: bool) -> 
     for done in (1, 2, 3, 4):
         tensors = _shard(rank, done)
         rep.replicate(done, *BOUNDS[rank], tensors, BOUNDS[rep.source])
-        rep.wait_for_snapshot()  # as a step does before its optimizer update
+        rep.wait_until_copied()  # as a step does before its optimizer update
         tensors["param"].zero_()  # the snapshot is a copy, not a view
     # Asynchronous: the exchange of step 4 is offered only once settled;
-    # the own snapshot is complete at once.
+    # the own copy as soon as it is made.
     before_settle = sorted(rep.replica_copies())
     assert rep.settle()
     result = {
@@ -116,7 +116,9 @@ def _lose_a_rank(rank: int, ws: int, store_path: str, out_dir: str) -> None:
         # This rank can finish one more step (the lost rank took part in its
         # collectives, then died): it snapshots step 4, and keeps step 2.
         rep.replicate(4, *BOUNDS[rank], _shard(rank, 4), BOUNDS[rep.source])
-        rep.wait_for_snapshot()
+        # As the controller's query does: wait for the copy (the exchange of
+        # step 4 never completes: rank 2 will not get there).
+        rep.settle(timeout_s=0.5)
     holdings = [Holding(rank, rank, d, "own", c.lo, c.hi) for d, c in rep.own_copies().items()]
     holdings += [
         Holding(rank, c.rank, d, "replica", c.lo, c.hi) for d, c in rep.replica_copies().items()
