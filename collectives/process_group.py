@@ -9,6 +9,7 @@ ranks; it never touches tensors itself.
 from __future__ import annotations
 
 import datetime
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -75,12 +76,18 @@ def sever_group() -> int:
 
 
 def leave_group() -> None:
-    """Tear down the default process group, if any (safe to call twice)."""
+    """Tear down the default process group, if any (safe to call twice, and from two threads).
+
+    A worker's training thread leaves when a collective fails, and its
+    control thread when the controller ends the epoch; these can coincide.
+    """
     global _connections
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    _connections = {}
+    with _leaving:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+        _connections = {}
 
 
 # fd -> socket inode of the current gloo group's peer connections.
 _connections: dict[int, int] = {}
+_leaving = threading.Lock()
