@@ -52,7 +52,7 @@ _TAG = 7_000
 _REPLICA_BUFFERS = 2
 
 
-@dataclass
+@dataclass(eq=False)  # a buffer: compared by identity, never by its tensors
 class ShardCopy:
     """Rank ``rank``'s owned flat range ``[lo, hi)`` as of the end of step ``step``.
 
