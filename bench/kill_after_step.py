@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import random
 import signal
@@ -28,31 +27,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import ray  # noqa: E402
+from recovery import job_spec, start_ray  # noqa: E402
 
-from orchestrator import JobSpec, submit  # noqa: E402
-from orchestrator.api import NAMESPACE  # noqa: E402
+from orchestrator import submit  # noqa: E402
 
 
 def one_kill(args: argparse.Namespace, rng: random.Random, run_dir: Path) -> dict:
     strategy = rng.choice(["zero1", "zero2", "zero3"])
-    spec = JobSpec.from_overrides(
-        [
-            "model=gpt_small",
-            "model.n_layer=4",
-            "model.d_model=192",
-            "model.seq_len=64",
-            "data.max_bytes=1000000",
-            "train.global_batch=12",
-            "train.steps=40",
-            "train.sample_tokens=0",
-            "checkpoint.every=0",
-            f"strategy={strategy}",
-            "cluster.workers=3",
-            f"elastic.replication={args.replication}",
-            f"run_dir={run_dir}",
-        ]
-    )
+    spec = job_spec(args, strategy, run_dir, f"elastic.replication={args.replication}")
     handle = submit(spec)
     step, rank = rng.randint(5, 25), rng.randrange(3)
     while not (records := handle.metrics()) or records[-1]["step"] < step:
@@ -79,14 +61,10 @@ def main() -> None:
     p.add_argument("--poll-ms", type=float, default=2.0)
     p.add_argument("--replication", choices=["async", "sync"], default="async")
     args = p.parse_args()
-    ray.init(
-        address="local",
-        namespace=NAMESPACE,
-        num_cpus=4,
-        include_dashboard=False,
-        log_to_driver=False,  # a killed worker's peers print gloo tracebacks
-        logging_level=logging.WARNING,
-    )
+    # The job of bench/recovery.py, 40 steps, 3 workers.
+    args.workers, args.n_layer, args.d_model, args.seq_len = 3, 4, 192, 64
+    args.global_batch, args.steps, args.every = 12, 40, 0
+    start_ray(args)
     rng = random.Random(args.seed)
     root = Path(tempfile.mkdtemp(prefix="shoal-kill-after-step-"))
     rows = []

@@ -128,9 +128,6 @@ class _Ring:
     def complete(self) -> dict[int, ShardCopy]:
         return {b.step: b for b in self.buffers if b.step >= 0}
 
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for b in self.buffers for t in b.tensors.values())
-
 
 class BuddyReplicator:
     """Snapshots this rank's shard and exchanges it with the neighbours on a ring."""
@@ -288,8 +285,3 @@ class BuddyReplicator:
         """The source rank's complete snapshots held here, by step."""
         with self.lock:
             return self._replicas.complete()
-
-    def state_bytes(self) -> int:
-        """Host memory held for snapshots and replicas, buffers being written included."""
-        with self.lock:
-            return self._own.nbytes() + self._replicas.nbytes()
