@@ -58,6 +58,21 @@ class FlatLayout:
     def to_json(self) -> list[dict]:
         return [{"name": s.name, "shape": list(s.shape), "offset": s.offset} for s in self.slots]
 
+
+def tied_aliases(model: nn.Module) -> dict[str, str]:
+    """State-dict names that alias a parameter of the layout (tied weights): alias -> owner.
+
+    ``named_parameters`` (the layout) lists a tied parameter once; a model's
+    ``state_dict`` has it under every name. Recorded in checkpoint manifests
+    so that an export can restore every name without building the model.
+    """
+    owner = {id(p): name for name, p in model.named_parameters()}
+    return {
+        name: owner[id(t)]
+        for name, t in model.state_dict(keep_vars=True).items()
+        if id(t) in owner and owner[id(t)] != name
+    }
+
     @classmethod
     def from_json(cls, rows: list[dict]) -> FlatLayout:
         slots = []

@@ -13,6 +13,7 @@ registering the parser keeps ``shoal --help`` fast.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from typing import TYPE_CHECKING, Any
@@ -161,39 +162,9 @@ def cmd_verify(uri: str, storage_opts: dict[str, Any]) -> int:
     return EXIT_OK
 
 
-def tied_names(manifest: Manifest) -> dict[str, str]:
-    """State-dict names that alias a parameter of the layout (tied weights): alias -> owner.
-
-    The flat layout (``named_parameters``) lists a tied parameter once; a
-    model's ``state_dict`` has it under every name. The aliases are found by
-    building the model from the manifest's config on the meta device (no
-    memory); if the model cannot be built here, there are none.
-    """
-    model_cfg = manifest.config.get("model")
-    if not model_cfg:
-        return {}
-    try:
-        import torch
-
-        from actors.data import VOCAB_SIZE
-        from actors.models.build import build_model
-
-        with torch.device("meta"):
-            model = build_model(model_cfg, VOCAB_SIZE)
-    except Exception as e:  # noqa: BLE001 - a user model may fail to build anywhere
-        print(f"shoal: cannot build the model to find tied weights ({e})", file=sys.stderr)
-        return {}
-    owner = {id(p): name for name, p in model.named_parameters()}
-    return {
-        name: owner[id(t)]
-        for name, t in model.state_dict(keep_vars=True).items()
-        if id(t) in owner and owner[id(t)] != name
-    }
-
-
 def export_state_dict(store: ObjectStore, manifest: Manifest) -> dict[str, Any]:
     """The model's parameters by name, assembled from the shards (only ``param`` bytes are read)."""
-    from storage.checkpoint import CheckpointReader
+    from storage.checkpoint import CheckpointReader, CorruptCheckpointError
 
     reader = CheckpointReader(store, manifest)
     flat = reader.read("param", 0, manifest.numel)
@@ -205,7 +176,11 @@ def export_state_dict(store: ObjectStore, manifest: Manifest) -> dict[str, Any]:
             numel *= d
         lo = int(slot["offset"])
         state[slot["name"]] = flat[lo : lo + numel].view(shape).clone()
-    for alias, owner in tied_names(manifest).items():
+    # Tied weights (a state dict lists them under every name) come from the
+    # manifest's own record, made at save time: nothing is built from a manifest.
+    for alias, owner in manifest.tied.items():
+        if owner not in state:
+            raise CorruptCheckpointError(f"tied weight {alias!r} names a missing {owner!r}")
         # safetensors refuses tensors that share memory: each name gets its own copy.
         state[alias] = state[owner].clone()
     return state
@@ -217,18 +192,32 @@ def cmd_export(uri: str, out: str, storage_opts: dict[str, Any]) -> int:
 
     from storage.checkpoint import CorruptCheckpointError, check_objects, read_manifest
 
+    out_dir = os.path.dirname(os.path.abspath(out))
+    if not os.path.isdir(out_dir):
+        print(f"shoal: --out {out}: the folder {out_dir} does not exist", file=sys.stderr)
+        return EXIT_FAILED
     store, steps = _open(uri, storage_opts)
     if not steps:
         print(f"shoal: no committed checkpoints under {store.uri}", file=sys.stderr)
         return EXIT_FAILED
-    manifest = read_manifest(store, steps[-1])
     try:
+        manifest = read_manifest(store, steps[-1])
         check_objects(store, manifest)
         state = export_state_dict(store, manifest)
     except CorruptCheckpointError as e:
         print(f"shoal: {e}", file=sys.stderr)
         return EXIT_CORRUPT
-    save_file(state, out, metadata={"step": str(manifest.step), "source": store.uri})
+    if not manifest.tied and manifest.lineage == "":
+        print(
+            "shoal: note: this checkpoint predates recorded tied-weight names; tied aliases "
+            "(if the model has any) are not exported",
+            file=sys.stderr,
+        )
+    try:
+        save_file(state, out, metadata={"step": str(manifest.step), "source": store.uri})
+    except OSError as e:
+        print(f"shoal: cannot write {out}: {e.strerror or e}", file=sys.stderr)
+        return EXIT_FAILED
     n = sum(t.numel() for name, t in state.items())
     print(f"wrote {out}: {len(state)} tensors, {n:,} values, step {manifest.step}")
     return EXIT_OK

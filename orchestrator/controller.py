@@ -28,14 +28,15 @@ import torch
 
 from actors.data import VOCAB_SIZE
 from actors.models.build import build_model
-from collectives.flat import FlatLayout
+from collectives.flat import FlatLayout, tied_aliases
 from orchestrator.balancer import BatchBalancer
 from orchestrator.checkpoint_committer import CheckpointCommitter
 from orchestrator.events import EventLog
 from orchestrator.node_drain import DrainDecision, DrainingNodes, on_draining_nodes, plan_drain
+from orchestrator.preflight import fresh_root_problem, resume_mismatch
 from orchestrator.report import plot_loss
 from orchestrator.schedule import lr_at
-from orchestrator.spec import JobSpec
+from orchestrator.spec import ConfigError, JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
 from orchestrator.worker_group import Member, MembershipLost, WorkerError, WorkerGroup
 from storage.checkpoint import (
@@ -53,6 +54,7 @@ from storage.checkpoint import (
 from storage.object_store import ObjectStore, StoreError, open_store
 
 PIPELINE_DEPTH = 2
+ERROR_LOG = "error.log"  # the full traceback of an unexpected controller error
 # How long a job start waits for all of cluster.workers before it begins with
 # the cluster.min_workers that are ready (the rest join when placed).
 START_GRACE_S = 15.0
@@ -80,6 +82,11 @@ class JobController:
         self._tokens_ref = tokens_ref[0]
         self.run_dir = spec.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        if spec.resume is None:
+            # A fresh run owns the folder (run_lock): an earlier run's records
+            # would otherwise be read as this one's.
+            for name in ("metrics.jsonl", "events.jsonl", ERROR_LOG):
+                (self.run_dir / name).unlink(missing_ok=True)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
         self._metrics: list[dict[str, Any]] = []
@@ -88,6 +95,10 @@ class JobController:
         self._scale_to: int | None = None
         self._draining = DrainingNodes()
         self._drain_noticed: set[int] = set()  # worker ids announced as on a draining node
+        # The lineage this run's checkpoints belong to: its own id, or that of
+        # the run it resumed (retention only ever counts its own lineage).
+        self._lineage = spec.job_id
+        self._tied: dict[str, str] = {}
         self._status = JobStatus(
             job_id=spec.job_id,
             state=JobState.PENDING,
@@ -143,6 +154,7 @@ class JobController:
             self._set(state=JobState.STARTING, checkpoints_failed=0, checkpoints_committed=0)
             store = self._checkpoint_store()
             store.check()  # a bad bucket or credentials fail now, not at the first checkpoint
+            self._claim_checkpoint_root(store)
             self._start_workers()
             start_step = self._restore(self.spec.resume)
             self._gather([w.begin.remote(start_step) for w in self._workers], "start")
@@ -152,6 +164,8 @@ class JobController:
             self._finish()
             self._set(state=JobState.SUCCEEDED)
         except JobCancelled:
+            # Checkpoints still uploading commit first, so the summary names the newest.
+            self._forget_checkpoint_committer()
             self._set(state=JobState.CANCELLED, error="cancelled by the user")
         except Exception as e:  # noqa: BLE001 - every failure becomes the job's error
             self._set(state=JobState.FAILED, error=self._describe(e))
@@ -159,6 +173,20 @@ class JobController:
             self._stop_workers()
             self._write_status()
         return self.status()
+
+    def _claim_checkpoint_root(self, store: ObjectStore) -> None:
+        """A fresh run starts only over a root without another run's checkpoints.
+
+        The driver checks this before Ray starts (``orchestrator.preflight``);
+        a job submitted from another machine is held to it here. With
+        ``checkpoint.overwrite=true`` the earlier checkpoints are deleted.
+        """
+        problem = fresh_root_problem(store, self.spec)
+        if problem:
+            raise ConfigError(problem)
+        if self.spec.resume is None and self.spec.checkpoint.overwrite:
+            for step in sorted(all_step_dirs(store)):
+                self._clear_old_checkpoint(store, step)
 
     def _start_workers(self) -> None:
         """Ask Ray for ``cluster.workers`` workers; start once the minimum is placed."""
@@ -170,7 +198,9 @@ class JobController:
         # workers start. On the meta device (shapes only, no memory), whose
         # first initializer call imports torch._dynamo: ~1 s worth hiding.
         with torch.device("meta"):
-            group.numel = FlatLayout.of(build_model(self.spec.model, VOCAB_SIZE)).numel
+            model = build_model(self.spec.model, VOCAB_SIZE)
+            group.numel = FlatLayout.of(model).numel
+            self._tied = tied_aliases(model)
         members = group.admit_ready(timeout=min(START_GRACE_S, cl.start_timeout_s))
         members = group.wait_for_members(
             members,
@@ -221,11 +251,9 @@ class JobController:
                     raise
                 self._skip_checkpoint(skipped, uri, str(e))
                 continue
-            if layout != manifest.layout:
-                raise RuntimeError(
-                    f"resume: checkpoint {uri} was saved for a different model (parameter names "
-                    "or shapes differ); resume it with the model config it was saved with"
-                )
+            mismatch = resume_mismatch(manifest, layout, self.spec, uri)
+            if mismatch:
+                raise ConfigError(mismatch)
             results = self._gather(
                 [w.load_checkpoint.remote(store.uri, manifest.to_json()) for w in self._workers],
                 "restore",
@@ -241,6 +269,7 @@ class JobController:
                 note = f"resume=latest fell back to {uri}, skipping: " + "; ".join(skipped)
                 logging.getLogger("shoal.checkpoint").warning(note)
             self._keep_metrics_before(manifest.step)
+            self._lineage = manifest.lineage or self._lineage
             self._set(
                 resumed_from=uri,
                 last_checkpoint=uri,
@@ -607,6 +636,8 @@ class JobController:
                     shards=records,
                     data={"position": step, "seed": t.seed, "global_batch": t.global_batch},
                     config=self.spec.to_dict(),
+                    tied=self._tied,
+                    lineage=self._lineage,
                 )
 
             try:
@@ -768,11 +799,19 @@ class JobController:
             self._status.elapsed_s = time.time() - self._started
             write_status(self.run_dir, self._status)
 
-    @staticmethod
-    def _describe(e: Exception) -> str:
-        if isinstance(e, WorkerError):
+    def _describe(self, e: Exception) -> str:
+        """The job's error: the message of a user-facing error; for anything else, one line.
+
+        A worker's error keeps the end of its remote traceback (where the
+        user's code failed). The full traceback of anything unexpected goes
+        to ``error.log`` in the run folder, which the message names.
+        """
+        if isinstance(e, WorkerError | ConfigError | StoreError | CorruptCheckpointError):
             return str(e)
-        return f"{type(e).__name__}: {e}\n{''.join(traceback.format_exception(e)[-3:])}".strip()
+        path = self.run_dir / ERROR_LOG
+        path.write_text("".join(traceback.format_exception(e)))
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        return f"{type(e).__name__}: {first} (traceback in {path})"
 
 
 def controller_actor_class():

@@ -138,7 +138,11 @@ class CheckpointConfig:
     # Save every this many steps (0: only at the end of the run).
     every: int = 100
     # Committed checkpoints to keep; older ones are deleted after a newer one commits.
+    # Only this run's lineage counts (its own checkpoints and those it resumed from).
     keep: int = 2
+    # A fresh run refuses a checkpoint.uri that holds committed checkpoints of
+    # an earlier run (resume=latest continues it). true: delete them and start afresh.
+    overwrite: bool = False
 
 
 @dataclass

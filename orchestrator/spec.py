@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import math
+import os
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -100,19 +103,53 @@ def compose(overrides: list[str]) -> JobConfig:
     try:
         with initialize_config_module(config_module="configs", version_base=None):
             cfg = hydra_compose(config_name="job", overrides=overrides)
+        _reject_unknown_keys(cfg)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:
         raise ConfigError(_explain_hydra_error(e)) from None
 
 
+def _reject_unknown_keys(node: Any, path: str = "") -> None:
+    """A key that the schema of its node lacks (added with ``+key=...``) is an error.
+
+    ``OmegaConf.to_object`` would drop it silently, and the user would train
+    without the setting they asked for. Nodes without a schema (a user's own
+    model or dataset config) take any key: their ``_target_`` receives them.
+    """
+    from omegaconf import DictConfig
+
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    fields = (
+        {f.name for f in dataclasses.fields(schema)} if dataclasses.is_dataclass(schema) else None
+    )
+    for key in node.keys():
+        name = f"{path}{key}"
+        if fields is not None and key not in fields:
+            raise ConfigError(
+                f"{name}: unknown field (allowed here: {', '.join(sorted(fields))}); "
+                "`shoal config` prints every field"
+            )
+        _reject_unknown_keys(node._get_node(key), f"{name}.")
+
+
 def _explain_hydra_error(e: Exception) -> str:
+    # Hydra's own message ("Error merging override train.steps=abc") drops the
+    # reason, which OmegaConf gives in the cause ("could not be converted to Integer").
+    cause = e.__cause__ or e.__context__
     msg = str(e).strip()
+    if cause is not None and str(cause).strip() and str(cause).strip() not in msg:
+        reason = str(cause).strip().splitlines()[0]
+        msg = f"{msg}: {reason}"
     # Hydra lists its search path and the schema nodes among the options;
     # neither is something a user can choose.
     msg = msg.split("Config search path:")[0].strip()
     msg = "\n".join(
         line for line in msg.splitlines() if not line.strip().endswith("_schema")
     ).replace("\n\n", "\n")
+    # Nor is Hydra's "To append ... use +key=..." hint: shoal rejects added keys.
+    msg = re.sub(r"To append to your config use \S+: ", "", msg)
     if "MISSING" in type(e).__name__ or "Missing mandatory value" in msg:
         return f"{msg}\n(this field has no default: set it, e.g. data.path=/path/to/text.txt)"
     if "not in" in msg and "Key" in msg:
@@ -127,6 +164,7 @@ def _check(cond: bool, field_name: str, allowed: str, value: Any) -> None:
 
 def validate(c: JobConfig) -> None:
     """Check values and their relations; raise ``ConfigError`` naming the first bad field."""
+    _check_finite(dataclasses.asdict(c))
     _check(
         c.strategy.name in STRATEGIES,
         "strategy.name",
@@ -204,6 +242,17 @@ def validate(c: JobConfig) -> None:
     _validate_targets(c)
 
 
+def _check_finite(node: Any, path: str = "") -> None:
+    """No number anywhere in the config may be NaN or infinite (``train.lr=inf`` passes ``> 0``)."""
+    items = node.items() if isinstance(node, dict) else enumerate(node)
+    for key, value in items:
+        name = f"{path}[{key}]" if isinstance(node, list | tuple) else f"{path}{key}"
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{name}: must be a finite number, got {value}")
+        if isinstance(value, dict | list | tuple):
+            _check_finite(value, name if isinstance(value, list | tuple) else f"{name}.")
+
+
 def _validate_shard_weights(weights: Any, workers: int) -> None:
     allowed = f"null, 'auto' or a list of {workers} positive numbers (one per worker)"
     if weights is None or weights == "auto":
@@ -249,11 +298,10 @@ def _validate_targets(c: JobConfig) -> None:
             getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError) as e:
             raise ConfigError(f"{group}._target_: cannot import {target!r} ({e})") from None
-    if _target_of(c.data) == "actors.data.text_file":
-        path = Path(str(c.data.path)).expanduser()
-        _check(path.is_file(), "data.path", "an existing text file", str(path))
     seq_len = _field(c.model, "seq_len")
     _check(isinstance(seq_len, int) and seq_len >= 1, "model.seq_len", "an int >= 1", seq_len)
+    if _target_of(c.data) == "actors.data.text_file":
+        _validate_text_file(c.data, seq_len)
     try:
         import torch
 
@@ -269,6 +317,26 @@ def _validate_targets(c: JobConfig) -> None:
     except Exception as e:  # noqa: BLE001 - a user's model may raise anything
         cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
         raise ConfigError(f"model: cannot build {_target_of(c.model)!r}: {cause}") from None
+
+
+def _validate_text_file(data: Any, seq_len: int) -> None:
+    """``data=text_file``: the file exists, can be read and holds more than one sample.
+
+    Checked from its size (one token per byte), so a bad file stops the run
+    before Ray starts rather than once the corpus is loaded.
+    """
+    path = Path(str(data.path)).expanduser()
+    _check(path.is_file(), "data.path", "an existing text file", str(path))
+    _check(os.access(path, os.R_OK), "data.path", "a file you can read", str(path))
+    size = path.stat().st_size
+    if data.max_bytes is not None:
+        size = min(size, data.max_bytes)
+    _check(
+        size > seq_len + 1,
+        "data.path",
+        f"a text of more than model.seq_len + 1 = {seq_len + 1} bytes ({size} bytes used)",
+        str(path),
+    )
 
 
 def _target_of(node: Any) -> str:

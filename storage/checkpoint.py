@@ -62,6 +62,8 @@ MIN_CHUNK_BYTES = 4 * 1024
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 CHUNKS_PER_TENSOR = 64
 _STEP_DIR = re.compile(r"^step-(\d+)$")
+# A shard's key is a file name inside its step directory: never a path elsewhere.
+_SHARD_KEY = re.compile(r"^shard-[A-Za-z0-9_.-]+\.safetensors$")
 # Verification reads this much per request, so memory stays bounded on big shards.
 _VERIFY_BLOCK_BYTES = 64 * 1024 * 1024
 
@@ -136,6 +138,17 @@ class ShardRecord:
 
 @dataclass
 class Manifest:
+    """What a committed checkpoint holds: plain data, never code.
+
+    ``config`` is the saving job's configuration, kept for people to read; no
+    reader ever instantiates anything from it (a manifest may come from
+    someone else's bucket). What a reader needs about the model is recorded
+    as data at save time: ``layout`` (parameter names, shapes, offsets) and
+    ``tied`` (state-dict names that alias a parameter of the layout).
+    ``lineage`` names the run that started this chain of checkpoints (a
+    resume continues its lineage); retention only counts its own lineage.
+    """
+
     step: int
     world_size: int
     strategy: str
@@ -147,6 +160,8 @@ class Manifest:
     config: dict = field(default_factory=dict)
     created_at: float = 0.0
     format: str = FORMAT
+    tied: dict = field(default_factory=dict)  # alias -> owner parameter name
+    lineage: str = ""  # "" in manifests written before lineages existed
 
     @property
     def nbytes(self) -> int:
@@ -157,15 +172,19 @@ class Manifest:
 
     @classmethod
     def from_json(cls, text: str, where: str) -> Manifest:
-        """Parse and check a manifest; ``CorruptCheckpointError`` naming ``where`` if invalid."""
+        """Parse and check a manifest; ``CorruptCheckpointError`` naming ``where`` if invalid.
+
+        Every field is checked for its type before anything uses it, so a
+        crafted or damaged manifest is refused here with a clear message.
+        """
         try:
             raw = json.loads(text)
-            if raw.get("format") != FORMAT:
-                raise ValueError(f"format {raw.get('format')!r}, expected {FORMAT!r}")
+            _check_manifest_fields(raw)
+            raw = dict(raw)
             raw["shards"] = [ShardRecord.from_dict(s) for s in raw["shards"]]
             manifest = cls(**raw)
-        except (ValueError, TypeError, KeyError) as e:
-            raise CorruptCheckpointError(f"{where}: unreadable manifest ({e})") from None
+        except (ValueError, TypeError, KeyError, AttributeError) as e:
+            raise CorruptCheckpointError(f"{where}: not a valid manifest ({e})") from None
         covered = sorted((s.lo, s.hi) for s in manifest.shards)
         expected_lo = 0
         for lo, hi in covered:
@@ -175,6 +194,62 @@ class Manifest:
         if expected_lo != manifest.numel:
             raise CorruptCheckpointError(f"{where}: shards do not cover [0, {manifest.numel})")
         return manifest
+
+
+def _expect(cond: bool, what: str) -> None:
+    if not cond:
+        raise ValueError(what)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _check_manifest_fields(raw: Any) -> None:
+    """Raise ``ValueError`` naming the first field of ``raw`` with the wrong type."""
+    _expect(isinstance(raw, dict), f"expected a JSON object, got {type(raw).__name__}")
+    _expect(raw.get("format") == FORMAT, f"format {raw.get('format')!r}, expected {FORMAT!r}")
+    for name in ("step", "world_size", "numel"):
+        _expect(_is_int(raw.get(name)), f"{name} must be a non-negative integer")
+    _expect(isinstance(raw.get("strategy"), str), "strategy must be a string")
+    _expect(isinstance(raw.get("layout"), list), "layout must be a list")
+    for slot in raw["layout"]:
+        _expect(
+            isinstance(slot, dict)
+            and isinstance(slot.get("name"), str)
+            and _is_int(slot.get("offset"))
+            and isinstance(slot.get("shape"), list)
+            and all(_is_int(d) for d in slot["shape"]),
+            "layout entries must have a string name, an integer offset and an integer shape",
+        )
+    _expect(isinstance(raw.get("optimizer"), dict), "optimizer must be an object")
+    for name in ("data", "config", "tied"):
+        _expect(isinstance(raw.get(name, {}), dict), f"{name} must be an object")
+    tied = raw.get("tied", {})
+    _expect(
+        all(isinstance(k, str) and isinstance(v, str) for k, v in tied.items()),
+        "tied must map names to names",
+    )
+    _expect(isinstance(raw.get("lineage", ""), str), "lineage must be a string")
+    _expect(isinstance(raw.get("shards"), list), "shards must be a list")
+    for shard in raw["shards"]:
+        _expect(isinstance(shard, dict), "shards must be objects")
+        for name in ("rank", "lo", "hi", "nbytes"):
+            _expect(_is_int(shard.get(name)), f"shard {name} must be a non-negative integer")
+        _expect(
+            isinstance(shard.get("key"), str) and _SHARD_KEY.match(shard["key"]) is not None,
+            "shard key must be a shard file name",
+        )
+        _expect(isinstance(shard.get("tensors", {}), dict), "shard tensors must be an object")
+        for t in shard.get("tensors", {}).values():
+            _expect(
+                isinstance(t, dict)
+                and t.get("dtype") in _TORCH_DTYPES
+                and _is_int(t.get("begin"))
+                and _is_int(t.get("end"))
+                and isinstance(t.get("chunk_sha256"), list),
+                "shard tensor records must have a known dtype, integer byte range and checksums",
+            )
 
 
 # -- encoding: one host buffer per shard --------------------------------------
@@ -363,27 +438,33 @@ def commit(store: ObjectStore, manifest: Manifest, keep: int) -> list[int]:
     manifest.created_at = manifest.created_at or time.time()
     store.put(f"{step_dir(manifest.step)}/{MANIFEST}", manifest.to_json().encode())
     try:
-        return prune(store, keep)
+        return prune(store, keep, manifest.lineage or None)
     except StoreError as e:
         logging.getLogger("shoal.checkpoint").warning("retention skipped this time: %s", e)
         return []
 
 
-def prune(store: ObjectStore, keep: int) -> list[int]:
+def prune(store: ObjectStore, keep: int, lineage: str | None = None) -> list[int]:
     """Keep the newest ``keep`` committed checkpoints; drop older ones and stale partial ones.
 
-    A partial (uncommitted) directory older than the newest committed
+    ``lineage``: only checkpoints of that lineage count and may be deleted;
+    another run's checkpoints under the same root are never touched (None:
+    every committed checkpoint counts, as in manifests without a lineage).
+    A partial (uncommitted) directory older than the newest counted
     checkpoint is the remains of a crashed or failed save and is deleted; one
     newer than it may be an upload still in flight and is left alone.
     """
     committed = committed_steps(store)
+    if lineage is not None:
+        committed = [s for s in committed if _lineage_of(store, s) == lineage]
     if not committed:
         return []
     keep_steps = set(committed[-keep:])
     newest = committed[-1]
+    foreign = set(committed_steps(store)) - set(committed)
     deleted = []
     for step in sorted(all_step_dirs(store)):
-        if step in keep_steps or (step not in committed and step > newest):
+        if step in keep_steps or step in foreign or (step not in committed and step > newest):
             continue
         # The manifest goes first, so a prune interrupted half-way never leaves
         # a committed checkpoint with missing shards.
@@ -403,6 +484,14 @@ def all_step_dirs(store: ObjectStore) -> set[int]:
         if m:
             steps.add(int(m.group(1)))
     return steps
+
+
+def _lineage_of(store: ObjectStore, step: int) -> str | None:
+    """The lineage of checkpoint ``step``, or None if its manifest cannot be read."""
+    try:
+        return read_manifest(store, step).lineage
+    except (CorruptCheckpointError, StoreError):
+        return None
 
 
 def committed_steps(store: ObjectStore) -> list[int]:

@@ -7,7 +7,7 @@ from safetensors.torch import load_file
 
 from actors.data import VOCAB_SIZE
 from actors.models.build import build_model
-from collectives.flat import FlatLayout
+from collectives.flat import FlatLayout, tied_aliases
 from orchestrator.cli import main
 from orchestrator.spec import JobSpec
 from storage.checkpoint import Manifest, commit, step_dir, write_shard
@@ -40,6 +40,8 @@ def _checkpoint(store, step: int, world: int = 2) -> torch.nn.Module:
         optimizer={"name": "adamw", "step_count": step},
         shards=records,
         config=spec.to_dict(),
+        tied=tied_aliases(model),
+        lineage="test",
     )
     commit(store, manifest, keep=5)
     return model

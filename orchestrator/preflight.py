@@ -1,0 +1,178 @@
+"""Checks that run before Ray starts: what would otherwise fail 8-16 s later, on a worker.
+
+Each check turns a problem into a ``ConfigError`` (``shoal run`` exits 2)
+naming the field to change. They need the checkpoint store and the model's
+shape (built on the meta device), never Ray. The controller repeats the
+checkpoint checks itself (``fresh_root_problem``, ``resume_mismatch``), so a
+job submitted from elsewhere is held to the same rules.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from orchestrator.spec import ConfigError, JobSpec
+from storage.checkpoint import Manifest, committed_steps, latest_manifest, resolve, step_dir
+from storage.object_store import ObjectStore, StoreError, open_store
+
+# Optimizer state per parameter, in fp32 values: AdamW keeps two moments, SGD one momentum.
+OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What the checks need to know about the model: its flat layout and size."""
+
+    layout: list[dict]
+    numel: int
+
+
+def store_options(spec: JobSpec) -> dict[str, object]:
+    s = spec.storage
+    return {"endpoint_url": s.endpoint_url, "region": s.region, "path_style": s.path_style}
+
+
+def fresh_root_problem(store: ObjectStore, spec: JobSpec) -> str | None:
+    """Why a fresh run may not start over ``store`` (it holds another run's checkpoints), or None.
+
+    A fresh run that shared a root with older checkpoints would interleave
+    with them; refusing is the only choice that loses nothing. With
+    ``checkpoint.overwrite=true`` the user has chosen to delete them.
+    """
+    if spec.resume is not None or spec.checkpoint.overwrite:
+        return None
+    steps = committed_steps(store)
+    if not steps:
+        return None
+    shown = ", ".join(str(s) for s in steps[-5:])
+    return (
+        f"checkpoint.uri: {store.uri} already holds {len(steps)} committed checkpoint(s) "
+        f"(steps {shown}) of an earlier run. Continue it with resume=latest, start afresh "
+        "over it with checkpoint.overwrite=true (deletes them), or pick another run_dir or "
+        "checkpoint.uri"
+    )
+
+
+def resume_mismatch(manifest: Manifest, layout: list[dict], spec: JobSpec, uri: str) -> str | None:
+    """Why checkpoint ``manifest`` cannot be resumed by ``spec``, or None if it can.
+
+    The model is the user's (built from their config, never from the
+    manifest): its layout must match the checkpoint's. A different optimizer
+    is a choice to correct, not a damaged checkpoint.
+    """
+    if manifest.layout != layout:
+        return (
+            f"resume: checkpoint {uri} was saved for a different model (parameter names or "
+            "shapes differ); resume it with the model config it was saved with"
+        )
+    saved = manifest.optimizer.get("name")
+    if saved is not None and saved != spec.train.optimizer:
+        return (
+            f"train.optimizer: checkpoint {uri} holds {saved} state, but this run uses "
+            f"{spec.train.optimizer}; resume with train.optimizer={saved}"
+        )
+    if manifest.step >= spec.train.steps:
+        return (
+            f"train.steps: checkpoint {uri} is already at step {manifest.step}, and "
+            f"train.steps={spec.train.steps}: nothing is left to train. Raise train.steps above "
+            f"{manifest.step} to continue"
+        )
+    return None
+
+
+def resume_target(spec: JobSpec, store: ObjectStore) -> tuple[str, Manifest]:
+    """The checkpoint ``resume`` names (its URI and manifest); ``ConfigError`` if there is none.
+
+    ``resume=latest`` takes the newest committed checkpoint with a readable
+    manifest (the controller falls back further past damaged shards).
+    """
+    if spec.resume == "latest":
+        manifest = latest_manifest(store)
+        if manifest is None:
+            raise ConfigError(
+                f"resume=latest: no committed checkpoint under {store.uri}. Point run_dir= at "
+                "the earlier run's folder (see `shoal status`), or pass resume=<checkpoint URI>"
+            )
+        return f"{store.uri}/{step_dir(manifest.step)}", manifest
+    try:
+        _, manifest = resolve(spec.resume, **store_options(spec))
+    except StoreError as e:
+        raise ConfigError(str(e)) from None
+    return spec.resume, manifest
+
+
+def worker_bytes_lower_bound(numel: int, spec: JobSpec) -> int:
+    """Bytes one worker needs at least: parameters, gradients and optimizer state in fp32.
+
+    Activations, communication buffers and buddy replicas come on top, so
+    this only refuses what can never fit.
+    """
+    world = spec.cluster.workers
+    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}.get(spec.strategy.name, 0)
+    states = OPTIMIZER_STATES.get(spec.train.optimizer, 2)
+    params = numel if stage < 3 else numel / world
+    grads = numel if stage < 2 else numel / world
+    optimizer = states * (numel if stage < 1 else numel / world)
+    return int(4 * (params + grads + optimizer))
+
+
+def check_memory(numel: int, spec: JobSpec, available: int) -> None:
+    """Refuse a model whose workers on this machine cannot hold even their training state."""
+    per_worker = worker_bytes_lower_bound(numel, spec)
+    needed = per_worker * spec.cluster.workers
+    if needed > available:
+        from orchestrator.report import human_bytes
+
+        raise ConfigError(
+            f"model: {numel:,} parameters need at least {human_bytes(per_worker)} per worker "
+            f"(parameters, gradients and {spec.train.optimizer} state, strategy="
+            f"{spec.strategy.name}), {human_bytes(needed)} for {spec.cluster.workers} workers "
+            f"on this machine, but {human_bytes(available)} is available. Use a smaller model, "
+            "strategy=zero3, or more machines (cluster.address)"
+        )
+
+
+def model_shape(spec: JobSpec) -> ModelShape:
+    """The flat layout of the user's model, built on the meta device (no memory)."""
+    import torch
+
+    from actors.data import VOCAB_SIZE
+    from actors.models.build import build_model
+    from collectives.flat import FlatLayout
+
+    with torch.device("meta"):
+        layout = FlatLayout.of(build_model(spec.model, VOCAB_SIZE))
+    return ModelShape(layout.to_json(), layout.numel)
+
+
+def check_checkpoints(spec: JobSpec, shape: ModelShape) -> None:
+    """The checkpoint root is usable, a fresh run owns it, and what ``resume`` names fits."""
+    try:
+        store = open_store(spec.checkpoint.uri, **store_options(spec))
+        store.check()
+        problem = fresh_root_problem(store, spec)
+        if problem:
+            raise ConfigError(problem)
+        if spec.resume is not None:
+            uri, manifest = resume_target(spec, store)
+            problem = resume_mismatch(manifest, shape.layout, spec, uri)
+            if problem:
+                raise ConfigError(problem)
+    except StoreError as e:
+        raise ConfigError(str(e)) from None
+
+
+def run_preflight(spec: JobSpec, local: bool) -> ModelShape:
+    """Every check that needs no Ray; ``local``: the job runs on this machine.
+
+    On a remote cluster (``local`` False) memory and ``file://`` paths are
+    the cluster's, not this machine's: the controller checks the
+    checkpoints there instead.
+    """
+    from actors.dp_runtime import available_memory_bytes
+
+    shape = model_shape(spec)
+    if local:
+        check_memory(shape.numel, spec, available_memory_bytes())
+        check_checkpoints(spec, shape)
+    return shape
