@@ -286,3 +286,22 @@ def test_cancel_reports_the_newest_committed_checkpoint(ray_session, tmp_path):
     # Every checkpoint of this run names its lineage and its tied weights.
     manifest = read_manifest(store, newest)
     assert manifest.lineage == spec.job_id and manifest.tied == {"lm_head.weight": "wte.weight"}
+
+
+def test_job_errors_are_one_line_with_the_traceback_in_the_run_folder(tmp_path):
+    from types import SimpleNamespace
+
+    from orchestrator.controller import ERROR_LOG, JobController
+    from storage.object_store import StoreError
+
+    fake = SimpleNamespace(run_dir=tmp_path)
+    # A store's or a checkpoint's error is the user's to act on: its message alone.
+    msg = JobController._describe(fake, StoreError("s3://b/x: bucket does not exist"))
+    assert msg == "s3://b/x: bucket does not exist"
+    assert not (tmp_path / ERROR_LOG).exists()
+    try:
+        {}["missing"]
+    except KeyError as e:
+        msg = JobController._describe(fake, e)
+    assert "\n" not in msg and msg.startswith("KeyError: 'missing'") and ERROR_LOG in msg
+    assert "Traceback" in (tmp_path / ERROR_LOG).read_text()

@@ -57,3 +57,31 @@ def test_text_file_that_exists(tmp_path):
     f.write_text("hello world " * 100)
     spec = JobSpec.from_overrides(["data=text_file", f"data.path={f}"])
     assert spec.data.path == str(f)
+
+
+@pytest.mark.parametrize(
+    "override, must_mention",
+    [
+        ("train.steps=abc", "could not be converted to Integer"),
+        ("+new.key=1", "new: unknown field"),
+        ("+train.foo=2", "train.foo: unknown field"),
+        ("+model.foo=1", "model.foo: unknown field"),
+        ("train.lr=inf", "train.lr: must be a finite number"),
+        ("train.lr=nan", "train.lr: must be a finite number"),
+        ("elastic.step_timeout_s=inf", "elastic.step_timeout_s: must be a finite number"),
+        ("strategy.shard_weights=[1,inf]", "strategy.shard_weights[1]"),
+    ],
+)
+def test_errors_keep_their_reason_and_nothing_is_dropped(override, must_mention):
+    with pytest.raises(ConfigError) as err:
+        JobSpec.from_overrides([override])
+    assert must_mention in str(err.value)
+    assert "To append" not in str(err.value)  # Hydra's hint to use '+', which shoal refuses
+
+
+def test_a_text_too_short_for_one_sample_is_refused(tmp_path):
+    f = tmp_path / "short.txt"
+    f.write_text("x" * 40)
+    with pytest.raises(ConfigError, match="data.path: must be a text of more than"):
+        JobSpec.from_overrides(["data=text_file", f"data.path={f}", "model.seq_len=64"])
+    JobSpec.from_overrides(["data=text_file", f"data.path={f}", "model.seq_len=16"])
