@@ -26,6 +26,8 @@ import ray
 
 from actors.models.build import build_dataset
 from orchestrator.controller import controller_actor_class
+from orchestrator.preflight import run_preflight
+from orchestrator.run_lock import RunFolderLock
 from orchestrator.spec import ConfigError, JobSpec
 from orchestrator.status import JobState, JobStatus, read_status
 
@@ -57,20 +59,39 @@ def ensure_ray(spec: JobSpec) -> None:
 
             kwargs["num_gpus"] = torch.cuda.device_count()
     else:
-        kwargs["address"] = cl.address
+        from orchestrator.ray_connect import connect_ray
+
+        # Bounded: ray.init alone retries a dead address for many minutes. A
+        # refused port fails within seconds; start_timeout_s bounds the rest.
+        connect_ray(
+            cl.address,
+            timeout_s=cl.start_timeout_s,
+            setting="cluster.address (null: a local Ray)",
+            **kwargs,
+        )
+        return
     ray.init(**kwargs)
 
 
 class JobHandle:
     """A submitted job. Methods are cheap calls to the job's controller actor."""
 
-    def __init__(self, spec: JobSpec, controller: Any, run_ref: ray.ObjectRef):
+    def __init__(
+        self,
+        spec: JobSpec,
+        controller: Any,
+        run_ref: ray.ObjectRef,
+        lock: RunFolderLock | None = None,
+    ):
         self.spec = spec
         self.job_id = spec.job_id
         self.run_dir: Path = spec.run_dir
         self._controller = controller
         self._run_ref = run_ref
         self._final: JobStatus | None = None
+        # The run folder's lock, held until the job has ended (released by
+        # wait() or close(), or by the kernel when this process exits).
+        self._lock = lock
 
     def status(self) -> JobStatus:
         """The job's current state, step, loss, workers and error (if any)."""
@@ -93,6 +114,7 @@ class JobHandle:
             self._final = ray.get(self._run_ref)
         except ray.exceptions.RayError as e:
             self._final = self._lost(e)
+        self._release_run_dir()
         return self._final
 
     def done(self) -> bool:
@@ -127,8 +149,13 @@ class JobHandle:
         return ray.get(self._controller.events.remote(), timeout=30)
 
     def close(self) -> None:
-        """Release the controller actor (after the job has ended)."""
+        """Release the controller actor (after the job has ended) and the run folder."""
         ray.kill(self._controller, no_restart=True)
+        self._release_run_dir()
+
+    def _release_run_dir(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
 
     def _lost(self, e: Exception) -> JobStatus:
         last = read_status(self.run_dir)
@@ -155,7 +182,17 @@ def controller_name(job_id: str) -> str:
 def scale_job(job_id: str, workers: int, address: str = "auto") -> int:
     """``shoal scale``: reach a running job's controller through Ray and set its target size."""
     if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, logging_level=logging.WARNING)
+        from orchestrator.ray_connect import connect_ray
+
+        # A live cluster answers in seconds (a ray:// client server may first
+        # start a process for us); past 30 s nobody is there.
+        connect_ray(
+            address,
+            timeout_s=30.0,
+            namespace=NAMESPACE,
+            setting="shoal scale --address",
+            logging_level=logging.WARNING,
+        )
     controller = ray.get_actor(controller_name(job_id), namespace=NAMESPACE)
     return ray.get(controller.scale.remote(workers), timeout=30)
 
@@ -178,26 +215,37 @@ def _load_corpus(spec: JobSpec):
 def submit(spec: JobSpec) -> JobHandle:
     """Start ``spec`` in the background and return its handle.
 
-    Raises ``ConfigError`` if the dataset cannot be loaded; everything that
-    goes wrong after the job has started is reported by ``JobHandle.status()``.
+    Raises ``ConfigError`` (before Ray starts, where the information
+    allows) if the run folder is owned by another live run, the checkpoint
+    root holds another run's checkpoints, ``resume`` names nothing usable,
+    the model cannot fit, or the dataset cannot be loaded; a rejected job
+    changes nothing in the run folder. Everything that goes wrong after the
+    job has started is reported by ``JobHandle.status()``.
     """
     submitted_at = time.time()
-    spec.run_dir.mkdir(parents=True, exist_ok=True)
-    (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
-    # The corpus is read while Ray starts (mostly waiting on its processes).
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        loading = pool.submit(_load_corpus, spec)
-        ensure_ray(spec)
-        ray_ready_s = time.time() - submitted_at
-        corpus = loading.result()
-    tokens_ref = ray.put(corpus.tokens)
-    controller = (
-        controller_actor_class()
-        .options(name=controller_name(spec.job_id))
-        .remote(spec, [tokens_ref], os.getpid(), submitted_at, ray_ready_s)
-    )
-    run_ref = controller.run.remote()
-    return JobHandle(spec, controller, run_ref)
+    lock = RunFolderLock(spec.run_dir, spec.job_id)
+    lock.acquire()
+    try:
+        run_preflight(spec, local=spec.cluster.address is None)
+        # The corpus is read while Ray starts (mostly waiting on its processes).
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            loading = pool.submit(_load_corpus, spec)
+            ensure_ray(spec)
+            ray_ready_s = time.time() - submitted_at
+            corpus = loading.result()
+        # Written only once every check passed: a refused run leaves the folder as it was.
+        (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
+        tokens_ref = ray.put(corpus.tokens)
+        controller = (
+            controller_actor_class()
+            .options(name=controller_name(spec.job_id))
+            .remote(spec, [tokens_ref], os.getpid(), submitted_at, ray_ready_s)
+        )
+        run_ref = controller.run.remote()
+    except BaseException:
+        lock.release()
+        raise
+    return JobHandle(spec, controller, run_ref, lock)
 
 
 def run(spec: JobSpec, poll_s: float = 1.0) -> JobStatus:

@@ -3,7 +3,7 @@
 Each check turns a problem into a ``ConfigError`` (``shoal run`` exits 2)
 naming the field to change. They need the checkpoint store and the model's
 shape (built on the meta device), never Ray. The controller repeats the
-checkpoint checks itself (``fresh_root_problem``, ``resume_mismatch``), so a
+checkpoint checks itself (``fresh_root_problem``, ``resume_mismatch``, ``nothing_left``), so a
 job submitted from elsewhere is held to the same rules.
 """
 
@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from orchestrator.spec import ConfigError, JobSpec
-from storage.checkpoint import Manifest, committed_steps, latest_manifest, resolve, step_dir
+from storage.checkpoint import (
+    CorruptCheckpointError,
+    Manifest,
+    committed_steps,
+    read_manifest,
+    resolve,
+    step_dir,
+    verify,
+)
 from storage.object_store import ObjectStore, StoreError, open_store
 
 # Optimizer state per parameter, in fp32 values: AdamW keeps two moments, SGD one momentum.
@@ -71,6 +79,11 @@ def resume_mismatch(manifest: Manifest, layout: list[dict], spec: JobSpec, uri: 
             f"train.optimizer: checkpoint {uri} holds {saved} state, but this run uses "
             f"{spec.train.optimizer}; resume with train.optimizer={saved}"
         )
+    return None
+
+
+def nothing_left(manifest: Manifest, spec: JobSpec, uri: str) -> str | None:
+    """Why resuming checkpoint ``manifest`` would train nothing (None: steps remain)."""
     if manifest.step >= spec.train.steps:
         return (
             f"train.steps: checkpoint {uri} is already at step {manifest.step}, and "
@@ -84,16 +97,24 @@ def resume_target(spec: JobSpec, store: ObjectStore) -> tuple[str, Manifest]:
     """The checkpoint ``resume`` names (its URI and manifest); ``ConfigError`` if there is none.
 
     ``resume=latest`` takes the newest committed checkpoint with a readable
-    manifest (the controller falls back further past damaged shards).
+    manifest (the controller falls back further past damaged shards, which
+    its workers' reads detect).
     """
     if spec.resume == "latest":
-        manifest = latest_manifest(store)
-        if manifest is None:
-            raise ConfigError(
-                f"resume=latest: no committed checkpoint under {store.uri}. Point run_dir= at "
-                "the earlier run's folder (see `shoal status`), or pass resume=<checkpoint URI>"
-            )
-        return f"{store.uri}/{step_dir(manifest.step)}", manifest
+        for step in reversed(committed_steps(store)):
+            try:
+                manifest = read_manifest(store, step)
+            except CorruptCheckpointError:
+                continue
+            # One that would leave nothing to train is read in full first: if it
+            # is damaged, the controller falls back past it, and so do we.
+            if manifest.step >= spec.train.steps and verify(store, manifest):
+                continue
+            return f"{store.uri}/{step_dir(manifest.step)}", manifest
+        raise ConfigError(
+            f"resume=latest: no committed checkpoint under {store.uri}. Point run_dir= at "
+            "the earlier run's folder (see `shoal status`), or pass resume=<checkpoint URI>"
+        )
     try:
         _, manifest = resolve(spec.resume, **store_options(spec))
     except StoreError as e:
@@ -155,7 +176,9 @@ def check_checkpoints(spec: JobSpec, shape: ModelShape) -> None:
             raise ConfigError(problem)
         if spec.resume is not None:
             uri, manifest = resume_target(spec, store)
-            problem = resume_mismatch(manifest, shape.layout, spec, uri)
+            problem = resume_mismatch(manifest, shape.layout, spec, uri) or nothing_left(
+                manifest, spec, uri
+            )
             if problem:
                 raise ConfigError(problem)
     except StoreError as e:

@@ -49,6 +49,10 @@ MiB = 1024 * 1024
 # DeleteObjects call takes at most 1000 keys.
 MIN_PART_BYTES = 5 * MiB
 MAX_DELETE_BATCH = 1000
+# check() at a job's start: a live S3 endpoint answers a HEAD in well under a
+# second, so these only cut short the wait on a dead or silent one.
+CHECK_CONNECT_TIMEOUT_S = 5.0
+CHECK_READ_TIMEOUT_S = 10.0
 
 # Error codes that mean "this object / bucket is not there". HEAD responses
 # carry no body, so for them botocore reports the bare status code.
@@ -307,16 +311,24 @@ class S3Store(ObjectStore):
                     self._client_obj = self._make_client()
         return self._client_obj
 
-    def _make_client(self) -> Any:
+    def _make_client(
+        self,
+        *,
+        connect_timeout: float | None = None,
+        read_timeout: float | None = None,
+        max_attempts: int | None = None,
+    ) -> Any:
+        """A new client; timeouts and attempts default to the store's settings."""
         import boto3
         from botocore.config import Config
         from botocore.exceptions import BotoCoreError
 
+        attempts = max_attempts or self.max_attempts
         config = Config(
             region_name=self.region,
-            connect_timeout=self.connect_timeout,
-            read_timeout=self.read_timeout,
-            retries={"total_max_attempts": self.max_attempts, "mode": self.retry_mode},
+            connect_timeout=connect_timeout or self.connect_timeout,
+            read_timeout=read_timeout or self.read_timeout,
+            retries={"total_max_attempts": attempts, "mode": self.retry_mode},
             s3={"addressing_style": "path" if self.path_style else "auto"},
             max_pool_connections=self.max_pool_connections,
             request_checksum_calculation=self.request_checksums,
@@ -346,8 +358,13 @@ class S3Store(ObjectStore):
             raise StoreError(f"invalid key {key!r} for {self.uri}: use 'a/b/c' relative keys")
         return self.prefix + key
 
-    def _describe(self, exc: BaseException, key: str | None = None) -> StoreError:
-        """One clear ``StoreError`` for a botocore error, saying what to do about it."""
+    def _describe(
+        self, exc: BaseException, key: str | None = None, *, attempts: int | None = None
+    ) -> StoreError:
+        """One clear ``StoreError`` for a botocore error, saying what to do about it.
+
+        ``attempts``: how many requests were made, if not the store's ``max_attempts``.
+        """
         from botocore import exceptions as bce
 
         where = f"{self.uri}/{key}" if key is not None else self.uri
@@ -400,9 +417,10 @@ class S3Store(ObjectStore):
             )
         if isinstance(exc, bce.EndpointConnectionError | bce.ConnectTimeoutError):
             return StoreError(
-                f"cannot reach S3 endpoint {endpoint} for {self.uri} after {self.max_attempts} "
-                f"attempt(s) ({exc}): check storage.endpoint_url, that the server is running, "
-                "and the network / proxy settings"
+                f"cannot reach S3 endpoint {endpoint} for {self.uri} after "
+                f"{attempts or self.max_attempts} attempt(s) ({exc}): check "
+                "storage.endpoint_url, that the server is running, and the network / proxy "
+                "settings"
             )
         return StoreError(f"S3 request for {where} at {endpoint} failed: {exc}")
 
@@ -567,18 +585,14 @@ class S3Store(ObjectStore):
         """Fail now, with a message saying what to fix, if the store is unusable.
 
         Checks the bucket (exists, credentials accepted, reachable, right
-        region), then writes, reads back and deletes a uniquely named probe
-        object under the root (unique so concurrent checks from many workers
-        do not delete each other's probe). Takes at most the configured
-        retries and timeouts; with ``max_attempts=1`` an unreachable local
-        endpoint fails within one ``connect_timeout``.
+        region) with one request of short timeouts (``CHECK_CONNECT_TIMEOUT_S``,
+        ``CHECK_READ_TIMEOUT_S``, or the store's own if shorter), so a dead
+        or silent endpoint fails in seconds, not after every retry. Then
+        writes, reads back and deletes a uniquely named probe object under
+        the root (unique so concurrent checks from many workers do not delete
+        each other's probe), with the store's usual retries.
         """
-        from botocore.exceptions import BotoCoreError, ClientError
-
-        try:
-            self._client.head_bucket(Bucket=self.bucket)
-        except (BotoCoreError, ClientError) as e:
-            raise self._describe(e) from e
+        self._check_bucket()
         probe = f".shoal-write-check-{uuid.uuid4().hex}"
         self.put(probe, b"ok")
         try:
@@ -586,6 +600,25 @@ class S3Store(ObjectStore):
                 raise StoreError(f"{self.uri}: read back different bytes than written")
         finally:
             self.delete(probe)
+
+    def _check_bucket(self) -> None:
+        """One HeadBucket with short timeouts; ``StoreError`` saying what to check."""
+        from botocore import exceptions as bce
+
+        connect_s = min(self.connect_timeout, CHECK_CONNECT_TIMEOUT_S)
+        read_s = min(self.read_timeout, CHECK_READ_TIMEOUT_S)
+        client = self._make_client(connect_timeout=connect_s, read_timeout=read_s, max_attempts=1)
+        try:
+            client.head_bucket(Bucket=self.bucket)
+        except bce.ReadTimeoutError as e:
+            raise StoreError(
+                f"S3 endpoint {client.meta.endpoint_url} accepted a connection for {self.uri} "
+                f"but sent no answer within {read_s:g}s: check that storage.endpoint_url "
+                "points at an S3 server (not another service) and that it is healthy, and "
+                "the network / proxy settings"
+            ) from e
+        except (bce.BotoCoreError, bce.ClientError) as e:
+            raise self._describe(e, attempts=1) from e
 
     def __repr__(self) -> str:
         return f"S3Store({self.uri!r}, endpoint={self.endpoint_url!r})"
