@@ -6,18 +6,30 @@ buddy's shard. ``plan_recovery`` picks the newest step at which the whole
 flat state can be assembled from those copies, and which copy serves each
 old shard. No copy at any common step (a rank and its buddy both lost) means
 ``None``: the controller then falls back to the last checkpoint.
+
+State is divided into named **state spaces** (``dp`` for the data-parallel
+flat vectors, later ``stage/2``, ``expert/1.7``, ``server``), each with its
+own owner ranges. A holding names its space; ``plan_recovery`` plans one
+space, ``plan_recovery_spaces`` all of a program's spaces at one common step.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+
+from storage.checkpoint import DEFAULT_SPACE
+
+# An owner's range in its space: a list indexed by old rank, or old rank -> range.
+OwnerRanges = Sequence[tuple[int, int]] | Mapping[int, tuple[int, int]]
 
 
 @dataclass(frozen=True)
 class Holding:
-    """A copy of old rank ``owner``'s shard ``[lo, hi)`` after ``done`` steps, held by ``holder``.
+    """A copy of old rank ``owner``'s range ``[lo, hi)`` of state space ``space``.
 
-    ``kind`` is "live" (the engine's own state), "own" (a snapshot) or "replica" (a buddy's).
+    Held by ``holder`` after ``done`` steps. ``kind`` is "live" (the
+    engine's own state), "own" (a snapshot) or "replica" (a buddy's).
     """
 
     holder: int  # old rank of a surviving worker
@@ -26,12 +38,16 @@ class Holding:
     kind: str  # "live" (the engine's own state), "own" (a snapshot), "replica" (a buddy's)
     lo: int
     hi: int
+    space: str = DEFAULT_SPACE
 
 
 @dataclass(frozen=True)
 class RecoveryPlan:
+    """Which copy serves each old owner's range of one state space, at step ``done``."""
+
     done: int  # the new epoch continues with step number ``done``
-    pieces: tuple[Holding, ...]  # one per old shard, sorted by ``lo``, covering [0, numel)
+    pieces: tuple[Holding, ...]  # one per non-empty old range, sorted by ``lo``
+    space: str = DEFAULT_SPACE
 
     @property
     def from_replicas(self) -> list[int]:
@@ -42,29 +58,69 @@ class RecoveryPlan:
 _PREFERENCE = {"live": 0, "own": 1, "replica": 2}
 
 
-def plan_recovery(
-    old_bounds: list[tuple[int, int]], holdings: list[Holding]
-) -> RecoveryPlan | None:
-    """The newest step at which every old shard has a copy, and which copy to use.
+def _owners(ranges: OwnerRanges) -> dict[int, tuple[int, int]]:
+    return dict(ranges.items()) if isinstance(ranges, Mapping) else dict(enumerate(ranges))
 
-    ``old_bounds[r]`` is old rank ``r``'s flat range (for replicated data
-    parallelism, a single range ``[(0, numel)]`` owned by "rank 0" that every
-    survivor holds live). A rank's own copy is preferred over a replica, so
-    state moves over the network only when it has to.
+
+def _pieces_at(
+    done: int, owners: dict[int, tuple[int, int]], holdings: list[Holding]
+) -> tuple[Holding, ...] | None:
+    """One copy per non-empty owner range at step ``done``, or None if one has none."""
+    pieces = []
+    for owner, (lo, hi) in sorted(owners.items()):
+        if hi == lo:
+            continue
+        options = [
+            h for h in holdings if h.owner == owner and h.done == done and (h.lo, h.hi) == (lo, hi)
+        ]
+        if not options:
+            return None
+        pieces.append(min(options, key=lambda h: (_PREFERENCE[h.kind], h.holder != owner)))
+    return tuple(sorted(pieces, key=lambda h: h.lo))
+
+
+def plan_recovery(
+    old_bounds: OwnerRanges, holdings: list[Holding], *, space: str = DEFAULT_SPACE
+) -> RecoveryPlan | None:
+    """The newest step at which every old range of ``space`` has a copy, and which copy to use.
+
+    ``old_bounds[r]`` is old rank ``r``'s range of ``space`` (a list by rank,
+    or a mapping from rank to range for a space only some ranks own; for
+    replicated data parallelism, a single range ``[(0, numel)]`` owned by
+    "rank 0" that every survivor holds live). Holdings of other spaces are
+    ignored. A rank's own copy is preferred over a replica, so state moves
+    over the network only when it has to.
     """
-    for done in sorted({h.done for h in holdings}, reverse=True):
-        pieces = []
-        for owner, (lo, hi) in enumerate(old_bounds):
-            if hi == lo:
-                continue
-            options = [
-                h
-                for h in holdings
-                if h.owner == owner and h.done == done and (h.lo, h.hi) == (lo, hi)
-            ]
-            if not options:
+    owners = _owners(old_bounds)
+    mine = [h for h in holdings if h.space == space]
+    for done in sorted({h.done for h in mine}, reverse=True):
+        pieces = _pieces_at(done, owners, mine)
+        if pieces is not None:
+            return RecoveryPlan(done, pieces, space)
+    return None
+
+
+def plan_recovery_spaces(
+    bounds: Mapping[str, OwnerRanges], holdings: list[Holding]
+) -> dict[str, RecoveryPlan] | None:
+    """A plan for every space of ``bounds``, all at the newest step at which each is complete.
+
+    Each space is planned from its own holdings against its own owner ranges
+    (a copy of one space never stands in for another), but all at one step:
+    the spaces of a program together are its model and optimizer state, and
+    a stage at step 7 next to a stage at step 6 is no state at all. None if
+    no step has every space complete. A space whose ranges are all empty is
+    complete at any step.
+    """
+    owners = {space: _owners(ranges) for space, ranges in bounds.items()}
+    by_space = {space: [h for h in holdings if h.space == space] for space in bounds}
+    for done in sorted({h.done for h in holdings if h.space in bounds}, reverse=True):
+        plans = {}
+        for space, ranges in owners.items():
+            pieces = _pieces_at(done, ranges, by_space[space])
+            if pieces is None:
                 break
-            pieces.append(min(options, key=lambda h: (_PREFERENCE[h.kind], h.holder != owner)))
+            plans[space] = RecoveryPlan(done, pieces, space)
         else:
-            return RecoveryPlan(done, tuple(sorted(pieces, key=lambda h: h.lo)))
+            return plans
     return None

@@ -27,6 +27,14 @@ interrupted by a store error. A put is
 atomic, so a failed or killed upload leaves no partial object, only a
 directory without a manifest, which readers ignore and
 :func:`storage.checkpoint.prune` removes later.
+
+Save ids: a caller that may save the same step twice (a new epoch redoing
+steps after falling back to an older checkpoint, while an abandoned
+committer of the old epoch may still write a manifest) passes a ``save_id``
+unique to the attempt. It goes into the shard's key, its ``ShardRecord``
+and its ``UploadResult``, so each attempt writes its own objects and a
+manifest names only objects written for it; ``result`` hands out the
+outcome of the attempt asked for.
 """
 
 from __future__ import annotations
@@ -40,6 +48,7 @@ from dataclasses import dataclass
 import torch
 
 from storage.checkpoint import (
+    DEFAULT_SPACE,
     ShardRecord,
     ShardSnapshot,
     snapshot_shard,
@@ -70,6 +79,8 @@ class UploadResult:
     attempts: int
     upload_s: float  # from the start of the first attempt to the outcome
     nbytes: int
+    space: str = DEFAULT_SPACE
+    save_id: str = ""
 
 
 class AsyncSaver:
@@ -109,7 +120,7 @@ class AsyncSaver:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._superseded = threading.Event()
-        self._results: dict[int, UploadResult] = {}
+        self._results: dict[tuple[int, str, str], UploadResult] = {}  # (step, space, save_id)
         self._buffer: torch.Tensor | None = None  # reused between snapshots
 
     def save(
@@ -120,16 +131,24 @@ class AsyncSaver:
         hi: int,
         tensors: dict[str, torch.Tensor],
         rng_state: torch.Tensor | None = None,
+        *,
+        space: str = DEFAULT_SPACE,
+        save_id: str = "",
     ) -> SaveTicket:
         """Snapshot the shard and start uploading it; returns once the snapshot is taken.
 
         Blocks first for the previous upload, per the module's policy. The
-        tensors may change as soon as this returns.
+        tensors may change as soon as this returns. ``space``: the state
+        space the range belongs to; ``save_id``: this save attempt's id, at
+        most 32 letters and digits, put in the shard's key ("": the key of
+        saves without one, ``shard-<rank>.safetensors`` for ``dp``).
         """
         start = time.perf_counter()
         self._finish_previous()
         waited = time.perf_counter()
-        snapshot = snapshot_shard(rank, lo, hi, tensors, rng_state, out=self._buffer)
+        snapshot = snapshot_shard(
+            rank, lo, hi, tensors, rng_state, out=self._buffer, space=space, save_id=save_id
+        )
         self._buffer = snapshot.buffer
         copied = time.perf_counter()
         self._superseded.clear()
@@ -166,7 +185,9 @@ class AsyncSaver:
             except (StoreError, OSError) as e:
                 error = f"{type(e).__name__}: {e}"
             else:
-                self._publish(UploadResult(step, True, record, None, attempt, 0.0, 0), start)
+                self._publish(
+                    UploadResult(step, True, record, None, attempt, 0.0, 0), snapshot, start
+                )
                 return
             bound = min(self.max_delay, self.base_delay * 2 ** (attempt - 1))
             delay = random.uniform(0.0, bound)
@@ -178,10 +199,9 @@ class AsyncSaver:
                     f"superseded by a newer checkpoint after {attempt} failed attempt(s): {error}"
                 )
                 break
-        self._publish(UploadResult(step, False, None, error, attempt, 0.0, 0), start)
+        self._publish(UploadResult(step, False, None, error, attempt, 0.0, 0), snapshot, start)
 
-    def _publish(self, result: UploadResult, start: float) -> None:
-        nbytes = self._buffer.numel() if self._buffer is not None else 0
+    def _publish(self, result: UploadResult, snapshot: ShardSnapshot, start: float) -> None:
         final = UploadResult(
             result.step,
             result.ok,
@@ -189,18 +209,27 @@ class AsyncSaver:
             result.error,
             result.attempts,
             time.perf_counter() - start,
-            nbytes,
+            snapshot.nbytes,
+            snapshot.space,
+            snapshot.save_id,
         )
         with self._lock:
-            self._results[result.step] = final
+            self._results[(result.step, snapshot.space, snapshot.save_id)] = final
 
-    def result(self, step: int) -> UploadResult | None:
+    def result(
+        self, step: int, *, space: str | None = None, save_id: str | None = None
+    ) -> UploadResult | None:
         """The outcome of ``step``'s upload if it has finished (then forgotten), else None.
 
-        Never blocks.
+        ``space`` / ``save_id``: only the outcome of that space / save
+        attempt (None: any). Never blocks.
         """
         with self._lock:
-            return self._results.pop(step, None)
+            for key in sorted(self._results):
+                s, sp, sid = key
+                if s == step and space in (None, sp) and save_id in (None, sid):
+                    return self._results.pop(key)
+        return None
 
     def busy(self) -> bool:
         """Whether an upload is in flight."""

@@ -5,15 +5,22 @@ atomic: a reader sees the whole object or none of it, never a prefix, which
 is what makes "manifest written last" a commit.
 
 Backends: ``file://`` (local or shared file system, the default) here;
-``s3://bucket/prefix`` in ``storage/s3_store.py``. ``open_store(uri)`` picks one.
+``s3://bucket/prefix`` in ``storage/s3_store.py``. ``open_store(uri)`` picks
+one by the URI's scheme from a registry (:func:`register_scheme`). A backend
+may be registered by a ``"module:attribute"`` path, imported on first use: S3
+is registered that way, so this module never imports ``storage.s3_store``
+(which imports this one) and boto3 is loaded only when S3 is used.
 """
 
 from __future__ import annotations
 
+import importlib
 import os
 import tempfile
+import threading
 import uuid
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -165,23 +172,97 @@ class LocalStore(ObjectStore):
             parent = parent.parent
 
 
+# -- the scheme registry ---------------------------------------------------------
+
+# What opens a store: ``factory(uri, **options)``.
+StoreFactory = Callable[..., ObjectStore]
+
+# scheme -> a factory, or the "module:attribute" path of one (resolved on first use).
+_SCHEMES: dict[str, StoreFactory | str] = {}
+_SCHEMES_LOCK = threading.Lock()
+
+
+def register_scheme(scheme: str, factory: StoreFactory | str, *, replace: bool = False) -> None:
+    """Make ``open_store`` open ``<scheme>://...`` URIs with ``factory(uri, **options)``.
+
+    ``factory`` is a callable, or a ``"package.module:name"`` path to one
+    (``name`` may be dotted, e.g. ``"storage.s3_store:S3Store.from_uri"``),
+    imported only when a URI of that scheme is first opened -- so a backend's
+    module and dependencies cost nothing to jobs that do not use it.
+    Registering a scheme that is already known is a ``ValueError`` unless
+    ``replace`` is set.
+    """
+    scheme = scheme.lower()
+    if not scheme or not scheme.replace("+", "").replace("-", "").replace(".", "").isalnum():
+        raise ValueError(f"invalid URI scheme {scheme!r}")
+    if isinstance(factory, str) and factory.count(":") != 1:
+        raise ValueError(f"factory path {factory!r} must look like 'package.module:name'")
+    with _SCHEMES_LOCK:
+        if scheme in _SCHEMES and not replace:
+            raise ValueError(f"URI scheme {scheme!r} is already registered")
+        _SCHEMES[scheme] = factory
+
+
+def unregister_scheme(scheme: str) -> None:
+    """Forget ``scheme`` (tests use this to undo a registration); unknown ones are ignored."""
+    with _SCHEMES_LOCK:
+        _SCHEMES.pop(scheme.lower(), None)
+
+
+def known_schemes() -> list[str]:
+    """The registered URI schemes, sorted."""
+    with _SCHEMES_LOCK:
+        return sorted(_SCHEMES)
+
+
+def _factory(scheme: str) -> StoreFactory | None:
+    """The factory for ``scheme``, importing it on first use; None if the scheme is unknown."""
+    with _SCHEMES_LOCK:
+        entry = _SCHEMES.get(scheme)
+    if entry is None or callable(entry):
+        return entry
+    module_name, _, attr = entry.partition(":")
+    try:
+        target: object = importlib.import_module(module_name)
+        for part in attr.split("."):
+            target = getattr(target, part)
+    except (ImportError, AttributeError) as e:
+        raise StoreError(f"the backend for {scheme}:// URIs ({entry}) cannot be loaded: {e}") from e
+    if not callable(target):
+        raise StoreError(f"the backend for {scheme}:// URIs ({entry}) is not callable")
+    with _SCHEMES_LOCK:
+        if _SCHEMES.get(scheme) == entry:  # not re-registered meanwhile
+            _SCHEMES[scheme] = target
+    return target
+
+
+def _open_local(uri: str, **options: object) -> LocalStore:
+    """``file:///abs/path``, ``file://relative/dir`` or a plain path; ``options`` are ignored."""
+    parsed = urlparse(uri)
+    if parsed.scheme != "file":
+        return LocalStore(uri)
+    # file://relative/dir is a common slip; treat the netloc as the first path part.
+    return LocalStore(parsed.netloc + parsed.path)
+
+
+register_scheme("file", _open_local)
+register_scheme("s3", "storage.s3_store:S3Store.from_uri")
+
+
 def open_store(uri: str, **options: object) -> ObjectStore:
-    """The store for ``uri``: ``file:///abs/path``, a plain path, or ``s3://bucket/prefix``.
+    """The store for ``uri``: ``file:///abs/path``, a plain path, ``s3://bucket/prefix``,
+    or any scheme added with :func:`register_scheme`.
 
     ``options`` go to the backend (for S3: ``endpoint_url``, ``region``,
-    ``path_style``, retry settings).
+    ``path_style``, retry settings; the local store ignores them).
+    ``StoreError`` for an unknown scheme (naming the known ones) or a
+    backend that cannot be loaded.
     """
-    parsed = urlparse(uri)
-    if parsed.scheme in ("", "file"):
-        path = parsed.path if parsed.scheme == "file" else uri
-        if parsed.scheme == "file" and parsed.netloc:
-            # file://relative/dir is a common slip; treat the netloc as the first path part.
-            path = parsed.netloc + parsed.path
-        return LocalStore(path)
-    if parsed.scheme == "s3":
-        from storage.s3_store import S3Store  # boto3 is only imported when S3 is used
-
-        return S3Store.from_uri(uri, **options)
-    raise StoreError(
-        f"unsupported checkpoint URI scheme {parsed.scheme!r} in {uri!r}: use file:// or s3://"
-    )
+    scheme = urlparse(uri).scheme.lower() or "file"
+    factory = _factory(scheme)
+    if factory is None:
+        known = ", ".join(f"{s}://" for s in known_schemes())
+        raise StoreError(
+            f"unsupported checkpoint URI scheme {scheme!r} in {uri!r}: known schemes are {known}"
+        )
+    return factory(uri, **options)

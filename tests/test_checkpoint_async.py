@@ -254,3 +254,25 @@ def test_failed_retention_does_not_uncommit(tmp_path):
     _save(store, 1, {"param": torch.randn(4)}, [(0, 4)], keep=1)
     _save(store, 2, {"param": torch.randn(4)}, [(0, 4)], keep=1)  # prune fails: warned, not raised
     assert committed_steps(store) == [1, 2]
+
+
+def test_save_ids_and_spaces_give_each_attempt_its_own_object_and_result(tmp_path):
+    store = LocalStore(tmp_path)
+    saver = AsyncSaver(store)
+    first, second = torch.randn(8), torch.randn(8)
+    saver.save(5, 2, 0, 8, {"param": first}, space="stage/1", save_id="a1")
+    assert saver.wait(10)
+    saver.save(5, 2, 0, 8, {"param": second}, space="stage/1", save_id="b2")  # the step redone
+    assert saver.wait(10)
+    assert saver.result(5, save_id="zz") is None and saver.result(5, space="dp") is None
+    b = saver.result(5, save_id="b2")
+    a = saver.result(5)
+    assert (a.save_id, b.save_id, a.space) == ("a1", "b2", "stage/1") and a.ok and b.ok
+    assert a.record.key == "shard-stage-1-00002.a1.safetensors"
+    assert b.record.key == "shard-stage-1-00002.b2.safetensors"
+    assert a.nbytes == store.list(f"{step_dir(5)}/{a.record.key}")[0].size
+    for result, expected in ((a, first), (b, second)):
+        data = store.get(f"{step_dir(5)}/{result.record.key}")
+        assert torch.equal(st_load(data)["param"], expected)
+    with pytest.raises(ValueError, match="save id"):
+        saver.save(6, 0, 0, 8, {"param": first}, save_id="../x")

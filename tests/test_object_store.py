@@ -9,6 +9,8 @@ from __future__ import annotations
 import pickle
 import random
 import socket
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -18,7 +20,16 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from storage.object_store import LocalStore, ObjectStore, StoreError, open_store
+from storage.object_store import (
+    LocalStore,
+    ObjectInfo,
+    ObjectStore,
+    StoreError,
+    known_schemes,
+    open_store,
+    register_scheme,
+    unregister_scheme,
+)
 
 if TYPE_CHECKING:
     from tests.s3_server import S3Server
@@ -392,6 +403,77 @@ def test_open_store_dispatch(tmp_path: Path, s3_server: S3Server) -> None:
         open_store("s3:///no-bucket")
     with pytest.raises(StoreError, match="scheme"):
         open_store("gs://bucket/x")
+
+
+class MemoryStore(ObjectStore):
+    """A whole store in a dict: what a third-party backend registered by scheme looks like."""
+
+    def __init__(self, uri: str, **options: Any):
+        self.uri = uri
+        self.options = options
+        self.objects: dict[str, bytes] = {}
+
+    def put(self, key: str, data: bytes | bytearray | memoryview) -> None:
+        self.objects[key] = bytes(data)
+
+    def get(self, key: str) -> bytes:
+        if key not in self.objects:
+            raise StoreError(f"{self.uri}/{key} does not exist")
+        return self.objects[key]
+
+    def get_range(self, key: str, start: int, end: int) -> bytes:
+        return self.get(key)[start:end]
+
+    def list(self, prefix: str = "") -> list[ObjectInfo]:
+        return [
+            ObjectInfo(k, len(v), 0.0)
+            for k, v in sorted(self.objects.items())
+            if k.startswith(prefix)
+        ]
+
+    def delete(self, key: str) -> None:
+        self.objects.pop(key, None)
+
+
+def test_a_registered_scheme_opens_and_an_unknown_one_names_the_known(tmp_path: Path) -> None:
+    register_scheme("mem", MemoryStore)
+    try:
+        with pytest.raises(ValueError, match="already registered"):
+            register_scheme("mem", MemoryStore)
+        store = open_store("mem://bucket/x", endpoint_url="http://e")
+        assert isinstance(store, MemoryStore) and store.options == {"endpoint_url": "http://e"}
+        store.check()  # the ObjectStore contract's own round trip works on the new backend
+        assert "mem" in known_schemes()
+        # By "module:name", imported on first use, as the S3 backend is.
+        register_scheme("mem2", "tests.test_object_store:MemoryStore")
+        assert isinstance(open_store("mem2://b"), MemoryStore)
+        register_scheme("broken", "tests.no_such_module:Store")
+        with pytest.raises(StoreError, match=r"broken://.*cannot be loaded.*no_such_module"):
+            open_store("broken://b")
+    finally:
+        for scheme in ("mem", "mem2", "broken"):
+            unregister_scheme(scheme)
+    with pytest.raises(StoreError, match=r"scheme 'mem' .*known schemes are file://, s3://$"):
+        open_store("mem://bucket/x")
+    with pytest.raises(ValueError, match="package.module:name"):
+        register_scheme("bad", "storage.s3_store.S3Store")
+
+
+def test_no_import_cycle_and_boto3_only_when_s3_is_used() -> None:
+    # Either module can be imported first; opening a local store loads neither
+    # the S3 backend nor boto3.
+    code = (
+        "import sys\n"
+        "import storage.s3_store, storage.object_store\n"
+        "for m in [m for m in sys.modules if m.startswith(('storage', 'boto'))]:\n"
+        "    del sys.modules[m]\n"
+        "from storage.object_store import open_store\n"
+        "open_store('file:///tmp/shoal-no-cycle')\n"
+        "assert 'storage.s3_store' not in sys.modules and 'boto3' not in sys.modules\n"
+        "store = open_store('s3://b/p', endpoint_url='http://127.0.0.1:1')\n"
+        "assert type(store).__module__ == 'storage.s3_store'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parent.parent, check=True)
 
 
 # -- the retry helper ----------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from orchestrator.recovery import Holding, plan_recovery
+from orchestrator.recovery import Holding, plan_recovery, plan_recovery_spaces
 
 BOUNDS = [(0, 10), (10, 20), (20, 30)]
 
@@ -54,3 +54,44 @@ def test_own_copy_preferred_over_replica():
     holdings = [own(0, 3), replica(1, 3), own(1, 3), own(2, 3), replica(2, 3), replica(0, 3)]
     plan = plan_recovery(BOUNDS, holdings)
     assert all(p.kind == "own" for p in plan.pieces)
+
+
+# -- several state spaces --------------------------------------------------------
+# dp over ranks 0-2 (BOUNDS); "server" (4 elements) owned by rank 2 alone.
+SERVER = {2: (0, 4)}
+
+
+def server(holder: int, done: int, kind: str = "replica") -> Holding:
+    return Holding(holder, 2, done, kind, 0, 4, space="server")
+
+
+def test_each_space_planned_from_its_own_holdings_at_one_step():
+    # Rank 2 died: its dp shard lives on as rank 0's replica, its server state on rank 1.
+    holdings = [own(0, 6), own(1, 6), replica(0, 6), server(1, 6)]
+    plans = plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, holdings)
+    assert set(plans) == {"dp", "server"} and {p.done for p in plans.values()} == {6}
+    assert plans["dp"].space == "dp" and plans["dp"].from_replicas == [2]
+    assert [(p.owner, p.holder) for p in plans["dp"].pieces] == [(0, 0), (1, 1), (2, 0)]
+    assert plans["server"].space == "server"
+    assert [(p.owner, p.holder, p.lo, p.hi) for p in plans["server"].pieces] == [(2, 1, 0, 4)]
+
+
+def test_spaces_go_back_together_to_the_newest_step_all_of_them_have():
+    # dp is complete at steps 6 and 5, server only at 5: both recover at 5.
+    holdings = [own(0, 6), own(1, 6), replica(0, 6), server(1, 5)]
+    holdings += [own(0, 5), own(1, 5), replica(0, 5)]
+    plans = plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, holdings)
+    assert {p.done for p in plans.values()} == {5}
+    # dp alone would still recover at 6: a space is complete on its own owner ranges.
+    assert plan_recovery(BOUNDS, holdings).done == 6
+
+
+def test_a_copy_of_one_space_never_serves_another():
+    # A server holding with rank 2's dp range [20, 30) is no copy of rank 2's dp shard.
+    holdings = [own(0, 4), own(1, 4), Holding(1, 2, 4, "replica", 20, 30, space="server")]
+    assert plan_recovery(BOUNDS, holdings) is None
+    assert plan_recovery({2: (20, 30)}, holdings, space="server").done == 4
+    # No server copy at all: the job falls back to a checkpoint although dp is complete.
+    complete_dp = [own(0, 4), own(1, 4), replica(0, 4)]
+    assert plan_recovery(BOUNDS, complete_dp).done == 4
+    assert plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, complete_dp) is None
