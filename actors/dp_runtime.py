@@ -1,7 +1,7 @@
 """The data-parallel worker's runtime: one rank's model replica (or shard) and its steps.
 
-This is a plain class so tests can drive it in one process; ``actors/worker.py``
-wraps it as the ``DataParallelWorker`` Ray actor. The controller decides
+This is a plain class so tests can drive it in one process; ``MemberActor``
+(``actors/member.py``) hosts it in a Ray actor, role ``worker``. The controller decides
 *what* happens (which step, which learning rate, which samples, when to save);
 the runtime only does it.
 """
@@ -23,6 +23,7 @@ from actors.data import VOCAB_SIZE, ByteCorpus, batch_offsets, make_batch
 from actors.elastic_state import ElasticState
 from actors.models.build import build_model
 from collectives.ddp import DDPEngine
+from collectives.errors import PeerLostError, classify_peer_loss
 from collectives.optim import OptimizerSpec
 from collectives.process_group import Rendezvous, host_store, join_group, leave_group
 from collectives.zero import ZeroEngine, build_engine
@@ -84,10 +85,15 @@ def available_memory_bytes() -> int:
 class DataParallelRuntime(ElasticState):
     """One data-parallel worker; its rank is given anew by every epoch's ``setup``.
 
+    ``CONTROL_METHODS`` run on the actor's control thread, beside a step
+    that may be stuck in a collective whose peers are gone.
+
     Call order: ``setup``, then ``train_step`` (and save/load) any number of
     times; after a membership change ``leave_epoch``, ``setup`` again and
     ``restore_from_pieces``; finally ``shutdown``.
     """
+
+    CONTROL_METHODS = ("holdings", "export_piece")
 
     def __init__(self, spec: JobSpec, worker_id: int, tokens: np.ndarray):
         self.spec = spec
@@ -112,6 +118,7 @@ class DataParallelRuntime(ElasticState):
         self._rdzv_store = host_store(host, world_size, self.spec.cluster.collective_timeout_s)
         return host, self._rdzv_store.port
 
+    @classify_peer_loss(on_loss=lambda self: leave_group())
     def setup(
         self, rdzv: Rendezvous, shard_bounds: list[tuple[int, int]] | None, rank: int
     ) -> WorkerInfo:
@@ -164,23 +171,18 @@ class DataParallelRuntime(ElasticState):
 
     # -- training -----------------------------------------------------------
 
+    @classify_peer_loss(on_loss=lambda self: self._abort_epoch())
     def train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
         """One optimizer step on samples ``[batch_lo, batch_hi)`` of global batch ``step``.
 
         If a collective fails (a peer is gone), this rank leaves the process
-        group before raising, so the other survivors are not left waiting.
+        group and raises ``PeerLostError``, so the other survivors are not left
+        waiting and the controller knows this rank survived. Any other error
+        (the model's, the data's) is raised as it is: the job fails on it.
         """
         if not torch.distributed.is_initialized():
-            raise RuntimeError("peer failure earlier in this epoch: the process group is gone")
-        try:
-            return self._train_step(step, lr, batch_lo, batch_hi)
-        except torch.distributed.DistError:
-            self._abort_epoch()
-            raise
-        except RuntimeError as e:
-            if "gloo" in str(e) or "NCCL" in str(e) or "Connection" in str(e):
-                self._abort_epoch()
-            raise
+            raise PeerLostError("peer failure earlier in this epoch: the process group is gone")
+        return self._train_step(step, lr, batch_lo, batch_hi)
 
     def _train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
         t = self.spec.train
@@ -271,7 +273,7 @@ class DataParallelRuntime(ElasticState):
             self._async_saver = AsyncSaver(self._checkpoint_store(for_upload=True))
         return self._async_saver
 
-    def save_shard(self, step: int) -> dict[str, Any]:
+    def save_shard(self, step: int, save_id: str = "") -> dict[str, Any]:
         """Snapshot this rank's slice of the state for ``step``; upload it in the background.
 
         Returns a ``SaveTicket`` as a dict (``blocked_s``, ``wait_s``,
@@ -281,17 +283,19 @@ class DataParallelRuntime(ElasticState):
         ``checkpoint_done(step)``. Never raises for a store error.
         """
         lo, hi, tensors = self.engine.checkpoint_slice()
-        ticket = self._saver().save(step, self.rank, lo, hi, tensors, torch.get_rng_state())
+        ticket = self._saver().save(
+            step, self.rank, lo, hi, tensors, torch.get_rng_state(), save_id=save_id
+        )
         return asdict(ticket)
 
-    def checkpoint_done(self, step: int) -> dict[str, Any] | None:
+    def checkpoint_done(self, step: int, save_id: str | None = None) -> dict[str, Any] | None:
         """The outcome of ``step``'s upload (``UploadResult`` as a dict) once it has finished.
 
         None while it is still running. Never blocks, so the controller can
         poll between training steps. A result is handed out once.
         """
         saver = getattr(self, "_async_saver", None)
-        result = saver.result(step) if saver is not None else None
+        result = saver.result(step, save_id=save_id) if saver is not None else None
         return asdict(result) if result is not None else None
 
     def load_checkpoint(self, root_uri: str, manifest_json: str) -> dict[str, Any]:

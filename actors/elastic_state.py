@@ -17,6 +17,7 @@ from typing import Any
 import ray
 import torch
 
+from collectives.errors import classify_peer_loss
 from collectives.process_group import leave_group, sever_group
 from collectives.replication import BuddyReplicator
 from orchestrator.recovery import Holding
@@ -26,6 +27,8 @@ from orchestrator.recovery import Holding
 # how long a rank whose collective failed waits for it before severing.
 _SETTLE_QUERY_S = 5.0
 _SETTLE_ON_ABORT_S = 1.0
+# How long fetching a piece of state from Ray's object store may take.
+_FETCH_S = 300.0
 
 
 class ElasticState:
@@ -134,6 +137,7 @@ class ElasticState:
         finally:
             leave_group()
 
+    @classify_peer_loss(on_loss=lambda self: self._abort_epoch())
     def begin(self, done: int) -> None:
         """Training starts (fresh, or from a checkpoint) with ``done`` steps applied.
 
@@ -149,6 +153,7 @@ class ElasticState:
         """Leave the (possibly broken) process group; held copies stay until the next restore."""
         leave_group()
 
+    @classify_peer_loss(on_loss=lambda self: self._abort_epoch())
     def restore_from_pieces(
         self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int
     ) -> int:
@@ -167,7 +172,7 @@ class ElasticState:
                 if a >= b:
                     continue
                 if i not in cache:
-                    cache[i] = ray.get(ref[0])
+                    cache[i] = ray.get(ref[0], timeout=_FETCH_S)
                 parts.append(cache[i][key][a - p_lo : b - p_lo])
             out = torch.cat(parts) if parts else torch.empty(0)
             if out.numel() != hi - lo:

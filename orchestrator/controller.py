@@ -1,9 +1,12 @@
 """The per-job controller: a Ray actor that drives the workers through the steps.
 
-It owns the job's state machine (``JobState``), decides everything (which
-step, which learning rate, which samples each rank takes, when to save), and
-holds no tensors: workers compute, the controller collects numbers and writes
-the run folder (``metrics.jsonl``, ``status.json``, ``loss.png``,
+It owns the job's state machine (``JobState``, moved only through
+``policies.transition``), carries out the decisions of the pure policies in
+``orchestrator/policies.py`` (failures, scaling, drains, checkpoints), and
+asks the job's training program (``orchestrator/program.py``) for everything
+strategy-specific: what each member runs each step and how results reduce.
+It holds no tensors: members compute; the controller writes ``status.json``
+and hands step records to the reporter (``metrics.jsonl``, ``loss.png``,
 ``sample.txt``).
 
 Steps are pipelined two deep: step ``s+1`` is queued on every worker before
@@ -15,12 +18,13 @@ quiescent, fully committed step.
 
 from __future__ import annotations
 
-import json
 import logging
 import threading
 import time
 import traceback
+import uuid
 from collections import deque
+from collections.abc import Callable
 from typing import Any
 
 import ray
@@ -29,12 +33,24 @@ import torch
 from actors.data import VOCAB_SIZE
 from actors.models.build import build_model
 from collectives.flat import FlatLayout, tied_aliases
-from orchestrator.balancer import BatchBalancer
 from orchestrator.checkpoint_committer import CheckpointCommitter
+from orchestrator.constants import CHECKPOINT_CALL_S, PIPELINE_DEPTH, START_GRACE_S
 from orchestrator.events import EventLog
 from orchestrator.node_drain import DrainDecision, DrainingNodes, on_draining_nodes, plan_drain
-from orchestrator.preflight import fresh_root_problem, resume_mismatch
-from orchestrator.report import plot_loss
+from orchestrator.policies import (
+    RecoverySource,
+    checkpoint_due,
+    decide_membership,
+    decide_target,
+    give_up_reason,
+    membership_change_wanted,
+    queue_limit,
+    recovery_source,
+    transition,
+)
+from orchestrator.preflight import fresh_root_problem, nothing_left, resume_mismatch
+from orchestrator.program import program_for
+from orchestrator.reporter import RunReporter
 from orchestrator.schedule import lr_at
 from orchestrator.spec import ConfigError, JobSpec
 from orchestrator.status import JobState, JobStatus, write_status
@@ -53,11 +69,7 @@ from storage.checkpoint import (
 )
 from storage.object_store import ObjectStore, StoreError, open_store
 
-PIPELINE_DEPTH = 2
 ERROR_LOG = "error.log"  # the full traceback of an unexpected controller error
-# How long a job start waits for all of cluster.workers before it begins with
-# the cluster.min_workers that are ready (the rest join when placed).
-START_GRACE_S = 15.0
 
 
 class JobCancelled(Exception):
@@ -75,21 +87,26 @@ class JobController:
         driver_pid: int | None = None,
         submitted_at: float | None = None,
         ray_ready_s: float | None = None,
+        group_factory: Callable[..., Any] = WorkerGroup,
     ):
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
         # the controller never holds the data, it hands the reference to workers.
         self._tokens_ref = tokens_ref[0]
+        # How members are made: Ray actors (WorkerGroup); the controller's
+        # unit tests pass a group of in-process members instead.
+        self._group_factory = group_factory
         self.run_dir = spec.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._cancel = threading.Event()
+        self._reporter = RunReporter(self.run_dir)
         if spec.resume is None:
             # A fresh run owns the folder (run_lock): an earlier run's records
             # would otherwise be read as this one's.
-            for name in ("metrics.jsonl", "events.jsonl", ERROR_LOG):
+            self._reporter.start_fresh()
+            for name in ("events.jsonl", ERROR_LOG):
                 (self.run_dir / name).unlink(missing_ok=True)
-        self._lock = threading.Lock()
-        self._cancel = threading.Event()
-        self._metrics: list[dict[str, Any]] = []
         self._group: WorkerGroup | None = None
         self._events = EventLog(self.run_dir / "events.jsonl")
         self._scale_to: int | None = None
@@ -99,6 +116,8 @@ class JobController:
         # the run it resumed (retention only ever counts its own lineage).
         self._lineage = spec.job_id
         self._tied: dict[str, str] = {}
+        # How this job trains (strategy-specific); everything here is shared.
+        self._program = program_for(spec)
         self._status = JobStatus(
             job_id=spec.job_id,
             state=JobState.PENDING,
@@ -121,8 +140,7 @@ class JobController:
             return self._status
 
     def metrics(self, since: int = 0) -> list[dict[str, Any]]:
-        with self._lock:
-            return self._metrics[since:]
+        return self._reporter.since(since)
 
     def cancel(self) -> None:
         self._cancel.set()
@@ -138,9 +156,9 @@ class JobController:
         """Ask for ``workers`` workers (clamped to [min_workers, max_workers]); applied at the
         next step boundary. Returns the new target."""
         cl = self.spec.cluster
-        target = max(cl.min_workers, min(cl.max_workers, int(workers)))
-        self._scale_to = target
-        return target
+        decision = decide_target(workers, cl.min_workers, cl.max_workers)
+        self._scale_to = decision.target
+        return decision.target
 
     @property
     def _workers(self) -> list[Any]:
@@ -157,7 +175,7 @@ class JobController:
             self._claim_checkpoint_root(store)
             self._start_workers()
             start_step = self._restore(self.spec.resume)
-            self._gather([w.begin.remote(start_step) for w in self._workers], "start")
+            self._gather(self._group.call("begin", start_step), "start")
             self._phase("state_ready")
             self._set(state=JobState.RUNNING, step=start_step)
             self._train(start_step, store)
@@ -171,6 +189,7 @@ class JobController:
             self._set(state=JobState.FAILED, error=self._describe(e))
         finally:
             self._stop_workers()
+            self._reporter.close()
             self._write_status()
         return self.status()
 
@@ -191,7 +210,12 @@ class JobController:
     def _start_workers(self) -> None:
         """Ask Ray for ``cluster.workers`` workers; start once the minimum is placed."""
         cl = self.spec.cluster
-        group = WorkerGroup(self.spec, self._tokens_ref, 0, self._events)
+        # One role today (data-parallel workers); programs with several roles
+        # (pipeline stages, expert hosts) get a group per role.
+        (role,) = self._program.roles()
+        group = self._group_factory(
+            self.spec, self._program, role, self._tokens_ref, 0, self._events
+        )
         self._group = group
         group.spawn(cl.workers)
         # The planner needs the parameter count; it is worked out while the
@@ -239,7 +263,7 @@ class JobController:
         else:
             store, manifest = resolve(resume, **options)
             candidates = [manifest.step]
-        layout = ray.get(self._workers[0].layout_json.remote())
+        layout = self._group.ask_first("layout_json")
         skipped: list[str] = []
         for step in candidates:
             uri = f"{store.uri}/{step_dir(step)}"
@@ -255,7 +279,7 @@ class JobController:
             if mismatch:
                 raise ConfigError(mismatch)
             results = self._gather(
-                [w.load_checkpoint.remote(store.uri, manifest.to_json()) for w in self._workers],
+                self._group.call("load_checkpoint", store.uri, manifest.to_json()),
                 "restore",
             )
             bad = [r["error"] for r in results if not r["ok"]]
@@ -264,11 +288,15 @@ class JobController:
                     raise CorruptCheckpointError(bad[0])
                 self._skip_checkpoint(skipped, uri, bad[0])
                 continue
+            # Checked once loaded: a damaged checkpoint past the end is skipped, not refused.
+            done_already = nothing_left(manifest, self.spec, uri)
+            if done_already:
+                raise ConfigError(done_already)
             note = None
             if skipped:
                 note = f"resume=latest fell back to {uri}, skipping: " + "; ".join(skipped)
                 logging.getLogger("shoal.checkpoint").warning(note)
-            self._keep_metrics_before(manifest.step)
+            self._reporter.keep_before(manifest.step)
             self._lineage = manifest.lineage or self._lineage
             self._set(
                 resumed_from=uri,
@@ -305,7 +333,8 @@ class JobController:
         t, every = self.spec.train, self.spec.checkpoint.every
         total = t.steps
         step_timeout = self.spec.elastic.step_timeout_s
-        balancer = self._new_balancer()
+        program = self._program
+        program.begin_epoch(self._group.plan)
 
         inflight: deque[tuple[int, float, list[ray.ObjectRef]]] = deque()
         next_step = done = start_step
@@ -315,38 +344,37 @@ class JobController:
             change = self._membership_change_wanted()
             if change and not inflight:
                 if self._rebalance_membership(done):
-                    balancer = self._new_balancer()
+                    program.begin_epoch(self._group.plan)
                 change = False
             # Never queue past the next checkpoint: it must see a quiescent step.
-            boundary = total if every == 0 else min(total, (done // every + 1) * every)
+            boundary = queue_limit(done, every, total)
             while not change and next_step < boundary and len(inflight) < PIPELINE_DEPTH:
                 lr = lr_at(next_step, t)
-                refs = [
-                    w.train_step.remote(next_step, lr, lo, hi)
-                    for w, (lo, hi) in zip(self._workers, balancer.bounds(), strict=True)
-                ]
+                refs = self._group.call_items(program.work_items(next_step, lr))
                 inflight.append((next_step, lr, refs))
                 next_step += 1
             step, lr, refs = inflight.popleft()
             try:
                 results = self._group.gather(refs, f"step {step}", timeout=step_timeout)
-                balancer.observe(results)
-                record = self._step_record(step, lr, results, last_done)
+                program.observe(results)
+                record = program.reduce(step, lr, results, time.perf_counter() - last_done)
+                record.update(epoch=self._group.epoch, elapsed_s=time.time() - self._started)
                 with self._lock:
-                    self._status.batch_shares = list(balancer.shares)
-                    for row, share, compute in zip(
-                        self._status.workers, record["batch"], record["compute_s"], strict=False
+                    for key, value in program.status_fields().items():
+                        setattr(self._status, key, value)
+                    for row, fields in zip(
+                        self._status.workers, program.member_fields(record), strict=False
                     ):
-                        row["batch_share"], row["compute_s"] = share, compute
+                        row.update(fields)
                 self._record(record, done=step + 1)
                 last_done = time.perf_counter()
                 done = step + 1
-                if not inflight and (done == total or (every and done % every == 0)):
+                if not inflight and checkpoint_due(done, every, total):
                     self._checkpoint(done, store)
             except MembershipLost as lost:
                 inflight.clear()
                 next_step = done = self._recover(lost, done)
-                balancer = self._new_balancer()
+                program.begin_epoch(self._group.plan)
                 last_done = time.perf_counter()
                 continue
             if self._cancel.is_set():
@@ -354,31 +382,6 @@ class JobController:
                 for _, _, queued in inflight:
                     self._gather(queued, "drain")
                 raise JobCancelled()
-
-    def _step_record(
-        self, step: int, lr: float, results: list[Any], last_done: float
-    ) -> dict[str, Any]:
-        step_time = time.perf_counter() - last_done
-        return {
-            "step": step,
-            "loss": sum(r.loss_sum for r in results) / sum(r.n_tokens for r in results),
-            "lr": lr,
-            "grad_norm": results[0].grad_norm,
-            "step_time_s": step_time,
-            "tokens_per_s": self.spec.train.global_batch * self.spec.seq_len / step_time,
-            "epoch": self._group.epoch,
-            "batch": [r.n_tokens // self.spec.seq_len for r in results],
-            "compute_s": [round(r.compute_s, 5) for r in results],
-            "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
-            "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
-            "elapsed_s": time.time() - self._started,
-        }
-
-    def _new_balancer(self) -> BatchBalancer:
-        t = self.spec.train
-        return BatchBalancer(
-            t.global_batch, len(self._workers), t.balance == "auto", t.balance_every
-        )
 
     # -- membership ----------------------------------------------------------
 
@@ -401,23 +404,17 @@ class JobController:
                 during=lost.what,
                 reason=lost.reason,
             )
-        if g.failures > e.max_failures:
-            raise RuntimeError(
-                f"{g.failures} workers lost, more than elastic.max_failures={e.max_failures}; "
-                f"the last: {lost.reason}"
-            )
+        give_up = give_up_reason(g.failures, e.max_failures, lost.reason)
+        if give_up:
+            raise RuntimeError(give_up)
         self._set(state=JobState.RECOVERING)
         survivors = [m for m in g.members if m not in lost.dead]
         # A step that every rank applied but whose result was lost with a worker
         # is redone from the copies of the step before (they are double-
         # buffered) rather than kept: kept, it would have no metrics record.
         plan, survivors = g.collect_plan(survivors, upto=committed)
-        pieces = None
-        if plan is not None:
-            try:
-                pieces = g.export_pieces(plan, survivors)
-            except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
-                pieces = None  # a holder died while exporting: use the checkpoint
+        # None also when a holder died while exporting: the checkpoint is used then.
+        pieces = g.export_pieces(plan, survivors) if plan is not None else None
         answered = len(survivors)
         survivors = g.leave(survivors)
         stuck = answered - len(survivors)  # exported, then killed: lost too
@@ -434,7 +431,10 @@ class JobController:
             on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
         )
         g.form_epoch(members)
-        if pieces is not None:
+        for m in members:
+            if m not in survivors:  # a replacement placed in time for this epoch
+                self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
+        if recovery_source(pieces is not None) is RecoverySource.BUDDIES:
             g.restore(pieces, plan.done)
             done = plan.done
             self._events.emit(
@@ -442,7 +442,7 @@ class JobController:
             )
         else:
             done = self._restore("latest")
-            self._gather([w.begin.remote(done) for w in self._workers], "start")
+            self._gather(self._group.call("begin", done), "start")
             self._events.emit(
                 "restored-from-checkpoint",
                 step=done,
@@ -451,7 +451,7 @@ class JobController:
                 held=g.last_holdings,
             )
         redone = max(0, committed - done)
-        self._keep_metrics_before(done)
+        self._reporter.keep_before(done)
         self._events.emit("replanned", epoch=g.epoch, workers=len(members), step=done)
         with self._lock:
             st = self._status
@@ -463,14 +463,9 @@ class JobController:
 
     def _membership_change_wanted(self) -> bool:
         g = self._group
-        if self._scale_to is not None and self._scale_to != g.target:
-            return True
-        if len(g.members) > g.target:
-            return True
         ready = g.ready_joiners()
-        if self._drain_decision(joining=ready).leaving:
-            return True
-        return len(g.members) < g.target and ready > 0
+        draining = len(self._drain_decision(joining=ready).leaving)
+        return membership_change_wanted(len(g.members), g.target, self._scale_to, ready, draining)
 
     def _drain_decision(self, joining: int, admitted: int = 0) -> DrainDecision:
         """Which members on draining nodes would leave now; announces newly seen ones.
@@ -516,25 +511,23 @@ class JobController:
         joiners = []
         for m in g.admit_ready():
             if m.node_id in draining:  # placed just before its node was marked
-                ray.kill(m.actor, no_restart=True)
+                g.remove([m])
             else:
                 joiners.append(m)
         drain = self._drain_decision(joining=len(joiners), admitted=len(joiners))
-        staying = [m for m in g.members if m not in drain.leaving]
-        scaled_down = staying[g.target :]
-        staying = staying[: g.target]
-        room = max(0, g.target - len(staying))
-        for m in joiners[room:]:  # more were placed than the target needs
-            ray.kill(m.actor, no_restart=True)
-        joiners = joiners[:room]
-        leaving = drain.leaving + scaled_down
-        changed = bool(joiners or leaving)
-        if changed:
-            self._move_state(done, staying, joiners, leaving, drain.leaving)
-        missing = g.target - len(g.members) - len(g.pending)
-        if missing > 0:
-            g.spawn(missing)
-        return changed
+        decision = decide_membership(g.members, drain.leaving, joiners, g.target, len(g.pending))
+        g.remove(list(decision.surplus))  # more were placed than the target needs
+        if decision.changed:
+            self._move_state(
+                done,
+                list(decision.staying),
+                list(decision.joining),
+                list(decision.drained + decision.scaled_down),
+                list(decision.drained),
+            )
+        if decision.spawn:
+            g.spawn(decision.spawn)
+        return decision.changed
 
     def _move_state(
         self,
@@ -560,8 +553,8 @@ class JobController:
         if any(m not in left for m in staying):
             raise RuntimeError("a worker did not leave its epoch at a step boundary")
         self._forget_checkpoint_committer()
+        g.remove(leaving)
         for m in leaving:
-            ray.kill(m.actor, no_restart=True)
             reason = "node draining" if m in from_draining_nodes else "scaled down"
             self._events.emit(
                 "drained", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done, reason=reason
@@ -598,9 +591,14 @@ class JobController:
         if step in committer.preexisting:
             self._clear_old_checkpoint(store, step)
         workers = list(self._workers)  # the members of this epoch save, and are asked
-        tickets = self._gather([w.save_shard.remote(step) for w in workers], "checkpoint")
+        # Unique object keys per save attempt: an abandoned attempt's late
+        # upload can never overwrite, or be named by, this one's manifest.
+        save_id = uuid.uuid4().hex[:12]
+        tickets = self._gather(
+            self._group.call("save_shard", step, save_id), "checkpoint", timeout=CHECKPOINT_CALL_S
+        )
         blocked = time.perf_counter() - start
-        committer.submit(step, workers)
+        committer.submit(step, workers, save_id=save_id)
         fields: dict[str, Any] = {
             "checkpoint_blocked_s": round(blocked, 5),
             "checkpoint_wait_s": [round(t["wait_s"], 5) for t in tickets],
@@ -615,14 +613,14 @@ class JobController:
                     f"uploads still running after {CheckpointCommitter.FINAL_TIMEOUT_S:g}s",
                 )
             fields["checkpoint_drain_s"] = round(time.perf_counter() - drain_start, 5)
-        self._amend_last_record(step, fields)
-        plot_loss(self.metrics(), self.run_dir / "loss.png")
+        self._reporter.amend_last(step, fields)
+        self._reporter.plot_soon()
 
     def _checkpoint_committer(self, store: ObjectStore) -> CheckpointCommitter:
         """The job's committer thread, started at the first checkpoint."""
         committer = getattr(self, "_committer", None)
         if committer is None:
-            layout = ray.get(self._workers[0].layout_json.remote())
+            layout = self._group.ask_first("layout_json")
             t = self.spec.train
 
             def manifest_for(step: int, records: list[ShardRecord]) -> Manifest:
@@ -650,6 +648,7 @@ class JobController:
                 keep=self.spec.checkpoint.keep,
                 on_outcome=self._checkpoint_outcome,
                 preexisting=preexisting,
+                get=self._group.get,
             )
             self._committer = committer
         return committer
@@ -675,11 +674,17 @@ class JobController:
 
         The committer polls the workers of the epoch that saved; a lost
         worker's upload fails its checkpoint (counted, like any failed one).
-        A new committer, for the new members, starts at the next checkpoint.
+        Closing it guarantees it writes no manifest later: a step it had not
+        committed is counted as failed. A new committer, for the new members,
+        starts at the next checkpoint.
         """
         committer = getattr(self, "_committer", None)
         if committer is not None:
             committer.drain(60.0)
+            if not committer.close(timeout=60.0):
+                logging.getLogger("shoal.checkpoint").warning(
+                    "the previous epoch's checkpoint committer did not stop within 60s"
+                )
             self._committer = None
 
     def _checkpoint_outcome(self, step: int, uri: str | None, error: str | None) -> None:
@@ -696,52 +701,31 @@ class JobController:
         log.warning(warning)
         self._set(checkpoints_failed=failed, checkpoint_warning=warning)
 
-    def _amend_last_record(self, step: int, fields: dict[str, Any]) -> None:
-        """Add ``fields`` to the record of step ``step - 1``, which ``_train`` already wrote.
-
-        Rewrites only the last line of ``metrics.jsonl``, so the cost does not
-        grow with the length of the run.
-        """
-        with self._lock:
-            if not self._metrics or self._metrics[-1]["step"] != step - 1:
-                return
-            self._metrics[-1].update(fields)
-            record = self._metrics[-1]
-        path = self.run_dir / "metrics.jsonl"
-        with open(path, "r+b") as f:
-            size = f.seek(0, 2)
-            back = min(size, 1 << 16)
-            f.seek(size - back)
-            tail = f.read()
-            start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
-            if json.loads(tail[start:]).get("step") != step - 1:
-                return
-            f.seek(size - back + start)
-            f.truncate()
-            f.write(json.dumps(record).encode() + b"\n")
-
     def _finish(self) -> None:
-        memory = ray.get([w.memory_report.remote() for w in self._workers])
+        memory = self._group.ask_all("memory_report")
         t = self.spec.train
         sample = None
         if t.sample_tokens > 0:
             texts = self._gather(
-                [
-                    w.generate.remote(t.sample_prompt, t.sample_tokens, 0.8, t.seed)
-                    for w in self._workers
-                ],
+                self._group.call("generate", t.sample_prompt, t.sample_tokens, 0.8, t.seed),
                 "sample",
             )
             sample = texts[0]
-            (self.run_dir / "sample.txt").write_text(sample)
-        plot_loss(self.metrics(), self.run_dir / "loss.png")
+            self._reporter.write_sample(sample)
         self._set(memory=memory, sample=sample)
 
     # -- helpers ---------------------------------------------------------------
 
-    def _gather(self, refs: list[ray.ObjectRef], what: str) -> list[Any]:
-        """Results of one call per member; see ``WorkerGroup.gather`` for failures."""
-        return self._group.gather(refs, what)
+    def _gather(
+        self, refs: list[ray.ObjectRef], what: str, timeout: float | None = None
+    ) -> list[Any]:
+        """Results of one call per member; see ``WorkerGroup.gather`` for failures.
+
+        Bounded: by ``timeout``, else by ``cluster.collective_timeout_s`` (the
+        calls gathered here may run collectives, or a checkpoint load).
+        """
+        bound = timeout if timeout is not None else self.spec.cluster.collective_timeout_s
+        return self._group.gather(refs, what, timeout=bound)
 
     def _stop_workers(self) -> None:
         if self._group is not None:
@@ -758,29 +742,13 @@ class JobController:
 
     def _record(self, record: dict[str, Any], done: int) -> None:
         self._phase("first_step")
+        self._reporter.add(record)
         with self._lock:
-            self._metrics.append(record)
             self._status.step = done
             self._status.loss = record["loss"]
             self._status.tokens_per_s = record["tokens_per_s"]
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(record) + "\n")
         if done % self.spec.train.log_every == 0 or done == self.spec.train.steps:
             self._write_status()
-
-    def _keep_metrics_before(self, step: int) -> None:
-        """On resume in the same run folder, drop records of steps that will be redone."""
-        path = self.run_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = [
-            line
-            for line in path.read_text().splitlines()
-            if line and json.loads(line)["step"] < step
-        ]
-        path.write_text("".join(line + "\n" for line in kept))
-        with self._lock:
-            self._metrics = [json.loads(line) for line in kept]
 
     def _phase(self, name: str) -> None:
         """Note when a start-up phase ended, in seconds since the job was submitted."""
@@ -790,6 +758,8 @@ class JobController:
 
     def _set(self, **fields: Any) -> None:
         with self._lock:
+            if "state" in fields:  # every state change goes through the one transition function
+                fields["state"] = transition(self._status.state, fields["state"])
             for k, v in fields.items():
                 setattr(self._status, k, v)
         self._write_status()

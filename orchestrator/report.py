@@ -86,15 +86,16 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
             lo, hi = w.get("shard", (0, 0))
             share = w.get("batch_share")
             lines.append(
-                f"  rank {w['rank']}      pid {w['pid']} on {w.get('node_ip', '?')}, "
-                f"worker {w.get('worker_id', '?')}, shard [{lo}, {hi})"
+                f"  rank {w['rank']}      {w.get('role', 'worker')} {w.get('worker_id', '?')}, "
+                f"pid {w['pid']} on {w.get('node_ip', '?')}, shard [{lo}, {hi})"
                 + (f" {human_bytes(w['shard_bytes'])}" if "shard_bytes" in w else "")
                 + (f", batch share {share}" if share is not None else "")
                 + (f", {w['compute_s'] * 1000:.0f} ms compute" if "compute_s" in w else "")
             )
     for w, mem in zip(status.workers, status.memory, strict=False):
         lines.append(
-            f"  rank {w['rank']}      pid {w['pid']} on {w['node_ip']} ({w['device']}): "
+            f"  rank {w['rank']}      {w.get('role', 'worker')}, pid {w['pid']} on "
+            f"{w['node_ip']} ({w['device']}): "
             f"params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
             f"optimizer {human_bytes(mem['optimizer'])}, peak RSS {human_bytes(mem['peak_rss'])}"
         )

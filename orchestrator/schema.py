@@ -15,7 +15,9 @@ from typing import Any
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
+from orchestrator.programs import PROGRAMS
+
+STRATEGIES = tuple(PROGRAMS)
 BALANCE = ("equal", "auto")
 OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 
 def _check_weights(weights: Sequence[float], what: str) -> list[float]:
@@ -114,42 +113,3 @@ def weights_from_throughput(samples_per_s: Sequence[float]) -> list[float]:
     w = _check_weights(samples_per_s, "samples_per_s")
     s = sum(w)
     return [x / s for x in w]
-
-
-@dataclass(frozen=True)
-class ShardPlan:
-    """One epoch's data-parallel plan.
-
-    Rank ``r`` owns the flat range ``bounds[r]`` and takes ``batch[r]`` samples per step.
-    """
-
-    bounds: tuple[tuple[int, int], ...]
-    batch: tuple[int, ...]
-
-    @property
-    def world_size(self) -> int:
-        return len(self.bounds)
-
-    @property
-    def shard_weights(self) -> list[float]:
-        """The shard sizes as weights."""
-        return [float(hi - lo) for lo, hi in self.bounds]
-
-
-def make_plan(
-    total: int,
-    global_batch: int,
-    *,
-    memory_bytes: Sequence[float],
-    samples_per_s: Sequence[float],
-    align: int = 1,
-) -> ShardPlan:
-    """Shards sized by memory, batch shares by throughput, for the same set of workers."""
-    if len(memory_bytes) != len(samples_per_s):
-        raise ValueError(
-            f"memory_bytes has {len(memory_bytes)} workers but samples_per_s has "
-            f"{len(samples_per_s)}"
-        )
-    bounds = shard_bounds(total, weights_from_memory(memory_bytes), align)
-    batch = batch_shares(global_batch, weights_from_throughput(samples_per_s))
-    return ShardPlan(tuple(bounds), tuple(batch))

@@ -25,55 +25,27 @@ from typing import Any
 
 import ray
 
-from collectives.optim import OptimizerSpec
+from actors.member import MemberActor, RuntimeHandle, load_runtime
+from collectives.errors import PeerLostError
 from collectives.process_group import Rendezvous, default_backend
+from orchestrator.constants import CONTROL_S, LEAVE_S, POLL_S, SETTLE_S
 from orchestrator.events import EventLog
+from orchestrator.program import Capacity, RoleSpec, TrainingProgram, WorkItem
 from orchestrator.recovery import Holding, RecoveryPlan, plan_recovery
-from orchestrator.shard_plan import shard_bounds, weights_from_memory
 from orchestrator.spec import JobSpec
-
-# glibc keeps freed large buffers in its heap, so a worker's RSS would hide
-# what sharding saves; with this threshold, buffers of 64 KiB and more are
-# mmap-ed and returned to the OS when freed, and RSS tracks what is held
-# (cluster.return_freed_memory=true). Every step then pays for fresh pages.
-RETURN_FREED_MEMORY_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
-_POLL_S = 0.25
-# After the first error of a step, how long to wait for the other ranks'
-# calls to end. A dead peer makes gloo fail within milliseconds, and a
-# survivor blocked on another survivor is freed as soon as that one severs
-# its connections (collectives/gloo_sockets.py), so this is a safety bound.
-_SETTLE_S = 10.0
-# How long a survivor may take to leave its epoch before it is counted as
-# stuck and killed (its state has been exported by then). With severing, no
-# survivor has stayed stuck in the chaos runs; this is the fallback should
-# one ever block outside a collective (e.g. in user code).
-_LEAVE_S = 20.0
-# How long a control call (holdings, export) may take: it runs on the
-# worker's control thread, beside whatever the training thread is doing.
-_CONTROL_S = 60.0
-# Error texts of a collective whose peer went away: the rank that reports
-# one is a survivor, not the cause.
-_PEER_FAILURE_MARKERS = (
-    "Connection reset by peer",
-    "Connection closed by peer",
-    "Connection refused",
-    "Broken pipe",
-    "Socket Timeout",
-    "Timed out waiting",
-    "timed out",
-    "transport/tcp",
-    "peer failure earlier in this epoch",
-    "DistBackendError",
-    "NCCL",
-)
 
 
 @dataclass
 class Member:
-    """A worker actor; ``rank`` is its rank in the current epoch."""
+    """A member actor of one role; ``rank`` is its rank in the current epoch.
+
+    ``actor`` is the Ray actor (to kill it); ``handle`` calls its runtime's methods.
+    """
 
     worker_id: int
     actor: Any
+    handle: RuntimeHandle
+    role: str
     pid: int | None = None
     available_memory: int = 0
     node_id: str | None = None  # Ray's node id (hex), known once placed
@@ -116,26 +88,47 @@ class MembershipLost(Exception):
 
 
 def is_peer_failure(cause: Exception) -> bool:
-    """Whether a worker's error only reports that a peer went away."""
+    """Whether a member's error only reports that a peer went away (by type, not by message).
+
+    A dead actor is lost; a live one that raised ``PeerLostError`` survived
+    a peer's loss (its runtime classified the error where it was raised).
+    Anything else is the member's own failure: a bug that a retry would repeat.
+    """
     if isinstance(cause, ray.exceptions.ActorDiedError | ray.exceptions.ActorUnavailableError):
         return True
-    text = f"{type(getattr(cause, 'cause', None) or cause).__name__}: {cause}"
-    return any(marker in text for marker in _PEER_FAILURE_MARKERS)
+    return isinstance(cause, PeerLostError) or isinstance(
+        getattr(cause, "cause", None), PeerLostError
+    )
 
 
 class WorkerGroup:
-    """Spawns workers, forms epochs, gathers results, and recovers from lost workers."""
+    """The members of one role: spawns them, forms epochs, gathers results, recovers losses.
 
-    def __init__(self, spec: JobSpec, tokens_ref: ray.ObjectRef, numel: int, events: EventLog):
+    What each member runs and how its epoch is planned come from the
+    program (``orchestrator/program.py``); the group only carries it out.
+    """
+
+    def __init__(
+        self,
+        spec: JobSpec,
+        program: TrainingProgram,
+        role: RoleSpec,
+        tokens_ref: ray.ObjectRef,
+        numel: int,
+        events: EventLog,
+    ):
         self.spec = spec
+        self.program = program
+        self.role = role
+        self._control_methods = frozenset(load_runtime(role.runtime).CONTROL_METHODS)
         self._tokens_ref = tokens_ref
         self.numel = numel
         self.events = events
         self.members: list[Member] = []
         self.pending: list[tuple[Member, ray.ObjectRef]] = []
-        self.bounds: list[tuple[int, int]] | None = None
+        self.plan: Any = None  # the program's plan for the current epoch
         self.epoch = 0
-        self.target = spec.cluster.workers
+        self.target = role.count
         self.failures = 0
         self.last_holdings: list[str] = []  # what the survivors held at the last recovery
         self._next_id = 0
@@ -143,33 +136,32 @@ class WorkerGroup:
     # -- spawning ------------------------------------------------------------
 
     @property
-    def actors(self) -> list[Any]:
-        return [m.actor for m in self.members]
+    def actors(self) -> list[RuntimeHandle]:
+        """The current members' runtimes, in rank order."""
+        return [m.handle for m in self.members]
 
     def spawn(self, n: int) -> None:
-        """Ask Ray for ``n`` more workers; they join once placed (see ``admit_ready``)."""
-        from actors.worker import DataParallelWorker
-
-        cl = self.spec.cluster
-        env = {"env_vars": RETURN_FREED_MEMORY_ENV} if cl.return_freed_memory else None
+        """Ask Ray for ``n`` more members; they join once placed (see ``admit_ready``)."""
+        role = self.role
+        env = {"env_vars": dict(role.env_vars)} if role.env_vars else None
         for _ in range(n):
             wid = self._next_id
             self._next_id += 1
-            actor = DataParallelWorker.options(
-                num_cpus=cl.cpus_per_worker,
-                num_gpus=cl.gpus_per_worker,
-                name=f"shoal-{self.spec.job_id}-w{wid}",
+            actor = MemberActor.options(
+                num_cpus=role.cpus,
+                num_gpus=role.gpus,
+                name=f"shoal-{self.spec.job_id}-{role.name}{wid}",
                 runtime_env=env,
-            ).remote(self.spec, wid, self._tokens_ref)
-            self.pending.append((Member(wid, actor), actor.probe.remote()))
+            ).remote(role.runtime, self.spec, wid, self._tokens_ref)
+            handle = RuntimeHandle(actor, self._control_methods)
+            self.pending.append((Member(wid, actor, handle, role.name), handle.probe.remote()))
         self._request_capacity()
 
     def _request_capacity(self) -> None:
-        """Tell Ray's autoscaler how many worker-sized bundles the job wants."""
-        cl = self.spec.cluster
-        bundle = {"CPU": cl.cpus_per_worker}
-        if cl.gpus_per_worker:
-            bundle["GPU"] = cl.gpus_per_worker
+        """Tell Ray's autoscaler how many member-sized bundles the job wants."""
+        bundle = {"CPU": self.role.cpus}
+        if self.role.gpus:
+            bundle["GPU"] = self.role.gpus
         try:
             from ray.autoscaler.sdk import request_resources
 
@@ -222,7 +214,7 @@ class WorkerGroup:
             if len(members) + len(self.pending) < minimum:
                 self.spawn(minimum - len(members) - len(self.pending))
             members += self.admit_ready(
-                timeout=min(_POLL_S * 4, max(0.0, deadline - time.monotonic()))
+                timeout=min(POLL_S * 4, max(0.0, deadline - time.monotonic()))
             )
             if time.monotonic() > deadline and len(members) < minimum:
                 cl = self.spec.cluster
@@ -239,14 +231,17 @@ class WorkerGroup:
     # -- epochs --------------------------------------------------------------
 
     def form_epoch(self, members: list[Member]) -> None:
-        """Give ``members`` ranks, plan their shards, and form the process group."""
+        """Give ``members`` ranks, have the program plan the epoch, and form the process group."""
         self.epoch += 1
         for rank, m in enumerate(members):
             m.rank = rank
         self.members = members
-        self.bounds = self._plan_shards([m.available_memory for m in members])
+        capacities = [Capacity(m.available_memory, m.node_id) for m in members]
+        self.plan = self.program.plan(capacities, self.numel)
         cl = self.spec.cluster
-        host, port = ray.get(members[0].actor.host_rendezvous.remote(len(members)))
+        host, port = ray.get(
+            members[0].handle.host_rendezvous.remote(len(members)), timeout=CONTROL_S
+        )
         rdzv = Rendezvous(
             host,
             port,
@@ -255,52 +250,62 @@ class WorkerGroup:
             cl.collective_timeout_s,
         )
         infos = self.gather(
-            [m.actor.setup.remote(rdzv, self.bounds, m.rank) for m in members], "setup"
+            [
+                m.handle.setup.remote(rdzv, *self.program.setup_args(self.plan, m.rank))
+                for m in members
+            ],
+            "setup",
+            timeout=cl.collective_timeout_s,
         )
         for m, info in zip(members, infos, strict=True):
             m.info = asdict(info)
 
-    def _plan_shards(self, available_memory: list[int]) -> list[tuple[int, int]] | None:
-        """ZeRO shard ranges from ``strategy.shard_weights`` (None for ddp: nothing is sharded)."""
-        if self.spec.strategy.name == "ddp":
-            return None
-        weights = self.spec.strategy.shard_weights
-        n = len(available_memory)
-        if weights is None or (weights != "auto" and len(weights) != n):
-            # Explicit weights describe the starting membership; after it
-            # changes, shards are split evenly.
-            weights = [1.0] * n
-        elif weights == "auto":
-            weights = weights_from_memory(available_memory)
-        return shard_bounds(self.numel, list(weights))
-
-    @property
-    def _bytes_per_element(self) -> int:
-        """Bytes a shard keeps per flat element: the fp32 parameter and the optimizer's state."""
-        t = self.spec.train
-        state = OptimizerSpec(name=t.optimizer, momentum=t.momentum).state_keys()
-        return 4 * (1 + len(state))
-
-    def describe(self, shares: list[int] | None = None) -> list[dict[str, Any]]:
-        """Membership for the status: worker, rank, node, pid, shard and its bytes, batch share."""
+    def describe(self) -> list[dict[str, Any]]:
+        """Membership for the status: role, worker, rank, node, pid and the program's share."""
         rows = []
         for m in self.members:
-            lo, hi = self.bounds[m.rank] if self.bounds else (0, self.numel)
             row = dict(m.info)
             row.update(
+                role=m.role,
                 worker_id=m.worker_id,
                 rank=m.rank,
                 pid=m.pid,
                 node_id=m.node_id,
-                shard=[lo, hi],
-                shard_bytes=(hi - lo) * self._bytes_per_element,
+                **self.program.member_row(self.plan, m.rank, self.numel),
             )
-            if shares is not None:
-                row["batch_share"] = shares[m.rank]
             rows.append(row)
         return rows
 
     # -- calls and failures --------------------------------------------------
+
+    def call(self, method: str, *args: Any) -> list[ray.ObjectRef]:
+        """Call ``method(*args)`` on every member's runtime (rank order); gather the result."""
+        return [getattr(m.handle, method).remote(*args) for m in self.members]
+
+    def call_items(self, items: list[WorkItem]) -> list[ray.ObjectRef]:
+        """One work item per member, in rank order."""
+        return [
+            getattr(m.handle, item.method).remote(*item.args)
+            for m, item in zip(self.members, items, strict=True)
+        ]
+
+    def ask_first(self, method: str, *args: Any) -> Any:
+        """The result of ``method(*args)`` on rank 0 (a query every rank would answer alike)."""
+        return ray.get(getattr(self.members[0].handle, method).remote(*args), timeout=CONTROL_S)
+
+    def ask_all(self, method: str, *args: Any) -> list[Any]:
+        """Results of a query on every member, in rank order (no collectives: bounded)."""
+        return ray.get(self.call(method, *args), timeout=CONTROL_S)
+
+    def remove(self, members: list[Member]) -> None:
+        """Stop these members' actors (they leave the job)."""
+        for m in members:
+            ray.kill(m.actor, no_restart=True)
+
+    @staticmethod
+    def get(refs: list[ray.ObjectRef], timeout: float | None = None) -> list[Any]:
+        """Fetch results of calls made through this group (for the checkpoint committer)."""
+        return ray.get(refs, timeout=timeout)
 
     def gather(self, refs: list[ray.ObjectRef], what: str, timeout: float | None = None) -> list:
         """Results of one call per member (in rank order).
@@ -308,14 +313,14 @@ class WorkerGroup:
         The first error stops the wait. A worker that raised something other
         than a lost-peer error (a bug, bad data) raises ``WorkerError`` at once:
         retrying would fail again. Otherwise, with elasticity on, the other
-        calls are given ``_SETTLE_S`` to end and ``MembershipLost`` names the
+        calls are given ``SETTLE_S`` to end and ``MembershipLost`` names the
         workers that are gone. Calls still running after ``timeout`` seconds
         (stragglers) count as lost.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         pending = list(refs)
         while pending:
-            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=_POLL_S)
+            ready, pending = ray.wait(pending, num_returns=len(pending), timeout=POLL_S)
             for ref in ready:
                 try:
                     ray.get(ref)
@@ -366,7 +371,7 @@ class WorkerGroup:
 
     def _settle(self, refs: list[ray.ObjectRef]) -> list[Exception | Any | None]:
         """Each call's outcome after a failure: a result, an exception, or None if still running."""
-        ray.wait(refs, num_returns=len(refs), timeout=_SETTLE_S)
+        ray.wait(refs, num_returns=len(refs), timeout=SETTLE_S)
         outcomes: list[Exception | Any | None] = []
         for ref in refs:
             ready, _ = ray.wait([ref], timeout=0)
@@ -391,16 +396,17 @@ class WorkerGroup:
         ``upto``: prefer the newest step not after it, when the copies cover one.
         """
         answered, holdings = [], []
-        for m, ref in [(m, m.actor.holdings.remote()) for m in survivors]:
+        for m, ref in [(m, m.handle.holdings.remote()) for m in survivors]:
             try:
-                rows = ray.get(ref, timeout=_CONTROL_S)
+                rows = ray.get(ref, timeout=CONTROL_S)
             except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
                 ray.kill(m.actor, no_restart=True)
                 self.events.emit("died", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
                 continue
             answered.append(m)
             holdings += [Holding(**row) for row in rows]
-        old_bounds = self.bounds or [(0, self.numel)]
+        (space,) = self.program.state_spaces(self.plan, self.numel)
+        old_bounds = list(space.bounds)
         self.last_holdings = [
             f"{h.kind} of rank {h.owner} at step {h.done} on rank {h.holder}" for h in holdings
         ]
@@ -411,24 +417,31 @@ class WorkerGroup:
 
     def export_pieces(
         self, plan: RecoveryPlan, holders: list[Member]
-    ) -> list[tuple[int, int, list[ray.ObjectRef]]]:
-        """Have the chosen holders hand their copies to Ray's object store (owned by us)."""
+    ) -> list[tuple[int, int, list[ray.ObjectRef]]] | None:
+        """Have the chosen holders hand their copies to Ray's object store (owned by us).
+
+        None if a holder died or timed out meanwhile: the state must then come
+        from the checkpoint.
+        """
         by_rank = {m.rank: m for m in holders}
         pieces = []
         for h in plan.pieces:
-            ref = by_rank[h.holder].actor.export_piece.remote(h.kind, h.owner, h.done)
+            ref = by_rank[h.holder].handle.export_piece.remote(h.kind, h.owner, h.done)
             pieces.append((h.lo, h.hi, [ref]))
-        ray.get([p[2][0] for p in pieces], timeout=_CONTROL_S)  # fail here, not mid-restore
+        try:
+            ray.get([p[2][0] for p in pieces], timeout=CONTROL_S)  # fail here, not mid-restore
+        except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
+            return None
         return pieces
 
     def leave(self, members: list[Member]) -> list[Member]:
         """End the epoch on ``members``; returns those that did (the rest are killed).
 
-        A member whose training thread is still busy after ``_LEAVE_S`` is
+        A member whose training thread is still busy after ``LEAVE_S`` is
         killed ("stuck"): its state has already been exported.
         """
-        refs = [m.actor.leave_epoch.remote() for m in members]
-        ray.wait(refs, num_returns=len(refs), timeout=_LEAVE_S)
+        refs = [m.handle.leave_epoch.remote() for m in members]
+        ray.wait(refs, num_returns=len(refs), timeout=LEAVE_S)
         left = []
         for m, ref in zip(members, refs, strict=True):
             ready, _ = ray.wait([ref], timeout=0)
@@ -447,7 +460,9 @@ class WorkerGroup:
 
     def restore(self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int) -> None:
         self.gather(
-            [m.actor.restore_from_pieces.remote(pieces, done) for m in self.members], "restore"
+            [m.handle.restore_from_pieces.remote(pieces, done) for m in self.members],
+            "restore",
+            timeout=CONTROL_S,
         )
 
     def kill_all(self) -> None:

@@ -280,6 +280,7 @@ def test_cancel_reports_the_newest_committed_checkpoint(ray_session, tmp_path):
     handle.cancel()
     final = handle.wait(timeout=120)
     assert final.state == JobState.CANCELLED
+    assert {w["role"] for w in final.workers} == {"worker"}  # every member row names its role
     store = open_store(spec.checkpoint.uri)
     newest = committed_steps(store)[-1]
     assert final.last_checkpoint == f"{store.uri}/{step_dir(newest)}"

@@ -7,9 +7,7 @@ import itertools
 import pytest
 
 from orchestrator.shard_plan import (
-    ShardPlan,
     batch_shares,
-    make_plan,
     shard_bounds,
     weights_from_memory,
     weights_from_throughput,
@@ -105,13 +103,3 @@ def test_bad_totals_raise():
         shard_bounds(10, [1.0], align=0)
     with pytest.raises(ValueError, match="global_batch"):
         batch_shares(-1, [1.0])
-
-
-def test_make_plan():
-    plan = make_plan(100, 8, memory_bytes=[4e9, 2e9, 2e9], samples_per_s=[10.0, 10.0, 20.0])
-    assert plan == ShardPlan(((0, 50), (50, 75), (75, 100)), (2, 2, 4))
-    assert plan.world_size == 3
-    # Sizes as weights reproduce the same bounds (what a ZeRO engine is given).
-    assert shard_bounds(100, plan.shard_weights) == list(plan.bounds)
-    with pytest.raises(ValueError, match="workers"):
-        make_plan(100, 8, memory_bytes=[1.0], samples_per_s=[1.0, 2.0])

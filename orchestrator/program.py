@@ -1,0 +1,131 @@
+"""The program seam: how a strategy trains, behind one interface the controller drives.
+
+A **program** is *how* a job trains (data parallelism and ZeRO today;
+pipeline stages, expert hosts and federated rounds later). The controller
+(``orchestrator/controller.py``) is shared and knows no strategy by name: it
+starts members, forms epochs, pipelines steps, checkpoints, recovers and
+scales, and asks the program for everything strategy-specific:
+
+- ``roles()``: which members the job has (role name, runtime class,
+  resources, how many);
+- ``plan(capacities, numel)``: a pure function from the members' measured
+  capacities to a frozen plan value (shard bounds, batch shares, stage
+  partition, client sample...);
+- ``setup_args(plan, rank)``: the member's epoch set-up;
+- ``begin_epoch(plan)`` and ``work_items(step, lr)``: each step's calls, one
+  per member in rank order; ``observe(results)`` and ``reduce(...)``: the
+  results folded into the step record;
+- ``state_spaces(plan)``: the state it owns, by named space with owner
+  ranges, which checkpoints, replication and recovery handle alike.
+
+Programs are found by ``strategy.name`` in ``orchestrator/programs``; adding
+one touches no other program's file.
+"""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from orchestrator.programs import PROGRAMS
+from orchestrator.spec import JobSpec
+
+
+@dataclass(frozen=True)
+class RoleSpec:
+    """One kind of member: ``count`` actors each hosting ``runtime`` ("module:Class")."""
+
+    name: str  # "worker" today; "stage", "expert_host", "client", "gateway" later
+    runtime: str
+    count: int
+    cpus: float
+    gpus: float
+    env_vars: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class Capacity:
+    """What a member measured about itself before its epoch: the planner's input."""
+
+    available_memory: int
+    node_id: str | None = None
+
+
+@dataclass(frozen=True)
+class StateSpace:
+    """A named piece of training state and which rank owns which range of it."""
+
+    name: str  # "dp", later "stage/2", "expert/1.7", "server"
+    # Owner range of each rank; a replicated space has one range, held by all.
+    bounds: tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """One call on one member: ``method(*args)`` of its runtime."""
+
+    method: str
+    args: tuple[Any, ...] = ()
+
+
+class TrainingProgram(ABC):
+    """How a strategy trains; the controller drives it (see the module docstring)."""
+
+    def __init__(self, spec: JobSpec):
+        self.spec = spec
+
+    @abstractmethod
+    def roles(self) -> list[RoleSpec]:
+        """The members this job needs, by role."""
+
+    @abstractmethod
+    def plan(self, capacities: Sequence[Capacity], numel: int) -> Any:
+        """A frozen plan for members with these capacities (rank order); pure."""
+
+    @abstractmethod
+    def setup_args(self, plan: Any, rank: int) -> tuple[Any, ...]:
+        """Arguments of rank ``rank``'s ``setup(rendezvous, *args)`` for this epoch."""
+
+    @abstractmethod
+    def state_spaces(self, plan: Any, numel: int) -> list[StateSpace]:
+        """The state this program owns under ``plan``, by space."""
+
+    @abstractmethod
+    def begin_epoch(self, plan: Any) -> None:
+        """Reset per-epoch bookkeeping (e.g. batch shares) for a new membership."""
+
+    @abstractmethod
+    def work_items(self, step: int, lr: float) -> list[WorkItem]:
+        """Step ``step``'s calls, one per member in rank order."""
+
+    @abstractmethod
+    def observe(self, results: list[Any]) -> None:
+        """Learn from a step's results (e.g. measured throughput) before the next items."""
+
+    @abstractmethod
+    def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
+        """The step's metrics record from its results (one per member, rank order)."""
+
+    def member_fields(self, record: dict) -> list[dict[str, Any]]:
+        """Per-rank fields of the status's member rows after a step (none by default)."""
+        return []
+
+    def status_fields(self) -> dict[str, Any]:
+        """Program fields of the job status after a step (none by default)."""
+        return {}
+
+    def member_row(self, plan: Any, rank: int, numel: int) -> dict[str, Any]:
+        """What the status shows of rank ``rank``'s share of the state (none by default)."""
+        return {}
+
+
+def program_for(spec: JobSpec) -> TrainingProgram:
+    """The program that runs ``spec.strategy.name``."""
+    path = PROGRAMS.get(spec.strategy.name)
+    if path is None:
+        raise ValueError(f"no training program for strategy {spec.strategy.name!r}")
+    module, _, name = path.partition(":")
+    return getattr(importlib.import_module(module), name)(spec)

@@ -1,0 +1,110 @@
+"""The run folder's records: ``metrics.jsonl``, ``loss.png`` and ``sample.txt``.
+
+The controller hands each step's record to the ``RunReporter`` and goes on;
+files and the plot are the reporter's business. The loss curve is redrawn on
+a background thread (matplotlib takes ~0.1 s), at most every ``plot_every_s``
+and once more when the run ends, so drawing never delays a step.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from typing import Any
+
+from orchestrator.report import plot_loss
+
+METRICS = "metrics.jsonl"
+
+
+class RunReporter:
+    """Keeps the step records of a run, in memory and in ``<run_dir>/metrics.jsonl``."""
+
+    def __init__(self, run_dir: Path, plot_every_s: float = 10.0):
+        self.run_dir = run_dir
+        self.path = run_dir / METRICS
+        self._lock = threading.Lock()
+        self._records: list[dict[str, Any]] = []
+        self._plot_every_s = plot_every_s
+        self._plot_wanted = threading.Event()
+        self._closed = threading.Event()
+        self._plotter = threading.Thread(target=self._plot_loop, name="shoal-plot", daemon=True)
+        self._plotter.start()
+
+    def start_fresh(self) -> None:
+        """A fresh run: no earlier records in this folder count."""
+        with self._lock:
+            self._records = []
+            self.path.unlink(missing_ok=True)
+
+    def add(self, record: dict[str, Any]) -> None:
+        with self._lock:
+            self._records.append(record)
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def since(self, index: int = 0) -> list[dict[str, Any]]:
+        with self._lock:
+            return self._records[index:]
+
+    def amend_last(self, step: int, fields: dict[str, Any]) -> None:
+        """Add ``fields`` to the record of step ``step - 1`` if it is the last one.
+
+        Rewrites only the last line of ``metrics.jsonl``, so the cost does not
+        grow with the length of the run.
+        """
+        with self._lock:
+            if not self._records or self._records[-1]["step"] != step - 1:
+                return
+            self._records[-1].update(fields)
+            line = json.dumps(self._records[-1]).encode() + b"\n"
+            with open(self.path, "r+b") as f:
+                size = f.seek(0, 2)
+                back = min(size, 1 << 16)
+                f.seek(size - back)
+                tail = f.read()
+                start = tail.rfind(b"\n", 0, len(tail) - 1) + 1
+                if json.loads(tail[start:]).get("step") != step - 1:
+                    return
+                f.seek(size - back + start)
+                f.truncate()
+                f.write(line)
+
+    def keep_before(self, step: int) -> None:
+        """Drop the records of steps from ``step`` on: they will be run again (resume, recovery)."""
+        with self._lock:
+            if not self.path.exists():
+                self._records = []
+                return
+            lines = self.path.read_text().splitlines()
+            kept = [line for line in lines if line and json.loads(line)["step"] < step]
+            self.path.write_text("".join(line + "\n" for line in kept))
+            self._records = [json.loads(line) for line in kept]
+
+    def plot_soon(self) -> None:
+        """Ask for the loss curve to be redrawn (in the background)."""
+        self._plot_wanted.set()
+
+    def write_sample(self, text: str) -> None:
+        (self.run_dir / "sample.txt").write_text(text)
+
+    def close(self) -> None:
+        """Draw the final curve now and stop the plotting thread."""
+        self._closed.set()
+        self._plot_wanted.set()
+        self._plotter.join(timeout=60)
+        plot_loss(self.since(), self.run_dir / "loss.png")
+
+    def _plot_loop(self) -> None:
+        while not self._closed.is_set():
+            self._plot_wanted.wait()
+            if self._closed.is_set():
+                return
+            self._plot_wanted.clear()
+            try:
+                plot_loss(self.since(), self.run_dir / "loss.png")
+            except Exception:  # noqa: BLE001 - a plot must never stop training
+                pass
+            # Throttle: at most one drawing per interval, however often asked.
+            self._closed.wait(self._plot_every_s)

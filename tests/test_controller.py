@@ -1,0 +1,217 @@
+"""The controller's transitions, driven with an in-process member group: no Ray.
+
+Each test scripts what happens to the members (``tests/inprocess_group.py``)
+and checks what the controller decided: its states, its events, the steps it
+ran and redid, the checkpoints it committed. The numerics of training are
+the multi-actor tests' business (``tests/test_jobs.py``, ``test_elastic.py``).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from orchestrator.controller import JobController
+from orchestrator.node_drain import DrainingNodes
+from orchestrator.spec import JobSpec
+from orchestrator.status import JobState
+from storage.checkpoint import committed_steps, read_manifest
+from storage.object_store import open_store
+from tests.inprocess_group import InProcessGroup
+
+TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=16"]
+
+
+class Recorder:
+    """Builds the controller's group and keeps it, and every state the controller set."""
+
+    def __init__(self, **group_options):
+        self.group: InProcessGroup | None = None
+        self.states: list[JobState] = []
+        self._options = group_options
+
+    def factory(self, *args):
+        self.group = InProcessGroup(*args, **self._options)
+        return self.group
+
+
+def _controller(tmp_path, *overrides: str, recorder: Recorder | None = None, name="run"):
+    spec = JobSpec.from_overrides(
+        [*TINY, f"run_dir={tmp_path / name}", "train.sample_tokens=4", *overrides]
+    )
+    recorder = recorder or Recorder()
+    controller = JobController(spec, [None], group_factory=recorder.factory)
+    controller._draining = DrainingNodes(poll_s=0.0, read=dict)
+    real_set = controller._set
+
+    def recording_set(**fields):
+        if "state" in fields and (not recorder.states or recorder.states[-1] != fields["state"]):
+            recorder.states.append(fields["state"])
+        real_set(**fields)
+
+    controller._set = recording_set
+    return spec, controller, recorder
+
+
+def _events(controller) -> list[str]:
+    return [e["event"] for e in controller.events()]
+
+
+def _at_step(recorder: Recorder, step: int, action) -> None:
+    """Run ``action(group)`` once, just before step ``step`` is sent to the members."""
+    done = []
+
+    def hook(s: int) -> None:
+        if s == step and not done:
+            done.append(s)
+            action(recorder.group)
+
+    recorder.group.before_step.append(hook)
+
+
+def _run_with(controller, recorder: Recorder, setup) -> object:
+    """Start ``controller.run()`` with ``setup(recorder)`` applied once its group exists."""
+    original = recorder.factory
+
+    def factory(*args):
+        group = original(*args)
+        setup(recorder)
+        return group
+
+    controller._group_factory = factory
+    return controller.run()
+
+
+def test_start_to_success(tmp_path):
+    spec, controller, rec = _controller(tmp_path, "train.steps=6", "checkpoint.every=3")
+    final = controller.run()
+    assert final.state == JobState.SUCCEEDED, final.error
+    assert rec.states == [JobState.STARTING, JobState.RUNNING, JobState.SUCCEEDED]
+    assert final.step == 6 and final.epoch == 1 and final.sample == "def xxxx"
+    lines = (spec.run_dir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == list(range(6))
+    store = open_store(spec.checkpoint.uri)
+    assert committed_steps(store) == [3, 6]
+    assert read_manifest(store, 6).lineage == spec.job_id
+    assert final.last_checkpoint.endswith("step-00000006")
+    assert [w["role"] for w in final.workers] == ["worker", "worker"]
+    assert sorted(rec.group.removed) == [0, 1]  # every member stopped at the end
+
+
+def test_failure_recovers_from_buddies_with_no_step_lost(tmp_path):
+    spec, controller, rec = _controller(tmp_path, "strategy=zero2", "train.steps=8")
+
+    def lose_rank_1(group):
+        group.members[1].lost = True
+
+    final = _run_with(controller, rec, lambda r: _at_step(r, 4, lose_rank_1))
+    assert final.state == JobState.SUCCEEDED, final.error
+    assert JobState.RECOVERING in rec.states
+    events = _events(controller)
+    assert events.count("died") == 1 and "restored-from-buddy" in events
+    assert "restored-from-checkpoint" not in events
+    assert final.failures_survived == 1 and final.steps_redone == 0 and final.epoch == 2
+    joined = [e["worker_id"] for e in controller.events() if e["event"] == "joined"]
+    assert joined == [0, 1, 2]  # a replacement for the lost member
+    steps = [
+        json.loads(x)["step"] for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(8))
+
+
+def test_failure_without_copies_falls_back_to_the_checkpoint(tmp_path):
+    rec = Recorder(holdings_cover=lambda: False)
+    spec, controller, rec = _controller(
+        tmp_path, "strategy=zero1", "train.steps=9", "checkpoint.every=3", recorder=rec
+    )
+
+    def lose_rank_0(group):
+        group.members[0].lost = True
+
+    final = _run_with(controller, rec, lambda r: _at_step(r, 5, lose_rank_0))
+    assert final.state == JobState.SUCCEEDED, final.error
+    events = _events(controller)
+    assert "restored-from-checkpoint" in events and "restored-from-buddy" not in events
+    # Step 5 failed; steps 3 and 4 ran after the checkpoint at 3 and are redone.
+    assert final.steps_redone == 2 and final.failures_survived == 1
+    steps = [
+        json.loads(x)["step"] for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(9))  # redone steps replace their earlier records
+
+
+def test_too_many_failures_fail_the_job(tmp_path):
+    spec, controller, rec = _controller(tmp_path, "train.steps=8", "elastic.max_failures=0")
+
+    def lose(group):
+        group.members[0].lost = True
+
+    final = _run_with(controller, rec, lambda r: _at_step(r, 2, lose))
+    assert final.state == JobState.FAILED and "elastic.max_failures=0" in final.error
+
+
+@pytest.mark.parametrize("target, epochs, event", [(3, 2, "joined"), (1, 2, "drained")])
+def test_scale_up_and_down_at_a_step_boundary(tmp_path, target, epochs, event):
+    spec, controller, rec = _controller(
+        tmp_path, "train.steps=8", "cluster.min_workers=1", "cluster.max_workers=3"
+    )
+    final = _run_with(controller, rec, lambda r: _at_step(r, 3, lambda g: controller.scale(target)))
+    assert final.state == JobState.SUCCEEDED, final.error
+    assert len(final.workers) == target and final.epoch == epochs
+    assert event in _events(controller) and final.steps_redone == 0
+    records = [json.loads(x) for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(records[-1]["batch"]) == target  # the batch is split among the new members
+
+
+def test_a_draining_node_is_left_with_no_step_lost(tmp_path):
+    spec, controller, rec = _controller(tmp_path, "strategy=zero3", "train.steps=8")
+    draining: dict[str, int] = {}
+    controller._draining = DrainingNodes(poll_s=0.0, read=lambda: dict(draining))
+
+    def drain_rank_1_node(group):
+        group.members[1].node_id = "node-b"
+        draining["node-b"] = 0
+
+    final = _run_with(controller, rec, lambda r: _at_step(r, 3, drain_rank_1_node))
+    assert final.state == JobState.SUCCEEDED, final.error
+    events = _events(controller)
+    assert "node-draining" in events and "drained" in events and "joined" in events
+    assert final.failures_survived == 0 and final.steps_redone == 0
+    assert len(final.workers) == 2 and 1 in rec.group.removed
+
+
+def test_resume_continues_the_lineage_from_the_last_checkpoint(tmp_path):
+    first, controller, _ = _controller(tmp_path, "train.steps=4", "checkpoint.every=2")
+    assert controller.run().state == JobState.SUCCEEDED
+    spec, controller, rec = _controller(
+        tmp_path, "train.steps=6", "checkpoint.every=2", "resume=latest"
+    )
+    final = controller.run()
+    assert final.state == JobState.SUCCEEDED, final.error
+    assert final.resumed_from.endswith("step-00000004")
+    store = open_store(spec.checkpoint.uri)
+    assert read_manifest(store, 6).lineage == first.job_id  # the resumed run's lineage
+    steps = [
+        json.loads(x)["step"] for x in (spec.run_dir / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert steps == list(range(6))
+
+
+def test_cancel_stops_at_a_step_boundary_naming_the_last_checkpoint(tmp_path):
+    spec, controller, rec = _controller(tmp_path, "train.steps=100", "checkpoint.every=2")
+    final = _run_with(controller, rec, lambda r: _at_step(r, 5, lambda g: controller.cancel()))
+    assert final.state == JobState.CANCELLED
+    assert rec.states[-1] == JobState.CANCELLED
+    assert final.last_checkpoint.endswith("step-00000004")
+    assert 5 <= final.step <= 7
+
+
+def test_a_fresh_run_refuses_a_root_with_another_runs_checkpoints(tmp_path):
+    _, controller, _ = _controller(tmp_path, "train.steps=2", "checkpoint.every=1")
+    assert controller.run().state == JobState.SUCCEEDED
+    _, again, _ = _controller(tmp_path, "train.steps=2")
+    final = again.run()
+    assert final.state == JobState.FAILED and "checkpoint.overwrite=true" in final.error
+    _, over, _ = _controller(tmp_path, "train.steps=2", "checkpoint.overwrite=true")
+    assert over.run().state == JobState.SUCCEEDED
