@@ -34,6 +34,18 @@ and the last complete one), a buffer is reused only after the exchange that
 used it settled, and when a rank and its buddy are both lost the replica is
 gone too: the controller falls back to the last checkpoint.
 ``replicate_every`` trades the exchange's cost against steps redone.
+
+**Devices.** Snapshots and replicas are host memory whatever the training
+device: holding them is what frees the accelerator from a second copy of
+the state. The exchange therefore moves host memory, over a group with a
+gloo backend (on GPU jobs: a ``cpu:gloo,cuda:nccl`` default group, or a gloo
+side group, passed as ``group``). NCCL moves device memory only, and
+receiving into the device would hold the source's shard there, so an NCCL-only
+group is refused at the first exchange. When the state lives on a device,
+the snapshot is copied to the host first and sent from there (gloo reads
+what it sends as host memory), so with ``overlap`` the copy is made on the
+step's path and ``wait_until_copied()`` waits for the sends: only the
+receive overlaps the next step.
 """
 
 from __future__ import annotations
@@ -49,7 +61,7 @@ import torch.distributed as dist
 
 # Point-to-point tag for replica traffic, apart from anything else on the group.
 _TAG = 7_000
-_REPLICA_BUFFERS = 2
+REPLICA_BUFFERS = 2
 
 
 @dataclass(eq=False)  # a buffer: compared by identity, never by its tensors
@@ -107,8 +119,9 @@ class _Ring:
         self.capacity = capacity
         self.buffers: list[ShardCopy] = []  # oldest first
 
-    def take(self, rank: int, lo: int, hi: int, keys: list[str]) -> ShardCopy:
-        """A buffer for a new copy, marked incomplete, moved to the newest end.
+    def take(self, rank: int, lo: int, hi: int, dtypes: dict[str, torch.dtype]) -> ShardCopy:
+        """A host buffer for a new copy (a tensor per key, of its dtype), marked incomplete,
+        moved to the newest end.
 
         An incomplete buffer (an exchange that failed) is reused before the
         oldest complete one, so no complete copy is dropped needlessly.

@@ -155,3 +155,34 @@ def transition(current: JobState, new: JobState) -> JobState:
     if new is current or new in TRANSITIONS[current]:
         return new
     raise ValueError(f"job state cannot go from {current.value} to {new.value}")
+
+
+# -- rank order -----------------------------------------------------------------------
+
+
+def order_for_buddies(node_ids: Sequence[Hashable]) -> list[int]:
+    """A rank order (indices into ``node_ids``) in which neighbours sit on different nodes.
+
+    Rank ``r``'s shard is replicated on rank ``r + 1`` (cyclically), so
+    whenever the nodes allow it no rank's buddy is on its own node, and
+    losing a node never loses a shard together with its replica. Greedy:
+    each next rank comes from the node with the most members left that is
+    not the previous rank's (nor, for the last, the first rank's). Members
+    keep their relative order within a node.
+    """
+    by_node: dict[Hashable, list[int]] = {}
+    for i, node in enumerate(node_ids):
+        by_node.setdefault(node, []).append(i)
+    order: list[int] = []
+    while len(order) < len(node_ids):
+        prev = node_ids[order[-1]] if order else None
+        first = node_ids[order[0]] if order else None
+        last_one = len(order) == len(node_ids) - 1
+        candidates = [n for n, left in by_node.items() if left and n != prev]
+        if last_one:
+            candidates = [n for n in candidates if n != first] or candidates
+        if not candidates:  # only the previous rank's node has members left
+            candidates = [n for n, left in by_node.items() if left]
+        node = max(candidates, key=lambda n: len(by_node[n]))
+        order.append(by_node[node].pop(0))
+    return order

@@ -89,6 +89,11 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
                 f"  rank {w['rank']}      {w.get('role', 'worker')} {w.get('worker_id', '?')}, "
                 f"pid {w['pid']} on {w.get('node_ip', '?')}, shard [{lo}, {hi})"
                 + (f" {human_bytes(w['shard_bytes'])}" if "shard_bytes" in w else "")
+                + (
+                    f", replicas {human_bytes(w['replica_bytes'])} host memory"
+                    if "replica_bytes" in w
+                    else ""
+                )
                 + (f", batch share {share}" if share is not None else "")
                 + (f", {w['compute_s'] * 1000:.0f} ms compute" if "compute_s" in w else "")
             )

@@ -30,6 +30,7 @@ from collectives.errors import PeerLostError
 from collectives.process_group import Rendezvous, default_backend
 from orchestrator.constants import CONTROL_S, LEAVE_S, POLL_S, SETTLE_S
 from orchestrator.events import EventLog
+from orchestrator.policies import order_for_buddies
 from orchestrator.program import Capacity, RoleSpec, TrainingProgram, WorkItem
 from orchestrator.recovery import Holding, RecoveryPlan, plan_recovery
 from orchestrator.spec import JobSpec
@@ -233,6 +234,9 @@ class WorkerGroup:
     def form_epoch(self, members: list[Member]) -> None:
         """Give ``members`` ranks, have the program plan the epoch, and form the process group."""
         self.epoch += 1
+        # Neighbouring ranks on different nodes: each rank's buddy (the next
+        # rank) then holds its replica on another node whenever one exists.
+        members = [members[i] for i in order_for_buddies([m.node_id for m in members])]
         for rank, m in enumerate(members):
             m.rank = rank
         self.members = members

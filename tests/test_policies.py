@@ -155,3 +155,42 @@ def test_job_states_move_only_along_the_state_machine():
             continue
         with pytest.raises(ValueError, match="cannot go from"):
             transition(bad_from, bad_to)
+
+
+@pytest.mark.parametrize(
+    "nodes",
+    [
+        ["a", "a", "b", "b"],
+        ["a", "a", "a", "b", "b", "b"],
+        ["a", "a", "b", "c"],
+        ["a", "b", "a", "b", "a"],
+        ["a", "a", "a", "a", "b", "b", "c", "c"],
+    ],
+)
+def test_no_rank_has_its_buddy_on_its_own_node_when_the_nodes_allow(nodes):
+    from orchestrator.policies import order_for_buddies
+
+    order = order_for_buddies(nodes)
+    assert sorted(order) == list(range(len(nodes)))
+    ranked = [nodes[i] for i in order]
+    # rank r's replica lives on rank r + 1 (cyclically)
+    clashes = sum(ranked[r] == ranked[(r + 1) % len(ranked)] for r in range(len(ranked)))
+    most = max(nodes.count(n) for n in set(nodes))
+    assert clashes == max(0, 2 * most - len(nodes))  # zero unless one node holds most
+
+
+def test_buddy_order_keeps_a_single_node_as_it_is():
+    from orchestrator.policies import order_for_buddies
+
+    assert order_for_buddies(["a", "a", "a"]) == [0, 1, 2]
+
+
+def test_status_rows_report_the_host_memory_held_for_replicas():
+    _, program = _dp_program("strategy=zero1", "cluster.workers=2", "train.optimizer=adamw")
+    plan = program.plan([Capacity(2), Capacity(1)], numel=90)
+    row = program.member_row(plan, 0, 90)
+    per_element = 4 * 3  # fp32 parameter + two Adam moments
+    # three own snapshots of its 45 elements, two buffers for rank 1's 45
+    assert row["replica_bytes"] == (3 * 45 + 2 * 45) * per_element
+    _, ddp = _dp_program("strategy=ddp", "cluster.workers=2")
+    assert "replica_bytes" not in ddp.member_row(ddp.plan([Capacity(1)] * 2, 90), 0, 90)

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from collectives.optim import OptimizerSpec
+from collectives.replication import REPLICA_BUFFERS
 from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
 from orchestrator.shard_plan import (
     batch_shares,
@@ -154,8 +155,17 @@ class DataParallelProgram(TrainingProgram):
         return {"batch_shares": list(self.balancer.shares)}
 
     def member_row(self, plan: DataParallelPlan, rank: int, numel: int) -> dict[str, Any]:
+        """The rank's shard, its bytes, and the host memory its replication holds."""
         lo, hi = plan.bounds[rank] if plan.bounds is not None else (0, numel)
-        return {"shard": [lo, hi], "shard_bytes": (hi - lo) * self._bytes_per_element}
+        row = {"shard": [lo, hi], "shard_bytes": (hi - lo) * self._bytes_per_element}
+        if plan.bounds is not None and self.spec.elastic.enabled:
+            # Own snapshots (three with async replication, two with sync) and
+            # the two buffers that receive the source rank's (rank - 1) copy.
+            src_lo, src_hi = plan.bounds[(rank - 1) % plan.world_size]
+            own = 3 if self.spec.elastic.replication == "async" else 2
+            elements = own * (hi - lo) + REPLICA_BUFFERS * (src_hi - src_lo)
+            row["replica_bytes"] = elements * self._bytes_per_element
+        return row
 
     @property
     def _bytes_per_element(self) -> int:
