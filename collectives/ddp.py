@@ -8,6 +8,16 @@ launched asynchronously, so communication runs while autograd computes the
 gradients of earlier layers. This is the scheme of PyTorch's DDP, on shoal's
 flat layout.
 
+Unused parameters (an expert no token of this rank was routed to) get no
+gradient, so their hooks never fire. Buckets are therefore launched in one
+fixed order on every rank (bucket ``k`` only after buckets ``0..k-1``), and
+before each backward the autograd graph is walked to find the parameters it
+does not reach: they count as ready at once, with a zero gradient (PyTorch
+DDP's ``find_unused_parameters`` semantics). A bucket whose gradients are
+all in therefore still launches during the backward, and every rank issues
+the same reductions in the same order whichever parameters it used; any
+bucket still waiting when the backward ends is launched then, in that order.
+
 Loss scaling contract: the caller scales each rank's loss so that the *sum*
 over ranks of the gradients is the global-batch gradient (e.g. a token-sum
 loss divided by the global token count). The all-reduce is therefore a SUM,
@@ -25,7 +35,7 @@ import torch.distributed as dist
 from torch import nn
 
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
-from collectives.optim import FlatOptimizer, OptimizerSpec
+from collectives.optim import FlatOptimizer, OptimizerSpec, decay_ranges
 
 # read(key, lo, hi) -> the flat range [lo, hi) of checkpointed tensor `key`
 FlatReader = Callable[[str, int, int], torch.Tensor]
@@ -48,6 +58,28 @@ class Bucket:
 # is kept small, as in PyTorch's DDP, so communication starts early instead of
 # after most of the backward pass.
 FIRST_BUCKET_BYTES = 1 << 20
+
+
+def params_reached(loss: torch.Tensor) -> set[int]:
+    """``id()`` of every leaf tensor whose gradient ``loss.backward()`` will accumulate.
+
+    Walks the autograd graph from ``loss`` once (about 0.3 ms for the
+    ~190 nodes of ``gpt_tiny``, 1.6 ms for a 24-layer GPT's ~1,000, measured
+    on CPU); a parameter it does not reach is unused in this backward.
+    """
+    found: set[int] = set()
+    seen: set = set()
+    stack = [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        leaf = getattr(fn, "variable", None)  # an AccumulateGrad node
+        if leaf is not None:
+            found.add(id(leaf))
+        stack.extend(nxt for nxt, _ in fn.next_functions)
+    return found
 
 
 def plan_buckets(
@@ -100,22 +132,26 @@ class DDPEngine:
         self.flat_param = flatten_into(model, self.layout, torch.float32)
         self.flat_grad = torch.zeros_like(self.flat_param)
         attach_grad_views(model, self.layout, self.flat_grad)
-        self.optimizer = FlatOptimizer(optimizer, self.flat_param, self.flat_grad)
+        self.optimizer = FlatOptimizer(
+            optimizer, self.flat_param, self.flat_grad, decayed=decay_ranges(self.layout)
+        )
 
         bucket_numel = max(1, int(bucket_mb * 2**20) // self.flat_param.element_size())
         self.buckets = plan_buckets(self.layout, bucket_numel)
         self._bucket_of_param: dict[int, int] = {}
         params = dict(model.named_parameters())
+        self._params = [params[slot.name] for slot in self.layout.slots]
         for b_idx, bucket in enumerate(self.buckets):
             for slot in self.layout.slots:
                 if bucket.lo <= slot.offset < bucket.hi:
                     self._bucket_of_param[id(params[slot.name])] = b_idx
         self._pending: list[int] = [0] * len(self.buckets)
         self._works: dict[int, dist.Work | None] = {}
+        self._next = 0  # the next bucket to launch: buckets launch in index order only
         self._sync = True
         if self.world_size > 1:
-            for slot in self.layout.slots:
-                params[slot.name].register_post_accumulate_grad_hook(self._on_grad_ready)
+            for p in self._params:
+                p.register_post_accumulate_grad_hook(self._on_grad_ready)
 
     # -- backward ---------------------------------------------------------
 
@@ -123,24 +159,46 @@ class DDPEngine:
         self.flat_grad.zero_()
         self._pending = [b.n_params for b in self.buckets]
         self._works = {}
+        self._next = 0
 
     def backward(self, loss: torch.Tensor, *, sync: bool = True) -> None:
-        """Backward one micro-batch; ``sync=False`` accumulates locally (gradient accumulation)."""
+        """Backward one micro-batch; ``sync=False`` accumulates locally (gradient accumulation).
+
+        With ``sync`` (the last micro-batch) every bucket's all-reduce has
+        been launched when this returns, in the same order on every rank,
+        also those of parameters this rank did not use (their gradient is
+        whatever earlier micro-batches accumulated, zeros if none).
+        """
         self._sync = sync
+        if sync and self.world_size > 1:
+            reached = params_reached(loss)
+            for p in self._params:
+                if id(p) not in reached:
+                    self._ready(p)  # no gradient will come: it is ready as it is
         loss.backward()
+        if sync and self.world_size > 1:
+            self._launch_rest()
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
-        if not self._sync:
-            return
-        b_idx = self._bucket_of_param[id(param)]
-        self._pending[b_idx] -= 1
-        if self._pending[b_idx] == 0:
-            self._launch(b_idx)
+        if self._sync:
+            self._ready(param)
 
-    def _launch(self, b_idx: int) -> None:
-        bucket = self.buckets[b_idx]
+    def _ready(self, param: torch.Tensor) -> None:
+        """``param``'s gradient is final for this step; launch every bucket that can go."""
+        self._pending[self._bucket_of_param[id(param)]] -= 1
+        while self._next < len(self.buckets) and self._pending[self._next] == 0:
+            self._launch_next()
+
+    def _launch_rest(self) -> None:
+        """Launch every bucket not launched yet, in index order."""
+        while self._next < len(self.buckets):
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        bucket = self.buckets[self._next]
         view = self.flat_grad[bucket.lo : bucket.hi]
-        self._works[b_idx] = dist.all_reduce(view, group=self.group, async_op=True)
+        self._works[self._next] = dist.all_reduce(view, group=self.group, async_op=True)
+        self._next += 1
 
     def abandon_collectives(self) -> None:
         """Forget in-flight reductions (after a peer failed): their handles keep the group alive."""
@@ -151,11 +209,7 @@ class DDPEngine:
         if self.world_size == 1:
             return 0.0
         start = time.perf_counter()
-        # Buckets whose parameters got no gradient this step (unused parameters)
-        # never fired their hook; reduce them now, in a fixed order on every rank.
-        for b_idx in range(len(self.buckets)):
-            if b_idx not in self._works:
-                self._launch(b_idx)
+        self._launch_rest()  # none left, unless no backward ran with sync=True
         for b_idx in range(len(self.buckets)):
             self._works[b_idx].wait()
         return time.perf_counter() - start

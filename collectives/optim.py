@@ -8,14 +8,65 @@ first ``torch.optim.Optimizer`` built in a process imports ``torch._dynamo``
 (1.4 s of a worker's start-up, measured), and the flat state is then plain
 tensors a checkpoint can slice. The arithmetic follows torch's single-tensor
 code path operation for operation, so both round identically.
+
+Weight decay applies to matrices only (parameters with ``>= 2`` dims:
+linear weights and embeddings), never to biases or norm weights, as in
+nanoGPT's ``configure_optimizers``. The decayed elements of a flat tensor are
+a union of contiguous ranges of the layout (:func:`decay_ranges`); the flat
+optimizer keeps views of them, made once, and decays them with one
+``torch._foreach_*`` call per step. A mask tensor would cost a byte (bool)
+or four (a float factor) per element of persistent memory, next to Adam's
+eight, for the same result.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from collectives.flat import FlatLayout
+
+
+def decays(shape: Sequence[int]) -> bool:
+    """Whether a parameter of this shape is weight-decayed: matrices and embeddings, not vectors."""
+    return len(shape) >= 2
+
+
+def decay_ranges(layout: FlatLayout, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
+    """The decayed elements of the flat range ``[lo, hi)``, as ranges relative to ``lo``.
+
+    Maximal runs of consecutive decayed slots, clipped to ``[lo, hi)``
+    (``hi`` defaults to the layout's end), in increasing order.
+    """
+    hi = layout.numel if hi is None else hi
+    runs: list[tuple[int, int]] = []
+    for slot in layout.slots:
+        a, b = max(slot.offset, lo), min(slot.end, hi)
+        if a >= b or not decays(slot.shape):
+            continue
+        if runs and runs[-1][1] == a - lo:
+            runs[-1] = (runs[-1][0], b - lo)
+        else:
+            runs.append((a - lo, b - lo))
+    return runs
+
+
+def _split_sizes(ranges: Sequence[tuple[int, int]], n: int) -> list[int]:
+    """Sizes that split ``[0, n)`` into alternating kept / decayed pieces, a kept one first.
+
+    Piece ``2k + 1`` is ``ranges[k]``; kept pieces may be empty.
+    """
+    sizes, pos = [], 0
+    for a, b in ranges:
+        if not (pos <= a < b <= n):
+            raise ValueError(f"decay ranges must be sorted, disjoint and inside [0, {n}): {ranges}")
+        sizes += [a - pos, b - a]
+        pos = b
+    sizes.append(n - pos)
+    return sizes
 
 
 @dataclass(frozen=True)
@@ -28,22 +79,26 @@ class OptimizerSpec:
     momentum: float = 0.0  # sgd only
 
     def build(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-        """The torch optimizer this spec describes (also used by one-process references)."""
+        """The torch optimizer this spec describes (also used by one-process references).
+
+        Two parameter groups, as nanoGPT's ``configure_optimizers``: matrices
+        (``>= 2`` dims) with ``weight_decay``, the rest with none.
+        """
+        decayed = [p for p in params if decays(p.shape)]
+        kept = [p for p in params if not decays(p.shape)]
+        groups = [
+            {"params": ps, "weight_decay": wd}
+            for ps, wd in ((decayed, self.weight_decay), (kept, 0.0))
+            if ps
+        ]
         # foreach=False: the single-tensor code path is the one a CPU
         # reference uses by default, so both sides round identically.
         if self.name == "adamw":
             return torch.optim.AdamW(
-                params,
-                lr=lr,
-                betas=(self.beta1, self.beta2),
-                eps=self.eps,
-                weight_decay=self.weight_decay,
-                foreach=False,
+                groups, lr=lr, betas=(self.beta1, self.beta2), eps=self.eps, foreach=False
             )
         if self.name == "sgd":
-            return torch.optim.SGD(
-                params, lr=lr, momentum=self.momentum, weight_decay=self.weight_decay, foreach=False
-            )
+            return torch.optim.SGD(groups, lr=lr, momentum=self.momentum, foreach=False)
         raise ValueError(f"optimizer name must be 'adamw' or 'sgd', got {self.name!r}")
 
     def state_keys(self) -> tuple[str, ...]:
@@ -57,15 +112,29 @@ class FlatOptimizer:
     """AdamW or SGD over one flat fp32 tensor whose gradient is another flat tensor.
 
     ``flat_param`` is updated in place, so views into it (model parameters)
-    see every step; ``flat_grad`` is read, never written.
+    see every step; ``flat_grad`` is read, never written. ``decayed`` lists
+    the ranges of ``flat_param`` (offsets into it) that weight decay applies
+    to: ``decay_ranges(layout, lo, hi)`` for the shard ``[lo, hi)`` of a
+    layout.
     """
 
-    def __init__(self, spec: OptimizerSpec, flat_param: torch.Tensor, flat_grad: torch.Tensor):
+    def __init__(
+        self,
+        spec: OptimizerSpec,
+        flat_param: torch.Tensor,
+        flat_grad: torch.Tensor,
+        *,
+        decayed: Sequence[tuple[int, int]],
+    ):
         if spec.name not in ("adamw", "sgd"):
             raise ValueError(f"optimizer name must be 'adamw' or 'sgd', got {spec.name!r}")
         self.spec = spec
         self.param = flat_param
         self.grad = flat_grad
+        # Pieces of a flat tensor alternate kept / decayed; the decayed ones of the
+        # parameter are views made once (it is updated in place, never replaced).
+        self._split = _split_sizes(decayed, flat_param.numel())
+        self._decayed_param = list(flat_param.split(self._split)[1::2])
         # Zeros from the start: torch's SGD starts its momentum buffer as a
         # copy of the first gradient, which 0 * momentum + grad equals exactly.
         self._state = {key: torch.zeros_like(flat_param) for key in spec.state_keys()}
@@ -86,8 +155,9 @@ class FlatOptimizer:
     def _adamw_step(self, lr: float) -> None:
         s, param, grad = self.spec, self.param, self.grad
         exp_avg, exp_avg_sq = self._state["exp_avg"], self._state["exp_avg_sq"]
-        if s.weight_decay != 0:
-            param.mul_(1 - lr * s.weight_decay)  # decoupled, as AdamW
+        if s.weight_decay != 0 and self._decayed_param:
+            # Decoupled, as AdamW: each decayed piece times the same scalar as torch's.
+            torch._foreach_mul_(self._decayed_param, 1 - lr * s.weight_decay)
         exp_avg.lerp_(grad, 1 - s.beta1)
         exp_avg_sq.mul_(s.beta2).addcmul_(grad, grad, value=1 - s.beta2)
         step = float(self._steps)
@@ -98,8 +168,10 @@ class FlatOptimizer:
 
     def _sgd_step(self, lr: float) -> None:
         s, param, grad = self.spec, self.param, self.grad
-        if s.weight_decay != 0:
-            grad = grad.add(param, alpha=s.weight_decay)
+        if s.weight_decay != 0 and self._decayed_param:
+            grad = grad.clone()  # grad + weight_decay * param, on the decayed pieces only
+            decayed_grad = list(grad.split(self._split)[1::2])
+            torch._foreach_add_(decayed_grad, self._decayed_param, alpha=s.weight_decay)
         if s.momentum != 0:
             buf = self._state["momentum_buffer"]
             buf.mul_(s.momentum).add_(grad)

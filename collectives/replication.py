@@ -132,8 +132,13 @@ class _Ring:
             incomplete = [b for b in self.buffers if b.step < 0]
             buf = incomplete[0] if incomplete else self.buffers[0]
             self.buffers.remove(buf)
-        if buf is None or (buf.lo, buf.hi) != (lo, hi) or list(buf.tensors) != keys:
-            buf = ShardCopy(rank, -1, lo, hi, {k: torch.empty(hi - lo) for k in keys})
+        if (
+            buf is None
+            or (buf.lo, buf.hi) != (lo, hi)
+            or {k: t.dtype for k, t in buf.tensors.items()} != dtypes
+        ):
+            host = {k: torch.empty(hi - lo, dtype=d, device="cpu") for k, d in dtypes.items()}
+            buf = ShardCopy(rank, -1, lo, hi, host)
         buf.rank, buf.step = rank, -1
         self.buffers.append(buf)
         return buf
@@ -160,7 +165,7 @@ class BuddyReplicator:
         # holds from another thread, possibly while a step is stuck.
         self.lock = threading.Lock()
         self._own = _Ring(3 if overlap else 2)
-        self._replicas = _Ring(_REPLICA_BUFFERS)
+        self._replicas = _Ring(REPLICA_BUFFERS)
         self._pending: _Exchange | None = None  # started, not yet settled
         # With overlap, the local copy is made on this background thread
         # while the next step computes.
@@ -200,16 +205,19 @@ class BuddyReplicator:
         """
         with self._exchanging:
             self.settle()
-            keys = list(tensors)
+            dtypes = {k: t.dtype for k, t in tensors.items()}
             with self.lock:
-                own = self._own.take(self.rank, lo, hi, keys)
+                own = self._own.take(self.rank, lo, hi, dtypes)
                 replica = None
                 if self.world_size > 1:
-                    replica = self._replicas.take(self.source, *source_range, keys)
-            if not self.overlap:
+                    replica = self._replicas.take(self.source, *source_range, dtypes)
+            on_host = all(t.device.type == "cpu" for t in tensors.values())
+            if not self.overlap or not on_host:
+                # Device tensors go out from the host snapshot: gloo sends host memory.
                 _copy_into(own, tensors, step)
                 self._post(step, own.tensors, replica)
-                self.settle()
+                if not self.overlap:
+                    self.settle()
                 return
             # Sending from the live tensors starts the transfer at once, not
             # after the copy: the moment after a step in which this rank's
@@ -224,6 +232,12 @@ class BuddyReplicator:
     ) -> None:
         if replica is None:
             return
+        backend = str(dist.get_backend(self.group))
+        if "gloo" not in backend:
+            raise ValueError(
+                f"buddy replication moves host memory and needs a gloo backend; the group's is "
+                f"{backend!r} (make the default group 'cpu:gloo,cuda:nccl', or pass a gloo group)"
+            )
         keys = list(send_from)
         # The same key order on every rank, so the n-th message of each pair
         # matches. Every send is posted before any receive: if the source

@@ -46,6 +46,10 @@ prefetched one unit ahead).
 Loss contract (as for :class:`~collectives.ddp.DDPEngine`): each rank's loss is
 scaled so that the SUM over ranks of the gradients is the global-batch
 gradient, so every reduction is a SUM and ranks may hold different batch sizes.
+
+Every buffer (shard gradient, group gradient buffers, reduce-scatter outputs,
+gathered units) is on the flat parameters' device and dtype, so the engine
+runs wherever the model is: gloo on CPU, NCCL on GPU.
 """
 
 from __future__ import annotations
@@ -58,9 +62,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from collectives.ddp import DDPEngine, FlatReader, StepStats, plan_buckets
+from collectives.ddp import DDPEngine, FlatReader, StepStats, params_reached, plan_buckets
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
-from collectives.optim import FlatOptimizer, OptimizerSpec
+from collectives.optim import FlatOptimizer, OptimizerSpec, decay_ranges
 
 STAGE_OF_STRATEGY = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -92,7 +96,6 @@ class _Group:
     splits: list[int]  # per rank: elements of its shard inside [lo, hi)
     mine: tuple[int, int]  # this rank's shard ∩ [lo, hi), flat offsets
     pending: int = 0
-    launched: bool = False
     buf: torch.Tensor | None = None  # stages 2-3: transient full-size gradient buffer
 
 
@@ -113,6 +116,7 @@ class _Unit:
     held_for_backward: bool = False
     gathered: bool = False
     work: dist.Work | None = None  # an in-flight (prefetched) all-gather into ``buf``
+    in_backward: bool = False  # gathered for this backward (its module's backward began)
 
 
 @dataclass
@@ -142,9 +146,22 @@ class ZeroEngine:
     gradients across micro-batches would undo the gradient sharding. The
     result is the same because the reduction is a sum.
 
-    Every rank must produce gradients for the same parameters in the same
-    order (a fixed graph); groups that got no gradient are reduced as zeros at
-    the end of backward, in a fixed order.
+    Unused parameters: ranks may use different parameters (an expert no
+    token of this rank was routed to). Before each backward the autograd
+    graph is walked (:func:`~collectives.ddp.params_reached`); a parameter
+    it does not reach counts as ready at once, with a zero gradient (PyTorch
+    DDP's ``find_unused_parameters`` semantics). Groups are reduce-scattered
+    in one fixed order on every rank (stages 1-2: bucket index order, which
+    is backward order; stage 3: units last to first), each as soon as it and
+    every group before it are complete, and any group still incomplete when
+    the backward ends is launched then, in that order. Stage 3 interleaves
+    these reductions with the backward gathers of units on the same group,
+    so a unit's reduction also waits until that unit has been gathered for
+    the backward (a unit none of whose parameters this rank used is still
+    gathered there, as on the ranks that used them). Stage 3's gathers are
+    collectives too: every rank must run every unit's module in forward
+    (an expert that may get no tokens belongs inside a module that always
+    runs, as in an MoE layer, not be a unit of its own).
 
     Stage 3 gathers a unit's parameters in a forward pre-hook of every module
     that uses them (so tied weights work) and frees them after that module's
@@ -220,6 +237,11 @@ class ZeroEngine:
             ranges = self._plan_units()
         self.shard_param = shard_param
         self.groups = [self._make_group(lo, hi) for lo, hi in ranges]
+        # The fixed order in which groups are reduce-scattered on every rank: the
+        # order backward completes them (buckets are planned last layer first).
+        n = len(self.groups)
+        self._launch_order = list(range(n)) if stage < 3 else list(reversed(range(n)))
+        self._next = 0  # position in _launch_order of the next group to launch
         # Which group each parameter's gradient completes, and where it sits in it.
         self._slot_of: dict[int, int] = {id(p): i for i, p in enumerate(self._params)}
         self._group_of_slot: list[int] = [0] * len(self._params)
@@ -236,8 +258,13 @@ class ZeroEngine:
             self.shard_grad = self.flat_grad[self.lo : self.hi]
         else:
             self.flat_grad = None
-            self.shard_grad = torch.zeros(self.hi - self.lo, dtype=torch.float32)
-        self.optimizer = FlatOptimizer(optimizer, self.shard_param, self.shard_grad)
+            self.shard_grad = self._zeros(self.hi - self.lo)
+        self.optimizer = FlatOptimizer(
+            optimizer,
+            self.shard_param,
+            self.shard_grad,
+            decayed=decay_ranges(self.layout, self.lo, self.hi),
+        )
 
         if stage == 3:
             self._build_units(flat)
@@ -250,6 +277,10 @@ class ZeroEngine:
         self.zero_grad()
 
     # -- planning ---------------------------------------------------------
+
+    def _zeros(self, n: int) -> torch.Tensor:
+        """A zero-filled flat buffer on the flat parameters' device, in their dtype."""
+        return torch.zeros(n, dtype=self.shard_param.dtype, device=self.shard_param.device)
 
     def _make_group(self, lo: int, hi: int) -> _Group:
         splits = [max(0, min(hi, r_hi) - max(lo, r_lo)) for r_lo, r_hi in self.shard_bounds]
@@ -423,6 +454,8 @@ class ZeroEngine:
             for u_idx in needed:
                 self._need(u_idx, "backward")
                 self.units[u_idx].held_for_backward = True
+            for u_idx in needed:
+                self._reached_in_backward(u_idx)
 
         def hook(module: nn.Module, args: tuple, output):
             for u_idx in needed:
@@ -456,14 +489,36 @@ class ZeroEngine:
             async_op=True,
         )
 
+    def _launch_ready(self) -> None:
+        """Launch, in the fixed order, every group that is complete and has no incomplete
+        group before it. Stage 3: a unit's group also waits for the unit's backward gather.
+        """
+        while self._next < len(self._launch_order):
+            g_idx = self._launch_order[self._next]
+            if self.groups[g_idx].pending > 0:
+                return
+            if self.stage == 3 and not self.units[g_idx].in_backward:
+                return
+            self._launch_next()
+
+    def _launch_rest(self) -> None:
+        """Launch every group not launched yet, in the fixed order (the backward is over)."""
+        while self._next < len(self._launch_order):
+            self._launch_next()
+
+    def _launch_next(self) -> None:
+        g_idx = self._launch_order[self._next]
+        self._next += 1
+        self._launch(g_idx)
+
     def _launch(self, g_idx: int) -> None:
         """Start the reduce-scatter of one group's gradients (summed over ranks)."""
         g = self.groups[g_idx]
-        g.launched = True
         if self.stage == 1:
             full = self.flat_grad[g.lo : g.hi]
         else:
-            full = g.buf if g.buf is not None else torch.zeros(g.hi - g.lo)
+            # Missing gradients (unused parameters) are zeros.
+            full = g.buf if g.buf is not None else self._zeros(g.hi - g.lo)
             g.buf = None  # the in-flight record keeps it alive until the wait
         chunks = []
         for (r_lo, _), n in zip(self.shard_bounds, g.splits, strict=True):
@@ -472,7 +527,7 @@ class ZeroEngine:
         if self.world_size == 1:
             self._inflight.append(_Pending(None, chunks[0], g_idx, [full]))
             return
-        out = torch.empty(g.splits[self.rank])
+        out = full.new_empty(g.splits[self.rank])
         work = dist.reduce_scatter(
             out, chunks, op=dist.ReduceOp.SUM, group=self.group, async_op=True
         )
@@ -480,23 +535,36 @@ class ZeroEngine:
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         i = self._slot_of[id(param)]
-        g_idx = self._group_of_slot[i]
-        g = self.groups[g_idx]
         if self.stage == 1:
             if not self._sync:
                 return  # accumulate locally in the full gradient; reduce on the last micro-batch
         else:
+            g = self.groups[self._group_of_slot[i]]
             if g.buf is None:
-                g.buf = torch.zeros(g.hi - g.lo)
+                g.buf = self._zeros(g.hi - g.lo)
             slot = self.layout.slots[i]
             g.buf[slot.offset - g.lo : slot.end - g.lo].copy_(param.grad.reshape(-1))
             param.grad = None  # the transient per-parameter gradient is not kept
+        self._slot_ready(i)
+
+    def _slot_ready(self, i: int) -> None:
+        """Slot ``i``'s gradient is final for this backward (or will never come)."""
+        g_idx = self._group_of_slot[i]
+        g = self.groups[g_idx]
         g.pending -= 1
-        if g.pending == 0 and not g.launched:
-            self._launch(g_idx)
-            if self.stage == 3:
-                # Every gradient of the unit exists, so nothing in backward reads it any more.
-                self._free(self.units[g_idx])
+        if self.stage == 3 and g.pending == 0 and self.units[g_idx].in_backward:
+            # Every gradient of the unit exists, so nothing in backward reads it any more.
+            # (A unit this rank did not use at all stays gathered until the backward ends,
+            # as it may be needed again there on a rank that did.)
+            self._free(self.units[g_idx])
+        self._launch_ready()
+
+    def _reached_in_backward(self, u_idx: int) -> None:
+        """Stage 3: unit ``u_idx`` is gathered for the backward; its reduction may go."""
+        u = self.units[u_idx]
+        if not u.in_backward:
+            u.in_backward = True
+            self._launch_ready()
 
     def abandon_collectives(self) -> None:
         """Forget in-flight reductions (after a peer failed): their handles keep the group alive."""
@@ -528,24 +596,29 @@ class ZeroEngine:
     def _reset_groups(self) -> None:
         for g in self.groups:
             g.pending = g.n_params
-            g.launched = False
             g.buf = None
+        for u in self.units:
+            u.in_backward = False
+        self._next = 0
 
     def backward(self, loss: torch.Tensor, *, sync: bool = True) -> None:
         """Backward one micro-batch; ``sync=False`` for all but the last one of a step."""
         self._sync = sync
+        if self.stage == 1 and not sync:
+            loss.backward()  # accumulate locally; no reduction, no hooks to count
+            return
+        if self.world_size > 1:
+            reached = params_reached(loss)
+            for i, p in enumerate(self._params):
+                if id(p) not in reached:
+                    self._slot_ready(i)  # unused here: a zero gradient, ready now
         if self.stage == 3:
             self._begin_pass("backward")
         loss.backward()
         if self.stage == 3:
             self._end_pass("backward")
-        if self.stage == 1 and not sync:
-            return
-        # Groups that got no (or only some) gradients never fired; reduce them now,
-        # in the same fixed order on every rank.
-        for g_idx, g in enumerate(self.groups):
-            if not g.launched:
-                self._launch(g_idx)
+        # Groups still incomplete (a parameter whose hook never fired) go now, in order.
+        self._launch_rest()
         for u in self.units:
             if u.gathered or u.work is not None:
                 self._free(u)

@@ -1,4 +1,10 @@
-"""One-process reference training: what N-worker training must reproduce."""
+"""One-process reference training: what N-worker training must reproduce.
+
+Its optimizer is ``OptimizerSpec.build``: torch's AdamW (or SGD) with
+nanoGPT's two parameter groups, weight decay on the parameters with ``>= 2``
+dims (linear weights, embeddings) and none on the rest (biases, LayerNorm
+weights), which is what the engines' flat optimizer applies.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +24,7 @@ def train_reference(spec: JobSpec, tokens, steps: int) -> torch.Tensor:
     t = spec.train
     torch.manual_seed(t.seed)
     model = build_model(spec.model, VOCAB_SIZE)
-    opt = optimizer_spec(spec).build(list(model.parameters()), lr=t.lr)
+    opt = optimizer_spec(spec).build(list(model.parameters()), lr=t.lr)  # two param groups
     for step in range(steps):
         offsets = batch_offsets(t.seed, step, t.global_batch, len(tokens), spec.seq_len)
         x, y = make_batch(tokens, offsets, spec.seq_len)

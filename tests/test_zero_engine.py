@@ -5,8 +5,9 @@ No Ray: each world size (2, 3, 1, then 4 with fewer cases) is one
 sequence (starting processes costs seconds, so cases are batched, not started
 one by one). Children write their results to files;
 the parent compares them with a plain one-process run: the same model,
-``OptimizerSpec.build(model.parameters())``, ``clip_grad_norm_`` and the mean
-loss over the whole global batch of 7 samples.
+``OptimizerSpec.build(model.parameters())`` (torch's optimizer with nanoGPT's
+two parameter groups: weight decay on matrices only), ``clip_grad_norm_`` and
+the mean loss over the whole global batch of 7 samples.
 
 Cases cover: both tiny models (an MLP, and a GPT with a root-level parameter
 and tied embedding / head weights, which exercise stage 3's gathering), even
@@ -14,7 +15,8 @@ and uneven shards, uneven per-rank batches (7 = 3+2+2, 4+3, ...), gradient
 clipping that binds on every step, AdamW and SGD with momentum, gradient
 accumulation, and checkpoints moved between stages and world sizes:
 ``zero2`` on 2 ranks -> ``zero3`` / ``zero1`` on 3 ranks and ``ddp`` on 1;
-``zero3`` on 3 ranks -> ``zero2`` on 1.
+``zero3`` on 3 ranks -> ``zero2`` on 1. In-process unit tests pin the weight
+decay rule (2-D parameters decayed, 1-D not, bitwise as torch rounds it).
 
 Tolerance: parameters within ``atol=1e-5, rtol=1e-5`` of the reference after
 4 AdamW steps (lr 1e-2); the engines differ from the reference only in the
@@ -35,8 +37,8 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
-from collectives.flat import FlatLayout
-from collectives.optim import OptimizerSpec
+from collectives.flat import FlatLayout, flatten_into
+from collectives.optim import FlatOptimizer, OptimizerSpec, decay_ranges
 from collectives.zero import ZeroEngine, build_engine
 from orchestrator.shard_plan import batch_shares, shard_bounds
 
@@ -219,8 +221,9 @@ def _count_comm(counts: dict[str, int]) -> None:
         setattr(dist, name, wrapped)
 
 
-def _run_case(ws: int, rank: int, case: Case, ckpts: dict) -> dict:
-    model = make_model(case.model)
+def _run_case(ws: int, rank: int, case: Case, ckpts: dict, device: str = "cpu") -> dict:
+    """One rank's run of ``case`` (model and data on ``device``); tensors come back on it."""
+    model = make_model(case.model).to(device)
     spec = ADAMW if case.opt == "adamw" else SGD
     engine = build_engine(
         case.strategy,
@@ -243,7 +246,7 @@ def _run_case(ws: int, rank: int, case: Case, ckpts: dict) -> dict:
     _count_comm(counts)  # the caller restores the real collectives after the case
     for step in range(case.start, case.start + STEPS):
         x, y = global_batch(case.model, step)
-        x, y = x[lo:hi], y[lo:hi]
+        x, y = x[lo:hi].to(device), y[lo:hi].to(device)
         counts.clear()  # keep the last step's counts only
         engine.zero_grad()
         # Micro-batches of this rank's samples; each loss is still over the global batch.
@@ -258,9 +261,9 @@ def _run_case(ws: int, rank: int, case: Case, ckpts: dict) -> dict:
     param_storage = sum(p.untyped_storage().nbytes() for p in model.parameters())
     with torch.no_grad():  # a forward without backward (stage 3: gather, free, no hooks left)
         x, y = global_batch(case.model, 99)
-        eval_loss = float(summed_loss(case.model, model, x, y))
+        eval_loss = float(summed_loss(case.model, model, x.to(device), y.to(device)))
     result = {
-        "state": engine.full_state_dict(),
+        "state": {k: v.cpu() for k, v in engine.full_state_dict().items()},
         "norms": norms,
         "memory": engine.memory_bytes(),
         "comm": comm,
@@ -269,7 +272,8 @@ def _run_case(ws: int, rank: int, case: Case, ckpts: dict) -> dict:
     }
     if case.save_as:
         s_lo, s_hi, tensors = engine.checkpoint_slice()
-        result["slice"] = (s_lo, s_hi, {k: v.detach().clone() for k, v in tensors.items()})
+        copies = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        result["slice"] = (s_lo, s_hi, copies)
     return result
 
 
@@ -339,25 +343,29 @@ def results() -> dict[int, dict[str, list[dict]]]:
 _REFERENCE_CACHE: dict[tuple, dict] = {}
 
 
-def reference(case: Case) -> dict:
-    """Plain training from step 0 to the case's last step: state, per-step norms, eval loss."""
-    key = (case.model, case.opt, case.start + STEPS)
+def reference(case: Case, device: str = "cpu") -> dict:
+    """Plain training from step 0 to the case's last step: state, per-step norms, eval loss.
+
+    Trained on ``device``; the state comes back on the CPU.
+    """
+    key = (case.model, case.opt, case.start + STEPS, device)
     if key in _REFERENCE_CACHE:
         return _REFERENCE_CACHE[key]
-    model = make_model(case.model)
+    model = make_model(case.model).to(device)
     spec = ADAMW if case.opt == "adamw" else SGD
     opt = spec.build(list(model.parameters()), lr=LR)
     norms = []
     for step in range(case.start + STEPS):
         x, y = global_batch(case.model, step)
         opt.zero_grad()
-        (summed_loss(case.model, model, x, y)).backward()
+        (summed_loss(case.model, model, x.to(device), y.to(device))).backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(model.parameters(), CLIP)))
         opt.step()
     with torch.no_grad():
         x, y = global_batch(case.model, 99)
-        eval_loss = float(summed_loss(case.model, model, x, y))
-    ref = {"state": model.state_dict(), "norms": norms, "eval_loss": eval_loss}
+        eval_loss = float(summed_loss(case.model, model, x.to(device), y.to(device)))
+    state = {name: t.detach().cpu() for name, t in model.state_dict().items()}
+    ref = {"state": state, "norms": norms, "eval_loss": eval_loss}
     _REFERENCE_CACHE[key] = ref
     return ref
 
@@ -559,3 +567,75 @@ def test_zero3_prefetch_overlaps_and_is_exact():
         for name, want in off["state"].items():
             assert torch.equal(on["state"][name], want), name
             torch.testing.assert_close(on["state"][name], ref["state"][name], atol=ATOL, rtol=RTOL)
+
+
+# -- weight decay: matrices only -------------------------------------------------
+
+
+def test_decay_ranges_cover_exactly_the_matrices():
+    """Every shard's decayed ranges are the >= 2-D parameters' elements, as maximal runs."""
+    layout = FlatLayout.of(make_model("gpt"))
+    n = layout.numel
+    want = torch.zeros(n, dtype=torch.bool)
+    for s in layout.slots:
+        want[s.offset : s.end] = len(s.shape) >= 2
+    assert want.any() and not want.all()
+    for lo, hi in [(0, n), (5, 700), (n - 37, n), (100, 100), *shard_bounds(n, UNEVEN[3])]:
+        ranges = decay_ranges(layout, lo, hi)
+        got = torch.zeros(hi - lo, dtype=torch.bool)
+        for a, b in ranges:
+            got[a:b] = True
+        assert torch.equal(got, want[lo:hi]), (lo, hi)
+        gaps = [a2 - b1 for (_, b1), (a2, _) in zip(ranges[:-1], ranges[1:], strict=True)]
+        assert all(g > 0 for g in gaps), "runs are maximal: no two touch"
+
+
+def test_reference_optimizer_decays_matrices_only():
+    """``OptimizerSpec.build`` (every reference's optimizer) has nanoGPT's two groups."""
+    model = make_model("gpt")
+    for spec in (ADAMW, SGD):
+        groups = spec.build(list(model.parameters()), lr=LR).param_groups
+        decay = {id(p): g["weight_decay"] for g in groups for p in g["params"]}
+        assert len(decay) == len(list(model.parameters()))
+        for name, p in model.named_parameters():
+            assert decay[id(p)] == (spec.weight_decay if p.dim() >= 2 else 0.0), name
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero1", "zero2", "zero3"])
+def test_weight_decay_applies_to_matrices_only(strategy):
+    """With zero gradients a step only decays: 2-D parameters (linear weights, embeddings)
+    shrink by exactly ``1 - lr * weight_decay``; 1-D ones (biases, LayerNorm) do not change.
+    """
+    model = make_model("gpt")
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    engine = build_engine(strategy, model, OptimizerSpec("adamw", weight_decay=0.5))
+    engine.zero_grad()
+    engine.step(0.1)  # no backward: every gradient is zero, so Adam's update is zero
+    after = engine.full_state_dict()
+    kinds = set()
+    for name, p in before.items():
+        kinds.add(p.dim())
+        want = p * (1 - 0.1 * 0.5) if p.dim() >= 2 else p
+        assert torch.equal(after[name], want), name
+    assert kinds == {1, 2}
+
+
+@pytest.mark.parametrize("opt", ["adamw", "sgd"])
+def test_flat_optimizer_is_torch_bitwise(opt):
+    """The flat update with its decay ranges rounds exactly as torch's two-group optimizer."""
+    spec = ADAMW if opt == "adamw" else SGD
+    model, ref = make_model("gpt"), make_model("gpt")
+    layout = FlatLayout.of(model)
+    flat = flatten_into(model, layout, torch.float32)
+    grad = torch.zeros_like(flat)
+    flat_opt = FlatOptimizer(spec, flat, grad, decayed=decay_ranges(layout))
+    ref_params = [dict(ref.named_parameters())[s.name] for s in layout.slots]
+    ref_opt = spec.build(ref_params, lr=LR)
+    g = torch.Generator().manual_seed(7)
+    for _ in range(3):
+        grad.copy_(torch.randn(layout.numel, generator=g))
+        for s, p in zip(layout.slots, ref_params, strict=True):
+            p.grad = grad[s.offset : s.end].view(s.shape).clone()
+        flat_opt.step(LR)
+        ref_opt.step()
+    assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in ref_params]))
