@@ -11,7 +11,9 @@ scales, and asks the program for everything strategy-specific:
 - ``plan(capacities, numel)``: a pure function from the members' measured
   capacities to a frozen plan value (shard bounds, batch shares, stage
   partition, client sample...);
-- ``setup_args(plan, rank)``: the member's epoch set-up;
+- ``setup_args(plan, rank)`` and ``subgroups(plan)``: the member's epoch
+  set-up, and the named process sub-groups (data-parallel, pipeline,
+  expert) built from the epoch's one rendezvous;
 - ``begin_epoch(plan)`` and ``work_items(step, lr)``: each step's calls, one
   per member in rank order; ``observe(results)`` and ``reduce(...)``: the
   results folded into the step record;
@@ -108,6 +110,14 @@ class TrainingProgram(ABC):
     @abstractmethod
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
         """The step's metrics record from its results (one per member, rank order)."""
+
+    def subgroups(self, plan: Any) -> dict[str, list[list[int]]] | None:
+        """Named process sub-groups for this epoch, axis -> a partition of the ranks.
+
+        Built by every member from the epoch's one rendezvous
+        (``collectives.process_group.subgroup(axis)``); None: the default group only.
+        """
+        return None
 
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
         """Per-rank fields of the status's member rows after a step (none by default)."""

@@ -252,6 +252,7 @@ class WorkerGroup:
             len(members),
             default_backend(cl.gpus_per_worker > 0),
             cl.collective_timeout_s,
+            subgroups=self.program.subgroups(self.plan),
         )
         infos = self.gather(
             [
