@@ -22,7 +22,8 @@ def _child(rank: int, out_dir: str) -> None:
     torch.set_num_threads(1)
     store = host_store("127.0.0.1", WORLD, 60.0) if rank == 0 else None
     if store is not None:  # rank 0 hosts on an OS-chosen port: tell the others
-        Path(out_dir, "port").write_text(str(store.port))
+        Path(out_dir, "port.tmp").write_text(str(store.port))
+        Path(out_dir, "port.tmp").rename(Path(out_dir, "port"))  # atomic: never read half-written
     else:
         while not Path(out_dir, "port").exists():
             time.sleep(0.01)
