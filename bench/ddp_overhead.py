@@ -57,6 +57,7 @@ import torch.nn.functional as F
 
 from actors.data import VOCAB_SIZE, batch_offsets, make_batch, stdlib_text
 from actors.models.gpt import GPT
+from collectives.optim import decay_groups
 
 # -- results ------------------------------------------------------------------
 
@@ -179,11 +180,11 @@ def ddp_rank(rank: int, world: int, port: int, job: PlainJob, queue) -> None:
     torch.manual_seed(job.seed)
     model = GPT(vocab_size=VOCAB_SIZE, **job.model_kwargs)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
+    # nanoGPT's two groups, as shoal's optimizer: weight decay on matrices only.
     opt = torch.optim.AdamW(
-        model.parameters(),
+        decay_groups(list(model.parameters()), job.weight_decay),
         lr=job.lrs[0],
         betas=job.betas,
-        weight_decay=job.weight_decay,
         foreach=False,
     )
     lo, hi = sum(job.shares[:rank]), sum(job.shares[: rank + 1])

@@ -91,6 +91,7 @@ import torch.nn.functional as F
 
 from actors.data import VOCAB_SIZE, batch_offsets, make_batch, stdlib_text
 from actors.models.gpt import GPT
+from collectives.optim import decay_groups
 
 # Set before any child starts: glibc reads it once, at process start.
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
@@ -195,7 +196,7 @@ class TorchRunner:
     def __init__(self, variant: str, model: torch.nn.Module, job: BenchJob, world: int):
         self.loss_scale = float(world)
         self.params = list(model.parameters())
-        opt_kwargs = dict(betas=job.betas, eps=job.eps, weight_decay=job.weight_decay)
+        opt_kwargs = dict(betas=job.betas, eps=job.eps)
         # foreach=False: the code path shoal's FlatOptimizer uses (and CPU's default).
         opt_kwargs["foreach"] = False
         self.grad_clip = job.grad_clip
@@ -206,15 +207,17 @@ class TorchRunner:
             self.module = torch.nn.parallel.DistributedDataParallel(
                 model, bucket_cap_mb=job.bucket_mb, gradient_as_bucket_view=True
             )
+        # nanoGPT's two groups, as shoal's optimizer: weight decay on matrices only.
+        groups = decay_groups(self.params, job.weight_decay)
         if variant == "torch-zero1":
             from torch.distributed.optim import ZeroRedundancyOptimizer
 
             self.opt = ZeroRedundancyOptimizer(
-                self.params, optimizer_class=torch.optim.AdamW, lr=job.lrs[0], **opt_kwargs
+                groups, optimizer_class=torch.optim.AdamW, lr=job.lrs[0], **opt_kwargs
             )
             self._local_opt = self.opt.optim
         else:
-            self.opt = torch.optim.AdamW(self.params, lr=job.lrs[0], **opt_kwargs)
+            self.opt = torch.optim.AdamW(groups, lr=job.lrs[0], **opt_kwargs)
             self._local_opt = self.opt
 
     def zero_grad(self) -> None:

@@ -35,6 +35,17 @@ def decays(shape: Sequence[int]) -> bool:
     return len(shape) >= 2
 
 
+def decay_groups(params: list[nn.Parameter], weight_decay: float) -> list[dict]:
+    """Torch optimizer parameter groups: matrices with ``weight_decay``, the rest without."""
+    decayed = [p for p in params if decays(p.shape)]
+    kept = [p for p in params if not decays(p.shape)]
+    return [
+        {"params": ps, "weight_decay": wd}
+        for ps, wd in ((decayed, weight_decay), (kept, 0.0))
+        if ps
+    ]
+
+
 def decay_ranges(layout: FlatLayout, lo: int = 0, hi: int | None = None) -> list[tuple[int, int]]:
     """The decayed elements of the flat range ``[lo, hi)``, as ranges relative to ``lo``.
 
@@ -84,13 +95,7 @@ class OptimizerSpec:
         Two parameter groups, as nanoGPT's ``configure_optimizers``: matrices
         (``>= 2`` dims) with ``weight_decay``, the rest with none.
         """
-        decayed = [p for p in params if decays(p.shape)]
-        kept = [p for p in params if not decays(p.shape)]
-        groups = [
-            {"params": ps, "weight_decay": wd}
-            for ps, wd in ((decayed, self.weight_decay), (kept, 0.0))
-            if ps
-        ]
+        groups = decay_groups(params, self.weight_decay)
         # foreach=False: the single-tensor code path is the one a CPU
         # reference uses by default, so both sides round identically.
         if self.name == "adamw":
