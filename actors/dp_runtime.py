@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from actors.data import VOCAB_SIZE, ByteCorpus, batch_offsets, make_batch
 from actors.elastic_state import ElasticState
+from actors.memory import worker_available_bytes
 from actors.models.build import build_model
 from collectives.ddp import DDPEngine
 from collectives.errors import PeerLostError, classify_peer_loss
@@ -68,18 +69,6 @@ def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
 
 def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
-
-
-def available_memory_bytes() -> int:
-    """Memory the OS could give this process now (Linux MemAvailable; total pages elsewhere)."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 class DataParallelRuntime(ElasticState):
@@ -160,13 +149,13 @@ class DataParallelRuntime(ElasticState):
         leave_group()
 
     def probe(self) -> dict[str, Any]:
-        """What the planner needs before the group forms: pid, node, memory available here."""
+        """What the planner needs before the group forms: pid, node, this worker's memory budget."""
         import ray
 
         return {
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
-            "available_memory": available_memory_bytes(),
+            "available_memory": worker_available_bytes(self.device),
         }
 
     # -- training -----------------------------------------------------------

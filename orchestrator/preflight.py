@@ -192,10 +192,10 @@ def run_preflight(spec: JobSpec, local: bool) -> ModelShape:
     the cluster's, not this machine's: the controller checks the
     checkpoints there instead.
     """
-    from actors.dp_runtime import available_memory_bytes
+    from actors.memory import node_available_bytes
 
     shape = model_shape(spec)
     if local:
-        check_memory(shape.numel, spec, available_memory_bytes())
+        check_memory(shape.numel, spec, node_available_bytes())
         check_checkpoints(spec, shape)
     return shape

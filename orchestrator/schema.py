@@ -36,8 +36,9 @@ class StrategyConfig:
     # fewer, larger messages but less overlap with the backward pass.
     bucket_mb: float = 25.0
     # ZeRO shard sizes: null splits evenly; a list such as [2, 1, 1] gives
-    # rank r a share proportional to entry r; "auto" sizes shards by the
-    # memory available to each worker, as its node reports it.
+    # rank r a share proportional to entry r; "auto" sizes shards by each
+    # worker's own budget: free GPU memory on GPU workers, else the node's
+    # available memory capped by the worker's cgroup limit.
     shard_weights: Any = None
 
 
