@@ -451,7 +451,12 @@ def _stream_progress(
 
 def _show(bar, record: dict) -> None:
     bar.update(record["step"] + 1 - bar.n)
-    bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:,.0f}")
+    shown = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+    if "tflops" in record:
+        shown["TFLOPs"] = f"{record['tflops']:.3g}"
+    if "mfu" in record:
+        shown["MFU"] = f"{record['mfu']:.1%}"
+    bar.set_postfix(shown)
 
 
 def cmd_scale(job: str, workers: int, address: str) -> int:

@@ -116,6 +116,7 @@ class JobController:
         # the run it resumed (retention only ever counts its own lineage).
         self._lineage = spec.job_id
         self._tied: dict[str, str] = {}
+        self._flops_per_token: int | None = None
         # How this job trains (strategy-specific); everything here is shared.
         self._program = program_for(spec)
         self._status = JobStatus(
@@ -225,6 +226,9 @@ class JobController:
             model = build_model(self.spec.model, VOCAB_SIZE)
             group.numel = FlatLayout.of(model).numel
             self._tied = tied_aliases(model)
+            # Training FLOPs per token, for the achieved TFLOP/s (and MFU) of each step.
+            flops = getattr(model, "flops_per_token", None)
+            self._flops_per_token = flops() if callable(flops) else None
         members = group.admit_ready(timeout=min(START_GRACE_S, cl.start_timeout_s))
         members = group.wait_for_members(
             members,
@@ -359,6 +363,7 @@ class JobController:
                 program.observe(results)
                 record = program.reduce(step, lr, results, time.perf_counter() - last_done)
                 record.update(epoch=self._group.epoch, elapsed_s=time.time() - self._started)
+                record.update(self._throughput(record, len(self._group.members)))
                 with self._lock:
                     for key, value in program.status_fields().items():
                         setattr(self._status, key, value)
@@ -749,6 +754,17 @@ class JobController:
             self._status.tokens_per_s = record["tokens_per_s"]
         if done % self.spec.train.log_every == 0 or done == self.spec.train.steps:
             self._write_status()
+
+    def _throughput(self, record: dict[str, Any], workers: int) -> dict[str, float]:
+        """Achieved model TFLOP/s of a step and, given the devices' peak, MFU (as nanoGPT)."""
+        if not self._flops_per_token or "tokens_per_s" not in record:
+            return {}
+        tflops = record["tokens_per_s"] * self._flops_per_token / 1e12
+        out = {"tflops": round(tflops, 6)}
+        peak = self.spec.cluster.peak_tflops_per_worker
+        if peak:
+            out["mfu"] = round(tflops / (peak * workers), 6)
+        return out
 
     def _phase(self, name: str) -> None:
         """Note when a start-up phase ended, in seconds since the job was submitted."""

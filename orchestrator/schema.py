@@ -68,6 +68,9 @@ class ClusterConfig:
     # Upper bound on any single collective (and on rendezvous); a dead peer
     # becomes an error after this long instead of a hang.
     collective_timeout_s: float = 300.0
+    # Peak TFLOP/s of one worker's device (e.g. 989 for an H100 in bf16): with
+    # it the progress line shows MFU; without it, the achieved TFLOP/s only.
+    peak_tflops_per_worker: float | None = None
 
 
 @dataclass

@@ -285,6 +285,8 @@ def _validate_cluster(cl: ClusterConfig) -> None:
     _check(
         cl.collective_timeout_s > 0, "cluster.collective_timeout_s", "> 0", cl.collective_timeout_s
     )
+    peak = cl.peak_tflops_per_worker
+    _check(peak is None or peak > 0, "cluster.peak_tflops_per_worker", "null or > 0", peak)
 
 
 def _validate_targets(c: JobConfig) -> None:

@@ -215,3 +215,14 @@ def test_a_fresh_run_refuses_a_root_with_another_runs_checkpoints(tmp_path):
     assert final.state == JobState.FAILED and "checkpoint.overwrite=true" in final.error
     _, over, _ = _controller(tmp_path, "train.steps=2", "checkpoint.overwrite=true")
     assert over.run().state == JobState.SUCCEEDED
+
+
+def test_step_records_carry_achieved_tflops_and_mfu_given_a_peak(tmp_path):
+    spec, controller, _ = _controller(
+        tmp_path, "train.steps=2", "cluster.peak_tflops_per_worker=0.5"
+    )
+    assert controller.run().state == JobState.SUCCEEDED
+    record = controller.metrics()[-1]
+    fpt = controller._flops_per_token
+    assert fpt and record["tflops"] == pytest.approx(record["tokens_per_s"] * fpt / 1e12, rel=1e-4)
+    assert record["mfu"] == pytest.approx(record["tflops"] / (0.5 * 2), rel=1e-4)
