@@ -536,24 +536,6 @@ def upload_shard(
         return record.result()
 
 
-def write_shard(
-    store: ObjectStore,
-    step: int,
-    rank: int,
-    lo: int,
-    hi: int,
-    tensors: dict[str, torch.Tensor],
-    rng_state: torch.Tensor | None = None,
-    chunk_bytes: int | None = None,
-    *,
-    space: str = DEFAULT_SPACE,
-    save_id: str = "",
-) -> ShardRecord:
-    """Synchronous save: snapshot and upload rank ``rank``'s slices; returns its record."""
-    snapshot = snapshot_shard(rank, lo, hi, tensors, rng_state, space=space, save_id=save_id)
-    return upload_shard(store, step, snapshot, chunk_bytes)
-
-
 # -- committing and retention -------------------------------------------------
 
 

@@ -27,9 +27,9 @@ from storage.checkpoint import (
     snapshot_shard,
     step_dir,
     verify,
-    write_shard,
 )
 from storage.object_store import LocalStore, StoreError
+from tests.checkpoint_helpers import write_shard
 
 
 class BlockingStore(LocalStore):

@@ -15,9 +15,9 @@ from storage.checkpoint import (
     latest_manifest,
     resolve,
     step_dir,
-    write_shard,
 )
 from storage.object_store import LocalStore, StoreError
+from tests.checkpoint_helpers import write_shard
 
 
 def _save(store, step, full: dict[str, torch.Tensor], world: int, keep: int = 2) -> Manifest:

@@ -33,9 +33,9 @@ from storage.checkpoint import (
     read_manifest,
     step_dir,
     verify,
-    write_shard,
 )
 from storage.s3_store import S3Store
+from tests.checkpoint_helpers import write_shard
 from tests.conftest import REPO_ROOT
 from tests.test_jobs import ATOL, _run, _spec
 
@@ -291,7 +291,8 @@ def test_store_down_then_back_training_continues(ray_s3, s3_server, bucket, tmp_
 KILLED_SAVER = r"""
 import sys, time, torch
 from storage.async_saver import AsyncSaver
-from storage.checkpoint import Manifest, commit, write_shard
+from storage.checkpoint import Manifest, commit
+from tests.checkpoint_helpers import write_shard
 from storage.s3_store import S3Store
 
 endpoint, uri = sys.argv[1], sys.argv[2]

@@ -10,8 +10,9 @@ from actors.models.build import build_model
 from collectives.flat import FlatLayout, tied_aliases
 from orchestrator.cli import main
 from orchestrator.spec import JobSpec
-from storage.checkpoint import Manifest, commit, step_dir, write_shard
+from storage.checkpoint import Manifest, commit, step_dir
 from storage.object_store import LocalStore, open_store
+from tests.checkpoint_helpers import write_shard
 from tests.test_jobs import TINY
 
 pytest_plugins = ["tests.s3_server"]

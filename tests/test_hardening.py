@@ -35,9 +35,9 @@ from storage.checkpoint import (
     latest_manifest,
     read_manifest,
     step_dir,
-    write_shard,
 )
 from storage.object_store import LocalStore, open_store
+from tests.checkpoint_helpers import write_shard
 from tests.conftest import REPO_ROOT
 from tests.test_checkpoints_cli import _checkpoint
 from tests.test_cli import TINY as CLI_TINY

@@ -19,9 +19,9 @@ from storage.checkpoint import (
     shard_key,
     step_dir,
     verify,
-    write_shard,
 )
 from storage.object_store import LocalStore
+from tests.checkpoint_helpers import write_shard
 
 # "dp": 10 elements over 2 ranks, unevenly; "server": 4 elements, all on rank 1.
 DP_BOUNDS = [(0, 3), (3, 10)]
