@@ -2,13 +2,16 @@
 
 The controller hands each step's record to the ``RunReporter`` and goes on;
 files and the plot are the reporter's business. The loss curve is redrawn on
-a background thread (matplotlib takes ~0.1 s), at most every ``plot_every_s``
-and once more when the run ends, so drawing never delays a step.
+a background thread at the lowest CPU priority (matplotlib's import and a
+drawing take ~0.1-1 s of CPU), at most every ``plot_every_s`` and once more
+when the run ends, so drawing neither blocks the control loop nor takes
+cores from the workers.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import threading
 from pathlib import Path
 from typing import Any
@@ -97,6 +100,13 @@ class RunReporter:
         plot_loss(self.since(), self.run_dir / "loss.png")
 
     def _plot_loop(self) -> None:
+        # Lowest CPU priority for this thread alone (Linux: a thread is a task):
+        # on a machine whose cores the workers keep busy, drawing then only
+        # uses time they leave idle instead of slowing their steps.
+        try:
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
         while not self._closed.is_set():
             self._plot_wanted.wait()
             if self._closed.is_set():
