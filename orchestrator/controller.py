@@ -417,14 +417,28 @@ class JobController:
         # A step that every rank applied but whose result was lost with a worker
         # is redone from the copies of the step before (they are double-
         # buffered) rather than kept: kept, it would have no metrics record.
+        # Seconds spent in each phase, in the recovery's event: where recovery time goes.
+        phases: dict[str, float] = {}
+        mark = time.perf_counter()
+
+        def phase(name: str) -> None:
+            nonlocal mark
+            now = time.perf_counter()
+            phases[name] = round(now - mark, 4)
+            mark = now
+
         plan, survivors = g.collect_plan(survivors, upto=committed)
+        phase("holdings")
         # None also when a holder died while exporting: the checkpoint is used then.
         pieces = g.export_pieces(plan, survivors) if plan is not None else None
+        phase("export")
         answered = len(survivors)
         survivors = g.leave(survivors)
         stuck = answered - len(survivors)  # exported, then killed: lost too
         g.failures += stuck
+        phase("leave")
         self._forget_checkpoint_committer()
+        phase("committer")
         members = survivors + g.admit_ready()
         missing = g.target - len(members) - len(g.pending)
         if missing > 0:
@@ -435,21 +449,30 @@ class JobController:
             e.wait_timeout_s,
             on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
         )
+        phase("members")
         g.form_epoch(members)
+        phase("epoch")
         for m in members:
             if m not in survivors:  # a replacement placed in time for this epoch
                 self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
         if recovery_source(pieces is not None) is RecoverySource.BUDDIES:
             g.restore(pieces, plan.done)
             done = plan.done
+            phase("restore")
             self._events.emit(
-                "restored-from-buddy", step=done, epoch=g.epoch, from_replicas=plan.from_replicas
+                "restored-from-buddy",
+                step=done,
+                epoch=g.epoch,
+                from_replicas=plan.from_replicas,
+                phases_s=phases,
             )
         else:
             done = self._restore("latest")
             self._gather(self._group.call("begin", done), "start")
+            phase("restore")
             self._events.emit(
                 "restored-from-checkpoint",
+                phases_s=phases,
                 step=done,
                 epoch=g.epoch,
                 reason="no step at which every shard has a copy in memory",

@@ -111,6 +111,16 @@ def test_failure_recovers_from_buddies_with_no_step_lost(tmp_path):
     events = _events(controller)
     assert events.count("died") == 1 and "restored-from-buddy" in events
     assert "restored-from-checkpoint" not in events
+    restored = next(e for e in controller.events() if e["event"] == "restored-from-buddy")
+    assert list(restored["phases_s"]) == [
+        "holdings",
+        "export",
+        "leave",
+        "committer",
+        "members",
+        "epoch",
+        "restore",
+    ]  # where the recovery's time went
     assert final.failures_survived == 1 and final.steps_redone == 0 and final.epoch == 2
     joined = [e["worker_id"] for e in controller.events() if e["event"] == "joined"]
     assert joined == [0, 1, 2]  # a replacement for the lost member
