@@ -23,9 +23,6 @@ from storage.checkpoint import (
 )
 from storage.object_store import ObjectStore, StoreError, open_store
 
-# Optimizer state per parameter, in fp32 values: AdamW keeps two moments, SGD one momentum.
-OPTIMIZER_STATES = {"adamw": 2, "sgd": 1}
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -123,18 +120,14 @@ def resume_target(spec: JobSpec, store: ObjectStore) -> tuple[str, Manifest]:
 
 
 def worker_bytes_lower_bound(numel: int, spec: JobSpec) -> int:
-    """Bytes one worker needs at least: parameters, gradients and optimizer state in fp32.
+    """Bytes one worker needs at least, as the job's training program counts them.
 
     Activations, communication buffers and buddy replicas come on top, so
     this only refuses what can never fit.
     """
-    world = spec.cluster.workers
-    stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}.get(spec.strategy.name, 0)
-    states = OPTIMIZER_STATES.get(spec.train.optimizer, 2)
-    params = numel if stage < 3 else numel / world
-    grads = numel if stage < 2 else numel / world
-    optimizer = states * (numel if stage < 1 else numel / world)
-    return int(4 * (params + grads + optimizer))
+    from orchestrator.program import program_for
+
+    return program_for(spec).min_worker_bytes(numel)
 
 
 def check_memory(numel: int, spec: JobSpec, available: int) -> None:

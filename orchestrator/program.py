@@ -119,6 +119,10 @@ class TrainingProgram(ABC):
         """
         return None
 
+    @abstractmethod
+    def min_worker_bytes(self, numel: int) -> int:
+        """Bytes of training state one member holds at least, for a model of ``numel`` values."""
+
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
         """Per-rank fields of the status's member rows after a step (none by default)."""
         return []

@@ -154,6 +154,16 @@ class DataParallelProgram(TrainingProgram):
     def status_fields(self) -> dict[str, Any]:
         return {"batch_shares": list(self.balancer.shares)}
 
+    def min_worker_bytes(self, numel: int) -> int:
+        """Parameters, gradients and optimizer state in fp32, each sharded as the stage says."""
+        stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[self.spec.strategy.name]
+        world = self.spec.cluster.workers
+        states = len(self._optimizer_spec.state_keys())
+        params = numel if stage < 3 else numel / world
+        grads = numel if stage < 2 else numel / world
+        optimizer = states * (numel if stage < 1 else numel / world)
+        return int(4 * (params + grads + optimizer))
+
     def member_row(self, plan: DataParallelPlan, rank: int, numel: int) -> dict[str, Any]:
         """The rank's shard, its bytes, and the host memory its replication holds."""
         lo, hi = plan.bounds[rank] if plan.bounds is not None else (0, numel)
@@ -170,6 +180,9 @@ class DataParallelProgram(TrainingProgram):
     @property
     def _bytes_per_element(self) -> int:
         """Bytes a shard keeps per flat element: the fp32 parameter and the optimizer's state."""
+        return 4 * (1 + len(self._optimizer_spec.state_keys()))
+
+    @property
+    def _optimizer_spec(self) -> OptimizerSpec:
         t = self.spec.train
-        state = OptimizerSpec(name=t.optimizer, momentum=t.momentum).state_keys()
-        return 4 * (1 + len(state))
+        return OptimizerSpec(name=t.optimizer, momentum=t.momentum)
