@@ -7,6 +7,11 @@ has the chosen holders ``export_piece`` their copies (the returned tensors go
 to Ray's object store, owned by the controller, so they outlive the worker
 that exported them), and then every member of the new epoch
 ``restore_from_pieces`` — reading only the pieces that overlap its new shard.
+
+Every copy is labelled with its state space (``Holding.space``): a data-
+parallel worker owns a range of ``dp``; a runtime owning another space (a
+pipeline stage's ``stage/2``) overrides ``state_space`` and
+``source_space``, and the same holdings, exports and restores serve it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from collectives.errors import classify_peer_loss
 from collectives.process_group import leave_group, sever_group
 from collectives.replication import BuddyReplicator
 from orchestrator.recovery import Holding
+from storage.checkpoint import DEFAULT_SPACE
 
 # How long a query for holdings waits for a replica exchange still in flight
 # (a live source's bytes land in milliseconds; a dead one's never do), and
@@ -41,6 +47,16 @@ class ElasticState:
     _replicator: BuddyReplicator | None = None
     _applied: int | None = None  # steps applied to the live engine state
     _live_valid: bool = True  # False while a failed ZeRO step may have half-updated the shard
+
+    @property
+    def state_space(self) -> str:
+        """The state space whose range this rank owns (and restores) in this epoch."""
+        return DEFAULT_SPACE
+
+    @property
+    def source_space(self) -> str:
+        """The state space of the range that this rank's replication source owns."""
+        return self.state_space
 
     @property
     def _sharded(self) -> bool:
@@ -74,7 +90,15 @@ class ElasticState:
     def _replicate(self, done: int) -> None:
         lo, hi, tensors = self.engine.checkpoint_slice()
         rep = self._replicator
-        rep.replicate(done, lo, hi, tensors, self._bounds[rep.source])
+        rep.replicate(
+            done,
+            lo,
+            hi,
+            tensors,
+            self._bounds[rep.source],
+            space=self.state_space,
+            source_space=self.source_space,
+        )
 
     # -- called by the controller --------------------------------------------
 
@@ -83,23 +107,28 @@ class ElasticState:
         if self._replicator is not None:
             self._replicator.settle(timeout_s=_SETTLE_QUERY_S)
         out: list[Holding] = []
+        me, space = self.rank, self.state_space
         if self._applied is not None and self.engine is not None and self._live_valid:
             if self._sharded:
                 lo, hi, _ = self.engine.checkpoint_slice()
-                out.append(Holding(self.rank, self.rank, self._applied, "live", lo, hi))
+                out.append(Holding(me, me, self._applied, "live", lo, hi, space))
             else:
                 numel = self.engine.layout.numel
-                out.append(Holding(self.rank, 0, self._applied, "live", 0, numel))
+                out.append(Holding(me, 0, self._applied, "live", 0, numel, space))
         if self._replicator is not None:
             for done, c in self._replicator.own_copies().items():
-                out.append(Holding(self.rank, self.rank, done, "own", c.lo, c.hi))
+                out.append(Holding(me, me, done, "own", c.lo, c.hi, c.space))
             for done, c in self._replicator.replica_copies().items():
-                out.append(Holding(self.rank, c.rank, done, "replica", c.lo, c.hi))
+                out.append(Holding(me, c.rank, done, "replica", c.lo, c.hi, c.space))
         return [dataclasses.asdict(h) for h in out]
 
-    def export_piece(self, kind: str, owner: int, done: int) -> dict[str, torch.Tensor]:
+    def export_piece(
+        self, kind: str, owner: int, done: int, space: str = DEFAULT_SPACE
+    ) -> dict[str, torch.Tensor]:
         """The tensors of one holding (returned by value: Ray stores them for the controller)."""
         if kind == "live":
+            if space != self.state_space:
+                raise LookupError(f"worker {self.rank} holds no live state of space {space!r}")
             if self._sharded:
                 _, _, views = self.engine.checkpoint_slice()
                 return {k: v.detach().clone() for k, v in views.items()}
@@ -112,8 +141,10 @@ class ElasticState:
             self._replicator.own_copies() if kind == "own" else self._replicator.replica_copies()
         )
         copy = copies.get(done)
-        if copy is None or copy.rank != owner:
-            raise LookupError(f"worker {self.rank} holds no {kind} copy of rank {owner} at {done}")
+        if copy is None or copy.rank != owner or copy.space != space:
+            raise LookupError(
+                f"worker {self.rank} holds no {kind} copy of rank {owner}'s {space!r} at {done}"
+            )
         with self._replicator.lock:
             if copy.step != done:  # reused by a step that ran on meanwhile
                 raise LookupError(f"worker {self.rank}: the copy of step {done} was overwritten")
@@ -155,14 +186,22 @@ class ElasticState:
 
     @classify_peer_loss(on_loss=lambda self: self._abort_epoch())
     def restore_from_pieces(
-        self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int
+        self, pieces_by_space: dict[str, list[tuple[int, int, list[ray.ObjectRef]]]], done: int
     ) -> int:
-        """Load the state of step ``done`` from ``(lo, hi, [ref])`` pieces covering the flat vector.
+        """Load the state of step ``done`` from ``(lo, hi, [ref])`` pieces covering this rank's
+        space (``pieces_by_space[self.state_space]``).
 
         A collective in the new epoch (every member calls it): after loading,
         the new shards are replicated at once, so a failure in the epoch's
         first step is covered too.
         """
+        try:
+            pieces = pieces_by_space[self.state_space]
+        except KeyError:
+            raise LookupError(
+                f"worker {self.rank}: no pieces of space {self.state_space!r} to restore from "
+                f"(have {sorted(pieces_by_space)})"
+            ) from None
         cache: dict[int, dict[str, torch.Tensor]] = {}
 
         def read(key: str, lo: int, hi: int) -> torch.Tensor:

@@ -66,12 +66,13 @@ REPLICA_BUFFERS = 2
 
 @dataclass(eq=False)  # a buffer: compared by identity, never by its tensors
 class ShardCopy:
-    """Rank ``rank``'s owned flat range ``[lo, hi)`` as of the end of step ``step``.
+    """Rank ``rank``'s owned range ``[lo, hi)`` of state space ``space`` after step ``step``.
 
     ``step`` is -1 while the buffer is being written (it holds nothing usable).
     """
 
     rank: int
+    space: str  # the named state space the range is of ("dp", "stage/2", ...)
     step: int
     lo: int
     hi: int
@@ -119,7 +120,9 @@ class _Ring:
         self.capacity = capacity
         self.buffers: list[ShardCopy] = []  # oldest first
 
-    def take(self, rank: int, lo: int, hi: int, dtypes: dict[str, torch.dtype]) -> ShardCopy:
+    def take(
+        self, rank: int, space: str, lo: int, hi: int, dtypes: dict[str, torch.dtype]
+    ) -> ShardCopy:
         """A host buffer for a new copy (a tensor per key, of its dtype), marked incomplete,
         moved to the newest end.
 
@@ -138,8 +141,8 @@ class _Ring:
             or {k: t.dtype for k, t in buf.tensors.items()} != dtypes
         ):
             host = {k: torch.empty(hi - lo, dtype=d, device="cpu") for k, d in dtypes.items()}
-            buf = ShardCopy(rank, -1, lo, hi, host)
-        buf.rank, buf.step = rank, -1
+            buf = ShardCopy(rank, space, -1, lo, hi, host)
+        buf.rank, buf.space, buf.step = rank, space, -1
         self.buffers.append(buf)
         return buf
 
@@ -191,11 +194,18 @@ class BuddyReplicator:
         hi: int,
         tensors: dict[str, torch.Tensor],
         source_range: tuple[int, int],
+        *,
+        space: str,
+        source_space: str | None = None,
     ) -> None:
-        """Snapshot ``tensors`` (this rank's ``[lo, hi)`` after ``step``) and start the exchange.
+        """Snapshot ``tensors`` (this rank's ``[lo, hi)`` of ``space`` after ``step``) and start
+        the exchange.
 
-        ``source_range`` is the flat range the source rank owns (from the
-        plan, which every rank knows); it sizes the receive buffer. First
+        ``source_range`` is the range the source rank owns of ``source_space``
+        (by default ``space``: under data parallelism every rank owns a range
+        of the same space; a pipeline's neighbour owns another stage's). Both
+        come from the plan, which every rank knows; the range sizes the
+        receive buffer, and the space labels the copy. First
         settles the previous exchange, raising if a peer failed during it.
         With ``overlap`` the sends go out from ``tensors`` themselves at
         once and the local copy is made in the background, so the caller
@@ -207,10 +217,11 @@ class BuddyReplicator:
             self.settle()
             dtypes = {k: t.dtype for k, t in tensors.items()}
             with self.lock:
-                own = self._own.take(self.rank, lo, hi, dtypes)
+                own = self._own.take(self.rank, space, lo, hi, dtypes)
                 replica = None
                 if self.world_size > 1:
-                    replica = self._replicas.take(self.source, *source_range, dtypes)
+                    of = space if source_space is None else source_space
+                    replica = self._replicas.take(self.source, of, *source_range, dtypes)
             on_host = all(t.device.type == "cpu" for t in tensors.values())
             if not self.overlap or not on_host:
                 # Device tensors go out from the host snapshot: gloo sends host memory.

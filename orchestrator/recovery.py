@@ -10,7 +10,8 @@ old shard. No copy at any common step (a rank and its buddy both lost) means
 State is divided into named **state spaces** (``dp`` for the data-parallel
 flat vectors, later ``stage/2``, ``expert/1.7``, ``server``), each with its
 own owner ranges. A holding names its space; ``plan_recovery`` plans one
-space, ``plan_recovery_spaces`` all of a program's spaces at one common step.
+space, ``plan_recovery_spaces`` all of a program's spaces at one common step
+(a ``StatePlan``), which is what the controller carries out.
 """
 
 from __future__ import annotations
@@ -53,6 +54,19 @@ class RecoveryPlan:
     def from_replicas(self) -> list[int]:
         """Old ranks whose shard is rebuilt from a buddy's replica."""
         return [p.owner for p in self.pieces if p.kind == "replica"]
+
+
+@dataclass(frozen=True)
+class StatePlan:
+    """A ``RecoveryPlan`` for every state space of a program, all at step ``done``."""
+
+    done: int
+    by_space: Mapping[str, RecoveryPlan]
+
+    @property
+    def from_replicas(self) -> dict[str, list[int]]:
+        """Per space, the old ranks whose range is rebuilt from a buddy's replica."""
+        return {s: p.from_replicas for s, p in self.by_space.items() if p.from_replicas}
 
 
 _PREFERENCE = {"live": 0, "own": 1, "replica": 2}
@@ -101,8 +115,8 @@ def plan_recovery(
 
 
 def plan_recovery_spaces(
-    bounds: Mapping[str, OwnerRanges], holdings: list[Holding]
-) -> dict[str, RecoveryPlan] | None:
+    bounds: Mapping[str, OwnerRanges], holdings: list[Holding], *, upto: int | None = None
+) -> StatePlan | None:
     """A plan for every space of ``bounds``, all at the newest step at which each is complete.
 
     Each space is planned from its own holdings against its own owner ranges
@@ -110,11 +124,16 @@ def plan_recovery_spaces(
     the spaces of a program together are its model and optimizer state, and
     a stage at step 7 next to a stage at step 6 is no state at all. None if
     no step has every space complete. A space whose ranges are all empty is
-    complete at any step.
+    complete at any step. ``upto``: the newest step not after it is preferred
+    when one is complete (a step applied but never reported is redone from
+    the copies of the step before, so that it gets its metrics record).
     """
     owners = {space: _owners(ranges) for space, ranges in bounds.items()}
     by_space = {space: [h for h in holdings if h.space == space] for space in bounds}
-    for done in sorted({h.done for h in holdings if h.space in bounds}, reverse=True):
+    steps = sorted({h.done for h in holdings if h.space in bounds}, reverse=True)
+    if upto is not None:  # not after ``upto`` first, newest first; then the rest
+        steps = [d for d in steps if d <= upto] + [d for d in steps if d > upto]
+    for done in steps:
         plans = {}
         for space, ranges in owners.items():
             pieces = _pieces_at(done, ranges, by_space[space])
@@ -122,5 +141,5 @@ def plan_recovery_spaces(
                 break
             plans[space] = RecoveryPlan(done, pieces, space)
         else:
-            return plans
+            return StatePlan(done, plans)
     return None

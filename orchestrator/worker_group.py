@@ -32,7 +32,7 @@ from orchestrator.constants import CONTROL_S, LEAVE_S, POLL_S, SETTLE_S
 from orchestrator.events import EventLog
 from orchestrator.policies import order_for_buddies
 from orchestrator.program import Capacity, RoleSpec, TrainingProgram, WorkItem
-from orchestrator.recovery import Holding, RecoveryPlan, plan_recovery
+from orchestrator.recovery import Holding, StatePlan, plan_recovery_spaces
 from orchestrator.spec import JobSpec
 
 
@@ -393,8 +393,8 @@ class WorkerGroup:
 
     def collect_plan(
         self, survivors: list[Member], upto: int | None = None
-    ) -> tuple[RecoveryPlan | None, list[Member]]:
-        """Ask ``survivors`` what they hold and plan where the state comes from.
+    ) -> tuple[StatePlan | None, list[Member]]:
+        """Ask ``survivors`` what they hold and plan where each state space comes from.
 
         Returns the plan (None: no complete state in memory) and the
         survivors that answered (one that fails to answer is treated as lost).
@@ -410,31 +410,34 @@ class WorkerGroup:
                 continue
             answered.append(m)
             holdings += [Holding(**row) for row in rows]
-        (space,) = self.program.state_spaces(self.plan, self.numel)
-        old_bounds = list(space.bounds)
+        spaces = self.program.state_spaces(self.plan, self.numel)
         self.last_holdings = [
-            f"{h.kind} of rank {h.owner} at step {h.done} on rank {h.holder}" for h in holdings
+            f"{h.kind} of rank {h.owner}'s {h.space} at step {h.done} on rank {h.holder}"
+            for h in holdings
         ]
-        plan = None
-        if upto is not None:
-            plan = plan_recovery(old_bounds, [h for h in holdings if h.done <= upto])
-        return plan or plan_recovery(old_bounds, holdings), answered
+        bounds = {s.name: list(s.bounds) for s in spaces}
+        return plan_recovery_spaces(bounds, holdings, upto=upto), answered
 
     def export_pieces(
-        self, plan: RecoveryPlan, holders: list[Member]
-    ) -> list[tuple[int, int, list[ray.ObjectRef]]] | None:
+        self, plan: StatePlan, holders: list[Member]
+    ) -> dict[str, list[tuple[int, int, list[ray.ObjectRef]]]] | None:
         """Have the chosen holders hand their copies to Ray's object store (owned by us).
 
-        None if a holder died or timed out meanwhile: the state must then come
-        from the checkpoint.
+        Returns, per state space, ``(lo, hi, [ref])`` pieces covering it. None
+        if a holder died or timed out meanwhile: the state must then come from
+        the checkpoint.
         """
         by_rank = {m.rank: m for m in holders}
-        pieces = []
-        for h in plan.pieces:
-            ref = by_rank[h.holder].handle.export_piece.remote(h.kind, h.owner, h.done)
-            pieces.append((h.lo, h.hi, [ref]))
+        pieces: dict[str, list[tuple[int, int, list[ray.ObjectRef]]]] = {}
+        for space, space_plan in plan.by_space.items():
+            pieces[space] = []
+            for h in space_plan.pieces:
+                handle = by_rank[h.holder].handle
+                ref = handle.export_piece.remote(h.kind, h.owner, h.done, space)
+                pieces[space].append((h.lo, h.hi, [ref]))
+        refs = [ref for space_pieces in pieces.values() for _, _, (ref,) in space_pieces]
         try:
-            ray.get([p[2][0] for p in pieces], timeout=CONTROL_S)  # fail here, not mid-restore
+            ray.get(refs, timeout=CONTROL_S)  # fail here, not mid-restore
         except (ray.exceptions.RayError, ray.exceptions.GetTimeoutError):
             return None
         return pieces
@@ -463,7 +466,10 @@ class WorkerGroup:
                 self.events.emit("stuck", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
         return left
 
-    def restore(self, pieces: list[tuple[int, int, list[ray.ObjectRef]]], done: int) -> None:
+    def restore(
+        self, pieces: dict[str, list[tuple[int, int, list[ray.ObjectRef]]]], done: int
+    ) -> None:
+        """Every member loads its space's state of step ``done`` from the exported pieces."""
         self.gather(
             [m.handle.restore_from_pieces.remote(pieces, done) for m in self.members],
             "restore",

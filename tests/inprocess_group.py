@@ -22,7 +22,7 @@ import torch
 
 from collectives.ddp import split_evenly
 from orchestrator.program import Capacity, RoleSpec, TrainingProgram, WorkItem
-from orchestrator.recovery import Holding, RecoveryPlan
+from orchestrator.recovery import Holding, RecoveryPlan, StatePlan
 from orchestrator.spec import JobSpec
 from orchestrator.worker_group import MembershipLost, WorkerError
 from storage.checkpoint import snapshot_shard, upload_shard
@@ -246,20 +246,24 @@ class InProcessGroup:
 
     # -- recovery --------------------------------------------------------------------
 
-    def collect_plan(self, survivors, upto=None) -> tuple[RecoveryPlan | None, list]:
+    def collect_plan(self, survivors, upto=None) -> tuple[StatePlan | None, list]:
         """The survivors' copies cover step ``upto`` (as buddies' would) if the script says so."""
         if not self.holdings_cover():
             return None, survivors
         done = upto if upto is not None else max(m.applied for m in survivors)
-        (space,) = self.program.state_spaces(self.plan, self.numel)
-        pieces = tuple(
-            Holding(survivors[0].rank, owner, done, "replica", lo, hi)
-            for owner, (lo, hi) in enumerate(space.bounds)
-        )
-        return RecoveryPlan(done, pieces), survivors
+        by_space = {}
+        for space in self.program.state_spaces(self.plan, self.numel):
+            pieces = tuple(
+                Holding(survivors[0].rank, owner, done, "replica", lo, hi, space.name)
+                for owner, (lo, hi) in enumerate(space.bounds)
+            )
+            by_space[space.name] = RecoveryPlan(done, pieces, space.name)
+        return StatePlan(done, by_space), survivors
 
-    def export_pieces(self, plan: RecoveryPlan, holders) -> list[tuple[int, int, list]]:
-        return [(h.lo, h.hi, [None]) for h in plan.pieces]
+    def export_pieces(self, plan: StatePlan, holders) -> dict[str, list[tuple[int, int, list]]]:
+        return {
+            space: [(h.lo, h.hi, [None]) for h in p.pieces] for space, p in plan.by_space.items()
+        }
 
     def leave(self, members: list[ScriptedMember]) -> list[ScriptedMember]:
         return list(members)

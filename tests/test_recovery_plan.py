@@ -68,8 +68,10 @@ def server(holder: int, done: int, kind: str = "replica") -> Holding:
 def test_each_space_planned_from_its_own_holdings_at_one_step():
     # Rank 2 died: its dp shard lives on as rank 0's replica, its server state on rank 1.
     holdings = [own(0, 6), own(1, 6), replica(0, 6), server(1, 6)]
-    plans = plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, holdings)
+    state = plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, holdings)
+    plans = state.by_space
     assert set(plans) == {"dp", "server"} and {p.done for p in plans.values()} == {6}
+    assert state.done == 6 and state.from_replicas == {"dp": [2], "server": [2]}
     assert plans["dp"].space == "dp" and plans["dp"].from_replicas == [2]
     assert [(p.owner, p.holder) for p in plans["dp"].pieces] == [(0, 0), (1, 1), (2, 0)]
     assert plans["server"].space == "server"
@@ -80,10 +82,21 @@ def test_spaces_go_back_together_to_the_newest_step_all_of_them_have():
     # dp is complete at steps 6 and 5, server only at 5: both recover at 5.
     holdings = [own(0, 6), own(1, 6), replica(0, 6), server(1, 5)]
     holdings += [own(0, 5), own(1, 5), replica(0, 5)]
-    plans = plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, holdings)
-    assert {p.done for p in plans.values()} == {5}
+    state = plan_recovery_spaces({"dp": BOUNDS, "server": SERVER}, holdings)
+    assert state.done == 5 and {p.done for p in state.by_space.values()} == {5}
     # dp alone would still recover at 6: a space is complete on its own owner ranges.
     assert plan_recovery(BOUNDS, holdings).done == 6
+
+
+def test_upto_prefers_the_newest_step_not_after_it():
+    # Step 7 was applied everywhere but its result never reached the controller.
+    holdings = [own(0, d) for d in (6, 7)] + [own(1, d) for d in (6, 7)]
+    holdings += [replica(0, d) for d in (6, 7)] + [server(1, d) for d in (6, 7)]
+    bounds = {"dp": BOUNDS, "server": SERVER}
+    assert plan_recovery_spaces(bounds, holdings).done == 7
+    assert plan_recovery_spaces(bounds, holdings, upto=6).done == 6
+    # Nothing complete at or before 5: the newest complete step after it.
+    assert plan_recovery_spaces(bounds, holdings, upto=5).done == 7
 
 
 def test_a_copy_of_one_space_never_serves_another():

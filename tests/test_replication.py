@@ -40,7 +40,16 @@ def _child(rank: int, ws: int, store_path: str, out_dir: str, overlap: bool) -> 
     rep = BuddyReplicator(rank, ws, overlap=overlap)
     for done in (1, 2, 3, 4):
         tensors = _shard(rank, done)
-        rep.replicate(done, *BOUNDS[rank], tensors, BOUNDS[rep.source])
+        # Each rank owns a space of its own (as pipeline stages do), so the
+        # replica must be labelled with the source's space, not the holder's.
+        rep.replicate(
+            done,
+            *BOUNDS[rank],
+            tensors,
+            BOUNDS[rep.source],
+            space=f"stage/{rank}",
+            source_space=f"stage/{rep.source}",
+        )
         rep.wait_until_copied()  # as a step does before its optimizer update
         tensors["param"].zero_()  # the snapshot is a copy, not a view
     # Asynchronous: the exchange of step 4 is offered only once settled;
@@ -51,6 +60,10 @@ def _child(rank: int, ws: int, store_path: str, out_dir: str, overlap: bool) -> 
         "before_settle": before_settle,
         "own": {d: c.tensors for d, c in rep.own_copies().items()},
         "replica": {d: (c.rank, c.tensors) for d, c in rep.replica_copies().items()},
+        "spaces": {
+            "own": {c.space for c in rep.own_copies().values()},
+            "replica": {c.space for c in rep.replica_copies().values()},
+        },
     }
     torch.save(result, os.path.join(out_dir, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -73,6 +86,7 @@ def test_replicas_land_on_the_buddy(overlap):
             # Three own snapshots when asynchronous (see collectives/replication.py), two if not.
             assert sorted(got["own"]) == ([2, 3, 4] if overlap else [3, 4])
             assert sorted(got["replica"]) == [3, 4]
+            assert got["spaces"] == {"own": {f"stage/{rank}"}, "replica": {f"stage/{source}"}}
             for done in got["own"]:
                 assert torch.equal(got["own"][done]["param"], _shard(rank, done)["param"])
             for done in (3, 4):
@@ -91,7 +105,7 @@ def _lose_a_rank(rank: int, ws: int, store_path: str, out_dir: str) -> None:
     _join(rank, ws, store_path)
     rep = BuddyReplicator(rank, ws, overlap=True)
     for done in (1, 2):
-        rep.replicate(done, *BOUNDS[rank], _shard(rank, done), BOUNDS[rep.source])
+        rep.replicate(done, *BOUNDS[rank], _shard(rank, done), BOUNDS[rep.source], space="dp")
     rep.settle()  # steps 1 and 2 are on every buddy
     dist.barrier()
     gone = os.path.join(out_dir, "gone")
@@ -99,7 +113,7 @@ def _lose_a_rank(rank: int, ws: int, store_path: str, out_dir: str) -> None:
         # Step 3 done; its copy is started but cannot leave before the buddy
         # posts its receive (gloo sends only to a posted receive), and the
         # buddy does so only after this process is gone.
-        rep.replicate(3, *BOUNDS[rank], _shard(rank, 3), BOUNDS[rep.source])
+        rep.replicate(3, *BOUNDS[rank], _shard(rank, 3), BOUNDS[rep.source], space="dp")
         with open(gone, "w"):
             pass
         os._exit(0)
@@ -108,14 +122,14 @@ def _lose_a_rank(rank: int, ws: int, store_path: str, out_dir: str) -> None:
             time.sleep(0.01)
         time.sleep(0.5)
     try:
-        rep.replicate(3, *BOUNDS[rank], _shard(rank, 3), BOUNDS[rep.source])
+        rep.replicate(3, *BOUNDS[rank], _shard(rank, 3), BOUNDS[rep.source], space="dp")
         settled = rep.settle(timeout_s=5.0)
     except RuntimeError:  # gloo refuses to post to a peer known to be gone
         settled = False
     if settled and LOST not in (rep.source, rep.buddy):
         # This rank can finish one more step (the lost rank took part in its
         # collectives, then died): it snapshots step 4, and keeps step 2.
-        rep.replicate(4, *BOUNDS[rank], _shard(rank, 4), BOUNDS[rep.source])
+        rep.replicate(4, *BOUNDS[rank], _shard(rank, 4), BOUNDS[rep.source], space="dp")
         # As the controller's query does: wait for the copy (the exchange of
         # step 4 never completes: rank 2 will not get there).
         rep.settle(timeout_s=0.5)
