@@ -11,7 +11,9 @@ On CUDA (skipped without it): ``test_zero_engine.py``'s equivalence check
 with NCCL, world size 1 on one GPU and 2 on two (NCCL cannot put two ranks
 on one GPU), against the one-process reference trained on the same GPU; and
 buddy replication of CUDA state by two ranks sharing one GPU over gloo: the
-replicas land in host memory. Both checks run on the CPU with gloo too, so
+replicas land in host memory; and a GPU member's own process group as
+``collectives.process_group.join_group`` builds it (``cpu:gloo,cuda:nccl``
+with a ``dp`` sub-group) training ZeRO-3 on the GPU. Both checks run on the CPU with gloo too, so
 their harness is exercised where there is no GPU.
 
 Tolerance on CUDA: parameters within ``atol=rtol=1e-4`` of the reference
@@ -34,7 +36,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from actors.memory import worker_available_bytes
 from collectives.flat import FlatLayout
+from collectives.process_group import Rendezvous, host_store, join_group, leave_group, subgroup
 from collectives.replication import BuddyReplicator
 from collectives.zero import ZeroEngine, build_engine
 from orchestrator.shard_plan import shard_bounds
@@ -116,7 +120,7 @@ def test_replication_refuses_a_group_that_cannot_move_host_memory(fake_group):
     """Replicas live in host memory; a group without gloo (NCCL only) cannot move them."""
     rep = BuddyReplicator(0, 2)
     with pytest.raises(ValueError, match="gloo"):
-        rep.replicate(1, 0, 4, {"param": torch.zeros(4)}, (4, 8))
+        rep.replicate(1, 0, 4, {"param": torch.zeros(4)}, (4, 8), space="dp")
 
 
 # -- the equivalence checks with NCCL (and, as a harness check, gloo) ---------------
@@ -232,7 +236,7 @@ def _replica_child(rank: int, device: str, store_path: str, out_dir: str, overla
     rep = BuddyReplicator(rank, 2, overlap=overlap)
     for done in (1, 2, 3):
         tensors = {k: t.to(device) for k, t in _state(rank, done).items()}
-        rep.replicate(done, *REPLICA_BOUNDS[rank], tensors, REPLICA_BOUNDS[rep.source])
+        rep.replicate(done, *REPLICA_BOUNDS[rank], tensors, REPLICA_BOUNDS[rep.source], space="dp")
         rep.wait_until_copied()
         tensors["param"].zero_()  # the optimizer update: the copies must not see it
     assert rep.settle()
@@ -272,3 +276,45 @@ def test_replicas_of_device_state_land_in_host_memory(device, overlap):
             for key, want in _state(rank, done).items():
                 assert tensors[key].device.type == "cpu"
                 assert torch.equal(tensors[key], want), (rank, done, key)
+
+
+# -- shoal's own process group on a GPU -----------------------------------------------
+
+MIXED_CASE = z.Case("gpt-zero3-mixed", "gpt", "zero3")
+
+
+def _mixed_group_child(out_dir: str) -> None:
+    """Rank 0 of 1: join as a GPU member does (``cpu:gloo,cuda:nccl``, a ``dp`` sub-group)."""
+    torch.cuda.set_device(0)
+    store = host_store("127.0.0.1", 1, COLLECTIVE_TIMEOUT_S)
+    rdzv = Rendezvous("127.0.0.1", store.port, 1, "nccl", COLLECTIVE_TIMEOUT_S, {"dp": [[0]]})
+    join_group(rdzv, 0, store)
+    out = {"backend": str(dist.get_backend())}
+    # NCCL moves the device tensor, gloo the host one (buddy replicas live there).
+    on_gpu, on_host = torch.ones(3, device="cuda:0"), torch.ones(3)
+    dist.all_reduce(on_gpu, group=subgroup("dp"))
+    dist.all_reduce(on_host)
+    out["sums"] = (on_gpu.cpu(), on_host)
+    out["case"] = z._run_case(1, 0, MIXED_CASE, {}, "cuda:0")
+    out["budget"] = worker_available_bytes(torch.device("cuda", 0))
+    leave_group()
+    out["left"] = not dist.is_initialized()
+    torch.save(out, os.path.join(out_dir, "0.pt"))
+
+
+@needs_gpus(1)
+@pytest.mark.timeout(300)
+def test_a_gpu_member_trains_over_the_mixed_group():
+    """What ``join_group`` builds for a GPU job trains exactly and moves host memory too."""
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.start_processes(_mixed_group_child, args=(tmp,), nprocs=1, start_method=z._START_METHOD)
+        got = torch.load(os.path.join(tmp, "0.pt"))
+    assert "nccl" in got["backend"] and "gloo" in got["backend"], got["backend"]
+    assert all(torch.equal(t, torch.ones(3)) for t in got["sums"])
+    assert got["left"]
+    total = torch.cuda.get_device_properties(0).total_memory
+    assert 0 < got["budget"] <= total  # the device's free memory, not the host's
+    ref = z.reference(MIXED_CASE, device="cuda:0")
+    assert got["case"]["norms"] == pytest.approx(ref["norms"], rel=1e-4)
+    for name, want in ref["state"].items():
+        torch.testing.assert_close(got["case"]["state"][name], want, atol=CUDA_ATOL, rtol=CUDA_RTOL)
