@@ -70,6 +70,17 @@ global token count); torch's DDP and FSDP2 average them, so their loss is
 multiplied by the world size before backward (exact for powers of two).
 
     python bench/zero_vs_fsdp.py --world-sizes 2,4 --steps 15 --warmup 5 --repeats 2
+
+``--device cuda`` runs the same comparison on NVIDIA GPUs: rank ``r`` uses
+``cuda:r`` (every world size must be at most the GPU count), the process
+groups are NCCL, FSDP2's mesh is a CUDA mesh, and the step end and every phase
+timer wait for the GPU (``torch.cuda.synchronize``), so times are GPU times.
+Memory is each rank's peak GPU memory (``torch.cuda.max_memory_allocated``,
+activations included) instead of RSS; state bytes are counted as on CPU. Still
+fp32; CPU time then mostly counts the host waiting for the GPU.
+
+    python3 bench/zero_vs_fsdp.py --device cuda --world-sizes 1 --steps 30 --warmup 10 \\
+        --repeats 2 --model gpt_small
 """
 
 from __future__ import annotations
@@ -82,6 +93,7 @@ import socket
 import statistics
 import sys
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -99,6 +111,7 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536"}
 SHOAL = ("ddp", "zero1", "zero2", "zero3")
 TORCH = ("torch-ddp", "torch-zero1", "fsdp2-noreshard", "fsdp2-reshard")
 ALL_VARIANTS = SHOAL + TORCH
+DEVICES = ("cpu", "cuda")
 PEER = {
     "ddp": "torch-ddp",
     "zero1": "torch-zero1",
@@ -193,19 +206,37 @@ class ShoalRunner:
 class TorchRunner:
     """A torch wrapper (DDP, DDP + ZeroRedundancyOptimizer, FSDP2): averages over ranks."""
 
-    def __init__(self, variant: str, model: torch.nn.Module, job: BenchJob, world: int):
+    def __init__(
+        self,
+        variant: str,
+        model: torch.nn.Module,
+        job: BenchJob,
+        world: int,
+        device: torch.device,
+    ):
         self.loss_scale = float(world)
         self.params = list(model.parameters())
         opt_kwargs = dict(betas=job.betas, eps=job.eps)
-        # foreach=False: the code path shoal's FlatOptimizer uses (and CPU's default).
-        opt_kwargs["foreach"] = False
+        # On CPU foreach=False is torch's default and the code path shoal's
+        # FlatOptimizer uses. On a GPU torch's default (foreach: a few fused
+        # launches, not one per parameter) is what its users get, and what
+        # shoal's flat update (one launch per state tensor) must be measured against.
+        if device.type == "cpu":
+            opt_kwargs["foreach"] = False
         self.grad_clip = job.grad_clip
         if variant.startswith("fsdp2"):
-            self.module = _fully_shard(model, world, reshard=variant == "fsdp2-reshard")
+            self.module = _fully_shard(
+                model, world, device.type, reshard=variant == "fsdp2-reshard"
+            )
             self.params = list(model.parameters())  # now DTensors
         else:
+            # A module on one GPU names it; on CPU, device_ids must be None.
+            device_ids = [device.index] if device.type == "cuda" else None
             self.module = torch.nn.parallel.DistributedDataParallel(
-                model, bucket_cap_mb=job.bucket_mb, gradient_as_bucket_view=True
+                model,
+                device_ids=device_ids,
+                bucket_cap_mb=job.bucket_mb,
+                gradient_as_bucket_view=True,
             )
         # nanoGPT's two groups, as shoal's optimizer: weight decay on matrices only.
         groups = decay_groups(self.params, job.weight_decay)
@@ -242,12 +273,12 @@ class TorchRunner:
         }
 
 
-def _fully_shard(model: GPT, world: int, *, reshard: bool) -> GPT:
-    """FSDP2 on a CPU mesh over the default (gloo) group: each block, then the root."""
+def _fully_shard(model: GPT, world: int, device_type: str, *, reshard: bool) -> GPT:
+    """FSDP2 on a ``device_type`` mesh over the default group: each block, then the root."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    mesh = init_device_mesh("cpu", (world,))
+    mesh = init_device_mesh(device_type, (world,))
     for block in model.blocks:
         fully_shard(block, mesh=mesh, reshard_after_forward=reshard)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
@@ -264,12 +295,31 @@ def _cpu_s() -> float:
     return r.ru_utime + r.ru_stime
 
 
-def rank_main(rank: int, world: int, port: int, job: BenchJob, variant: str, queue) -> None:
+def _no_sync() -> None:
+    """On CPU every op has finished when it returns: nothing to wait for."""
+
+
+def rank_main(
+    rank: int, world: int, port: int, job: BenchJob, variant: str, queue, device_type: str
+) -> None:
     """Train ``job.steps`` steps of ``variant`` on this rank; put its measurements on ``queue``."""
     torch.set_num_threads(1)
-    dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
-    )
+    init_method = f"tcp://127.0.0.1:{port}"
+    cuda = device_type == "cuda"
+    if cuda:
+        # Rank r owns cuda:r. Binding the group to it (device_id) tells NCCL and barrier()
+        # which GPU is this rank's, instead of every rank defaulting to cuda:0.
+        torch.cuda.set_device(rank)
+        device = torch.device("cuda", rank)
+        dist.init_process_group(
+            "nccl", init_method=init_method, rank=rank, world_size=world, device_id=device
+        )
+        # Kernels run asynchronously: wait for them before reading a clock.
+        sync = torch.cuda.synchronize
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo", init_method=init_method, rank=rank, world_size=world)
+        sync = _no_sync
     from orchestrator.shard_plan import batch_shares
 
     tokens = stdlib_text(job.max_bytes).tokens
@@ -279,26 +329,33 @@ def rank_main(rank: int, world: int, port: int, job: BenchJob, variant: str, que
     base_rss = _rss_bytes()
 
     torch.manual_seed(job.seed)
-    model = GPT(vocab_size=VOCAB_SIZE, **job.model_kwargs)
+    # Built on CPU, then moved: the same initial weights on every device.
+    model = GPT(vocab_size=VOCAB_SIZE, **job.model_kwargs).to(device)
     if variant in SHOAL:
         runner = ShoalRunner(variant, model, job)
     else:
-        runner = TorchRunner(variant, model, job, world)
+        runner = TorchRunner(variant, model, job, world, device)
 
     losses, step_s, fwd_s, bwd_s, opt_s, cpu_s = [], [], [], [], [], []
     state = {}
+    sync()  # the model's copy to the GPU is not part of step 0
     last, last_cpu = time.perf_counter(), _cpu_s()
     for step in range(job.steps):
         offsets = batch_offsets(job.seed, step, job.global_batch, len(tokens), job.seq_len)
         x, y = make_batch(tokens, offsets[lo:hi], job.seq_len)
+        x, y = x.to(device), y.to(device)  # the same tensors on CPU
         runner.zero_grad()
+        sync()
         t0 = time.perf_counter()
         logits = runner.module(x)
         loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        sync()
         t1 = time.perf_counter()
         runner.backward(loss * (runner.loss_scale / global_tokens))
+        sync()
         t2 = time.perf_counter()
         runner.step(job.lrs[step])
+        sync()
         now = time.perf_counter()
         if step == job.steps - 1:
             state = runner.state_bytes()  # after the step, before the next zero_grad
@@ -311,6 +368,8 @@ def rank_main(rank: int, world: int, port: int, job: BenchJob, variant: str, que
         cpu_s.append(cpu - last_cpu)
         last, last_cpu = now, cpu
     peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+    # GPU state lives outside RSS: on CUDA the caching allocator's peak is the measure.
+    peak_gpu = torch.cuda.max_memory_allocated(device) if cuda else 0
     queue.put(
         {
             "rank": rank,
@@ -323,9 +382,11 @@ def rank_main(rank: int, world: int, port: int, job: BenchJob, variant: str, que
             "state": state,
             "peak_rss": peak_rss,
             "base_rss": base_rss,
+            "peak_gpu": peak_gpu,
         }
     )
-    dist.barrier()
+    # NCCL's barrier runs on a GPU; name this rank's (gloo takes no device_ids).
+    dist.barrier(device_ids=[rank] if cuda else None)
     del runner, model
     dist.destroy_process_group()
 
@@ -351,6 +412,7 @@ class VariantResult:
     rss_growth: int  # peak - RSS before the model was built, the largest rank
     wall_s: float  # spawn to join
     repeat: int = 0
+    peak_gpu: int = 0  # torch.cuda.max_memory_allocated, the largest rank (0 on CPU)
 
 
 def pooled(runs: list[VariantResult], warmup: int) -> VariantResult:
@@ -371,6 +433,7 @@ def pooled(runs: list[VariantResult], warmup: int) -> VariantResult:
         peak_rss=max(r.peak_rss for r in runs),
         rss_growth=max(r.rss_growth for r in runs),
         wall_s=sum(r.wall_s for r in runs),
+        peak_gpu=max(r.peak_gpu for r in runs),
     )
 
 
@@ -384,14 +447,16 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_variant(job: BenchJob, variant: str, world: int, warmup: int) -> VariantResult:
+def run_variant(
+    job: BenchJob, variant: str, world: int, warmup: int, device_type: str = "cpu"
+) -> VariantResult:
     os.environ.update(MALLOC_ENV)  # inherited by the spawned children
     ctx = mp.get_context("spawn")
     queue = ctx.SimpleQueue()
     t0 = time.perf_counter()
     procs = mp.start_processes(
         rank_main,
-        args=(world, free_port(), job, variant, queue),
+        args=(world, free_port(), job, variant, queue, device_type),
         nprocs=world,
         join=False,
         start_method="spawn",
@@ -432,6 +497,7 @@ def combine(
         peak_rss=max(r["peak_rss"] for r in ranks),
         rss_growth=max(r["peak_rss"] - r["base_rss"] for r in ranks),
         wall_s=wall,
+        peak_gpu=max(r["peak_gpu"] for r in ranks),
     )
 
 
@@ -449,13 +515,15 @@ def mib(n: int) -> str:
     return f"{n / 2**20:.1f}"
 
 
-def print_table(results: list[VariantResult], warmup: int) -> None:
+def print_table(results: list[VariantResult], warmup: int, device_type: str = "cpu") -> None:
     """One markdown table for one world size; ratios are against the variant's peer."""
     by_name = {r.variant: r for r in results}
     ref = by_name.get("torch-ddp", results[0])
+    cuda = device_type == "cuda"
+    memory = "peak GPU MiB/rank (max_memory_allocated)" if cuda else "peak RSS MiB (growth)"
     print(
         "| variant | step ms (median) | vs peer | CPU ms/step | CPU vs peer | fwd / bwd / opt ms "
-        "| state MiB/rank (params+grads+optim) | peak RSS MiB (growth) | max loss diff |"
+        f"| state MiB/rank (params+grads+optim) | {memory} | max loss diff |"
     )
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in results:
@@ -469,23 +537,29 @@ def print_table(results: list[VariantResult], warmup: int) -> None:
         state = f"{mib(r.state_bytes)} ({mib(d['params'])}+{mib(d['grads'])}+{mib(d['optimizer'])})"
         diff, at = max_loss_diff(r, ref)
         phases = f"{r.fwd_s * 1e3:.0f} / {r.bwd_s * 1e3:.0f} / {r.opt_s * 1e3:.0f}"
+        peak = mib(r.peak_gpu) if cuda else f"{mib(r.peak_rss)} ({mib(r.rss_growth)})"
         print(
             f"| {r.variant} | {step * 1e3:.0f} | {ratio} | {r.cpu_s * 1e3:.0f} | {cpu_ratio} "
-            f"| {phases} | {state} | {mib(r.peak_rss)} ({mib(r.rss_growth)}) "
-            f"| {diff:.2g} (step {at}) |"
+            f"| {phases} | {state} | {peak} | {diff:.2g} (step {at}) |"
         )
 
 
-def machine() -> str:
+def machine(device_type: str = "cpu") -> str:
     try:
         import ray
 
         ray_version = ray.__version__
     except ImportError:
         ray_version = "not installed"
+    backend, gpus = "gloo", ""
+    if device_type == "cuda":
+        names = Counter(torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count()))
+        backend = "nccl"
+        gpus = "".join(f", {n} x {name}" for name, n in names.items())
     return (
-        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
-        f"Python {platform.python_version()}, torch {torch.__version__} (gloo), ray {ray_version}"
+        f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores{gpus}, "
+        f"Python {platform.python_version()}, torch {torch.__version__} ({backend}), "
+        f"ray {ray_version}"
     )
 
 
@@ -504,6 +578,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--repeats", type=int, default=2, help="runs of every variant, order rotated")
     p.add_argument(
+        "--device", choices=DEVICES, default="cpu", help="cuda: rank r on cuda:r, NCCL groups"
+    )
+    p.add_argument(
         "--variants", default=",".join(ALL_VARIANTS), help=f"subset of {','.join(ALL_VARIANTS)}"
     )
     args = p.parse_args(argv)
@@ -516,7 +593,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error("--warmup must be in [0, --steps)")
     if any(w < 1 for w in args.world_sizes):
         p.error("--world-sizes must be positive")
+    if args.device == "cuda":
+        check_cuda(p.prog, args.world_sizes)
     return args
+
+
+def check_cuda(prog: str, world_sizes: list[int]) -> None:
+    """Exit with one line (no usage, no traceback) if these GPUs cannot run ``world_sizes``."""
+    if not torch.cuda.is_available():
+        sys.exit(
+            f"{prog}: error: --device cuda: CUDA is not available "
+            f"(torch {torch.__version__}, torch.cuda.is_available() is False)"
+        )
+    if not dist.is_nccl_available():
+        sys.exit(f"{prog}: error: --device cuda: this torch ({torch.__version__}) has no NCCL")
+    gpus = torch.cuda.device_count()
+    if max(world_sizes) > gpus:
+        sys.exit(
+            f"{prog}: error: --world-sizes {','.join(map(str, world_sizes))}: rank r uses "
+            f"cuda:r, so every world size must be <= the GPU count ({gpus} here)"
+        )
 
 
 def run_world(
@@ -527,7 +623,7 @@ def run_world(
     for repeat in range(args.repeats):
         k = repeat % len(args.variants)
         for variant in args.variants[k:] + args.variants[:k]:
-            r = run_variant(job, variant, world, args.warmup)
+            r = run_variant(job, variant, world, args.warmup, args.device)
             r.repeat = repeat
             runs[variant].append(r)
             print(
@@ -543,7 +639,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     job = resolve_job(args)
     n_params = sum(p.numel() for p in GPT(VOCAB_SIZE, **job.model_kwargs).parameters())
-    print(f"machine: {machine()}")
+    print(f"machine: {machine(args.device)}")
     print(
         f"model={args.model} ({n_params / 1e6:.2f}M params), global_batch={args.global_batch}, "
         f"steps={args.steps} (first {args.warmup} excluded), repeats={args.repeats}, "
@@ -555,7 +651,7 @@ def main(argv: list[str] | None = None) -> None:
         results, runs = run_world(job, args, world)
         over = f" (oversubscribed: {world} ranks on {cores} cores)" if world > cores else ""
         print(f"\n### world size {world}{over}\n")
-        print_table(results, args.warmup)
+        print_table(results, args.warmup, args.device)
         print("\nmedian step ms of each repeat (the spread is the machine's noise):")
         for variant, rs in runs.items():
             print(
