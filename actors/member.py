@@ -42,6 +42,11 @@ class MemberActor:
         return getattr(self.runtime, method)(*args, **kwargs)
 
     @ray.method(concurrency_group="control")
+    def alive(self) -> bool:
+        """Answers at once, also while a call runs: how the controller sees a member is up."""
+        return True
+
+    @ray.method(concurrency_group="control")
     def control(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method not in self._control:
             raise ValueError(f"{method!r} is not a control method of {type(self.runtime)}")

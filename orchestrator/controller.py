@@ -49,10 +49,11 @@ from orchestrator.policies import (
     transition,
 )
 from orchestrator.preflight import fresh_root_problem, nothing_left, resume_mismatch
-from orchestrator.program import program_for
+from orchestrator.program import TrainingProgram, program_for
 from orchestrator.reporter import RunReporter
 from orchestrator.schedule import lr_at
 from orchestrator.spec import ConfigError, JobSpec
+from orchestrator.standing_roles import StandingRoles
 from orchestrator.status import JobState, JobStatus, write_status
 from orchestrator.worker_group import Member, MembershipLost, WorkerError, WorkerGroup
 from storage.checkpoint import (
@@ -88,6 +89,7 @@ class JobController:
         submitted_at: float | None = None,
         ray_ready_s: float | None = None,
         group_factory: Callable[..., Any] = WorkerGroup,
+        program: TrainingProgram | None = None,
     ):
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
@@ -107,8 +109,9 @@ class JobController:
             self._reporter.start_fresh()
             for name in ("events.jsonl", ERROR_LOG):
                 (self.run_dir / name).unlink(missing_ok=True)
-        self._group: WorkerGroup | None = None
+        self._group: WorkerGroup | None = None  # the training role's members
         self._events = EventLog(self.run_dir / "events.jsonl")
+        self._standing = StandingRoles([], self._events, spec.elastic.max_failures)
         self._scale_to: int | None = None
         self._draining = DrainingNodes()
         self._drain_noticed: set[int] = set()  # worker ids announced as on a draining node
@@ -118,7 +121,8 @@ class JobController:
         self._tied: dict[str, str] = {}
         self._flops_per_token: int | None = None
         # How this job trains (strategy-specific); everything here is shared.
-        self._program = program_for(spec)
+        # Tests may pass a program of their own; jobs get theirs by strategy.
+        self._program = program or program_for(spec)
         self._status = JobStatus(
             job_id=spec.job_id,
             state=JobState.PENDING,
@@ -209,16 +213,27 @@ class JobController:
                 self._clear_old_checkpoint(store, step)
 
     def _start_workers(self) -> None:
-        """Ask Ray for ``cluster.workers`` workers; start once the minimum is placed."""
+        """Ask Ray for every role's members; start once the minimum of each is placed.
+
+        The program's first role trains (``cluster.workers`` of them, at
+        least ``cluster.min_workers``); the others are standing roles
+        (``orchestrator/standing_roles.py``), seated before the first epoch.
+        """
         cl = self.spec.cluster
-        # One role today (data-parallel workers); programs with several roles
-        # (pipeline stages, expert hosts) get a group per role.
-        (role,) = self._program.roles()
-        group = self._group_factory(
-            self.spec, self._program, role, self._tokens_ref, 0, self._events
-        )
+        training, *standing = self._program.roles()
+        make = self._group_factory
+        group = make(self.spec, self._program, training, self._tokens_ref, 0, self._events)
         self._group = group
-        group.spawn(cl.workers)
+        self._standing = StandingRoles(
+            [
+                make(self.spec, self._program, r, self._tokens_ref, 0, self._events, standing=True)
+                for r in standing
+            ],
+            self._events,
+            self.spec.elastic.max_failures,
+        )
+        group.spawn(training.count)
+        self._standing.spawn()
         # The planner needs the parameter count; it is worked out while the
         # workers start. On the meta device (shapes only, no memory), whose
         # first initializer call imports torch._dynamo: ~1 s worth hiding.
@@ -237,11 +252,14 @@ class JobController:
             on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
         )
         self._phase("workers_placed")
+        self._standing.seat_all(
+            cl.start_timeout_s, on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS)
+        )
         group.form_epoch(members)
         self._phase("group_formed")
         for m in members:
             self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
-        self._set(state=JobState.STARTING, workers=group.describe(), epoch=group.epoch)
+        self._set(state=JobState.STARTING, workers=self._member_rows(), epoch=group.epoch)
 
     def _restore(self, resume: str | None) -> int:
         """Load the checkpoint named by ``resume``; returns the first step to run.
@@ -344,6 +362,8 @@ class JobController:
         next_step = done = start_step
         last_done = time.perf_counter()
         while next_step < total or inflight:
+            if self._standing.tend():
+                self._set(workers=self._member_rows())
             # A join or drain waits for the steps in flight, then runs between steps.
             change = self._membership_change_wanted()
             if change and not inflight:
@@ -486,7 +506,7 @@ class JobController:
             st.failures_survived += len(lost.dead) + stuck
             st.steps_redone += redone
             st.recovery_s += time.perf_counter() - start
-        self._set(state=JobState.RUNNING, epoch=g.epoch, step=done, workers=g.describe())
+        self._set(state=JobState.RUNNING, epoch=g.epoch, step=done, workers=self._member_rows())
         return done
 
     def _membership_change_wanted(self) -> bool:
@@ -593,7 +613,7 @@ class JobController:
         for m in joiners:
             self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid, step=done)
         self._events.emit("replanned", epoch=g.epoch, workers=len(members), step=done)
-        self._set(epoch=g.epoch, workers=g.describe())
+        self._set(epoch=g.epoch, workers=self._member_rows())
 
     def _checkpoint(self, step: int, store: ObjectStore) -> None:
         """Start checkpoint ``step``; commit it once every worker's upload has succeeded.
@@ -758,6 +778,11 @@ class JobController:
     def _stop_workers(self) -> None:
         if self._group is not None:
             self._group.kill_all()
+        self._standing.kill_all()
+
+    def _member_rows(self) -> list[dict[str, Any]]:
+        """Every member's status row: the training role's in rank order, then standing roles'."""
+        return self._group.describe() + self._standing.describe()
 
     def _checkpoint_store(self):
         s = self.spec.storage

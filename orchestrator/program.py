@@ -7,7 +7,13 @@ starts members, forms epochs, pipelines steps, checkpoints, recovers and
 scales, and asks the program for everything strategy-specific:
 
 - ``roles()``: which members the job has (role name, runtime class,
-  resources, how many);
+  resources, how many). The first role is the job's **training role**: its
+  members form each epoch's process group, run the steps, own the state
+  that checkpoints and recovery move, and are what ``cluster.workers``,
+  ``shoal scale`` and node drains count. Any further role is a **standing
+  role** (expert hosts, federated clients, a gateway): its members stand
+  alone (no process group), are set up with ``role_setup_args``, listed in
+  the status, and replaced when they die, without ending the epoch;
 - ``plan(capacities, numel)``: a pure function from the members' measured
   capacities to a frozen plan value (shard bounds, batch shares, stage
   partition, client sample...);
@@ -46,6 +52,13 @@ class RoleSpec:
     cpus: float
     gpus: float
     env_vars: tuple[tuple[str, str], ...] = ()
+    # The fewest members the job runs with (None: ``count``). A standing role
+    # below it waits for replacements before the job starts.
+    min_count: int | None = None
+
+    @property
+    def minimum(self) -> int:
+        return self.count if self.min_count is None else self.min_count
 
 
 @dataclass(frozen=True)
@@ -110,6 +123,14 @@ class TrainingProgram(ABC):
     @abstractmethod
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
         """The step's metrics record from its results (one per member, rank order)."""
+
+    def role_setup_args(self, role: str, index: int) -> tuple[Any, ...]:
+        """Arguments of ``setup(None, *args)`` for member ``index`` of a standing role.
+
+        Standing roles (every role after the first) join no process group,
+        hence the ``None`` rendezvous. None by default.
+        """
+        return ()
 
     def subgroups(self, plan: Any) -> dict[str, list[list[int]]] | None:
         """Named process sub-groups for this epoch, axis -> a partition of the ranks.

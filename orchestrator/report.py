@@ -76,13 +76,20 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     if status.resume_note:
         lines.append(f"  note        {status.resume_note}")
     if status.epoch > 1 or status.failures_survived:
+        training = [w for w in status.workers if not w.get("standing")]
         lines.append(
-            f"  elastic     epoch {status.epoch}, {len(status.workers)} workers now, "
+            f"  elastic     epoch {status.epoch}, {len(training)} workers now, "
             f"{status.failures_survived} failures survived, {status.steps_redone} steps redone, "
             f"{status.recovery_s:.1f}s recovering (events.jsonl)"
         )
     if not status.memory:  # still running: who is in the current epoch
         for w in status.workers:
+            if w.get("standing"):  # a member of a standing role holds a slot, not a shard
+                lines.append(
+                    f"  slot {w['rank']}      {w.get('role')} {w.get('worker_id', '?')}, "
+                    f"pid {w['pid']} on {w.get('node_ip', '?')}"
+                )
+                continue
             lo, hi = w.get("shard", (0, 0))
             share = w.get("batch_share")
             lines.append(

@@ -14,13 +14,21 @@ gone does the controller fall back to the last checkpoint.
 
 The group only carries decisions out; which step runs and when to save stay
 with the controller.
+
+A group holds the members of one role. The job's training role (the
+program's first) has epochs as above. A **standing** role's members (expert
+hosts, federated clients) stand alone: each takes a slot (``rank`` is the
+slot, 0..count-1), is set up without a rendezvous (``seat``), and when one
+dies (``lost_members``, found without waiting) a replacement takes its slot;
+nothing else stops.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, is_dataclass
 from typing import Any
 
 import ray
@@ -52,6 +60,11 @@ class Member:
     node_id: str | None = None  # Ray's node id (hex), known once placed
     rank: int = -1
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def _info_dict(info: Any) -> dict[str, Any]:
+    """What a runtime's ``setup`` says about itself (a dataclass or a dict), for the status."""
+    return asdict(info) if is_dataclass(info) else dict(info or {})
 
 
 class WorkerError(RuntimeError):
@@ -117,10 +130,12 @@ class WorkerGroup:
         tokens_ref: ray.ObjectRef,
         numel: int,
         events: EventLog,
+        standing: bool = False,
     ):
         self.spec = spec
         self.program = program
         self.role = role
+        self.standing = standing
         self._control_methods = frozenset(load_runtime(role.runtime).CONTROL_METHODS)
         self._tokens_ref = tokens_ref
         self.numel = numel
@@ -133,6 +148,7 @@ class WorkerGroup:
         self.failures = 0
         self.last_holdings: list[str] = []  # what the survivors held at the last recovery
         self._next_id = 0
+        self._pings: dict[int, ray.ObjectRef] = {}  # standing: worker_id -> alive() in flight
 
     # -- spawning ------------------------------------------------------------
 
@@ -218,14 +234,18 @@ class WorkerGroup:
                 timeout=min(POLL_S * 4, max(0.0, deadline - time.monotonic()))
             )
             if time.monotonic() > deadline and len(members) < minimum:
-                cl = self.spec.cluster
-                free = ray.available_resources()
+                role, free = self.role, ray.available_resources()
+                needed = (
+                    f"{role.name} members needed"
+                    if self.standing
+                    else "workers needed (cluster.min_workers)"
+                )
+                lower = "the role's size" if self.standing else "cluster.min_workers"
                 raise RuntimeError(
-                    f"only {len(members)} of the {minimum} workers needed (cluster.min_workers) "
-                    f"could be placed within {timeout:g}s, each needing {cl.cpus_per_worker} CPU "
-                    f"and {cl.gpus_per_worker} GPU (free now: {free.get('CPU', 0):g} CPU, "
-                    f"{free.get('GPU', 0):g} GPU). Add nodes, or lower cluster.min_workers or "
-                    "the per-worker resources."
+                    f"only {len(members)} of the {minimum} {needed} could be placed within "
+                    f"{timeout:g}s, each needing {role.cpus:g} CPU and {role.gpus:g} GPU (free "
+                    f"now: {free.get('CPU', 0):g} CPU, {free.get('GPU', 0):g} GPU). Add nodes, "
+                    f"or lower {lower} or the per-member resources."
                 )
         return members
 
@@ -263,20 +283,84 @@ class WorkerGroup:
             timeout=cl.collective_timeout_s,
         )
         for m, info in zip(members, infos, strict=True):
-            m.info = asdict(info)
+            m.info = _info_dict(info)
+
+    # -- standing roles ------------------------------------------------------
+
+    def seat(self, members: list[Member]) -> list[Member]:
+        """Standing role: give ``members`` the free slots and set each up alone.
+
+        Returns those now seated; one that died on the way is dropped (its
+        slot stays free for the next replacement). One that raised fails
+        the job: a set-up error would repeat.
+        """
+        taken = {m.rank for m in self.members}
+        free = (slot for slot in itertools.count() if slot not in taken)
+        for m in members:
+            m.rank = next(free)
+        program, name = self.program, self.role.name
+        refs = [
+            m.handle.setup.remote(None, *program.role_setup_args(name, m.rank)) for m in members
+        ]
+        ray.wait(refs, num_returns=len(refs), timeout=self.spec.cluster.collective_timeout_s)
+        seated = []
+        for m, ref in zip(members, refs, strict=True):
+            try:
+                m.info = _info_dict(ray.get(ref, timeout=0))
+            except (ray.exceptions.ActorDiedError, ray.exceptions.ActorUnavailableError):
+                self.events.emit("died", role=name, worker_id=m.worker_id, pid=m.pid)
+                continue
+            except ray.exceptions.GetTimeoutError:  # hung in set-up: replaced like a dead one
+                ray.kill(m.actor, no_restart=True)
+                self.events.emit("stuck", role=name, worker_id=m.worker_id, pid=m.pid)
+                continue
+            except ray.exceptions.RayTaskError as e:
+                raise WorkerError(m.rank, m.pid, f"{name} setup", e) from None
+            seated.append(m)
+        self.members = sorted(self.members + seated, key=lambda m: m.rank)
+        return seated
+
+    def lost_members(self) -> list[Member]:
+        """Standing members found dead, without waiting; they leave the group.
+
+        Every member has one ``alive()`` call in flight (answered on its
+        control thread, so a busy member still answers); a finished call is
+        renewed, a failed one means the actor is gone.
+        """
+        for m in self.members:
+            if m.worker_id not in self._pings:
+                self._pings[m.worker_id] = m.actor.alive.remote()
+        refs = list(self._pings.values())
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=0)
+        lost = []
+        for m in self.members:
+            ref = self._pings.get(m.worker_id)
+            if ref is None or ref not in ready:
+                continue
+            del self._pings[m.worker_id]
+            try:
+                ray.get(ref, timeout=0)
+            except ray.exceptions.RayError:
+                lost.append(m)
+        self.members = [m for m in self.members if m not in lost]
+        return lost
 
     def describe(self) -> list[dict[str, Any]]:
         """Membership for the status: role, worker, rank, node, pid and the program's share."""
         rows = []
         for m in self.members:
             row = dict(m.info)
+            if self.standing:  # a slot: no share of the epoch's plan
+                share = {"standing": True}
+            else:
+                share = self.program.member_row(self.plan, m.rank, self.numel)
             row.update(
                 role=m.role,
                 worker_id=m.worker_id,
                 rank=m.rank,
                 pid=m.pid,
                 node_id=m.node_id,
-                **self.program.member_row(self.plan, m.rank, self.numel),
+                **share,
             )
             rows.append(row)
         return rows

@@ -133,10 +133,12 @@ class InProcessGroup:
         tokens_ref: Any,
         numel: int,
         events: Any,
+        standing: bool = False,
         *,
         holdings_cover: Callable[[], bool] = lambda: True,
     ):
         self.spec, self.program, self.role, self.events = spec, program, role, events
+        self.standing = standing
         self.numel = numel
         self.members: list[ScriptedMember] = []
         self.pending: list[tuple[ScriptedMember, None]] = []
@@ -158,7 +160,7 @@ class InProcessGroup:
 
     def spawn(self, n: int) -> None:
         for _ in range(n):
-            member = ScriptedMember(self._next_id, self.spec)
+            member = ScriptedMember(self._next_id, self.spec, role=self.role.name)
             self._next_id += 1
             self.pending.append((member, None))
 
@@ -192,6 +194,23 @@ class InProcessGroup:
                 m.bounds = split_evenly(self.numel, len(members))[m.rank]
             m.info = {"device": "cpu", "node_ip": "127.0.0.1", "host": "test"}
 
+    # -- standing roles ------------------------------------------------------------
+
+    def seat(self, members: list[ScriptedMember]) -> list[ScriptedMember]:
+        """Free slots for ``members``, set up with the program's arguments for the role."""
+        taken = {m.rank for m in self.members}
+        free = (slot for slot in range(len(taken) + len(members)) if slot not in taken)
+        for m in members:
+            m.rank = next(free)
+            m.info = {"setup": self.program.role_setup_args(self.role.name, m.rank)}
+        self.members = sorted(self.members + members, key=lambda m: m.rank)
+        return members
+
+    def lost_members(self) -> list[ScriptedMember]:
+        lost = [m for m in self.members if m.lost]
+        self.members = [m for m in self.members if not m.lost]
+        return lost
+
     def describe(self) -> list[dict[str, Any]]:
         return [
             {
@@ -200,7 +219,11 @@ class InProcessGroup:
                 "worker_id": m.worker_id,
                 "rank": m.rank,
                 "pid": m.pid,
-                **self.program.member_row(self.plan, m.rank, self.numel),
+                **(
+                    {"standing": True}
+                    if self.standing
+                    else self.program.member_row(self.plan, m.rank, self.numel)
+                ),
             }
             for m in self.members
         ]

@@ -8,12 +8,17 @@ the multi-actor tests' business (``tests/test_jobs.py``, ``test_elastic.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 
+from orchestrator import standing_roles
 from orchestrator.controller import JobController
 from orchestrator.node_drain import DrainingNodes
+from orchestrator.program import RoleSpec
+from orchestrator.programs.data_parallel import DataParallelProgram
+from orchestrator.report import summary
 from orchestrator.spec import JobSpec
 from orchestrator.status import JobState
 from storage.checkpoint import committed_steps, read_manifest
@@ -27,21 +32,30 @@ class Recorder:
     """Builds the controller's group and keeps it, and every state the controller set."""
 
     def __init__(self, **group_options):
-        self.group: InProcessGroup | None = None
+        self.group: InProcessGroup | None = None  # the training role's
+        self.standing: list[InProcessGroup] = []  # standing roles', in the program's order
         self.states: list[JobState] = []
         self._options = group_options
 
-    def factory(self, *args):
-        self.group = InProcessGroup(*args, **self._options)
-        return self.group
+    def factory(self, *args, standing: bool = False):
+        group = InProcessGroup(*args, standing, **self._options)
+        if standing:
+            self.standing.append(group)
+        else:
+            self.group = group
+        return group
 
 
-def _controller(tmp_path, *overrides: str, recorder: Recorder | None = None, name="run"):
+def _controller(
+    tmp_path, *overrides: str, recorder: Recorder | None = None, name="run", program=None
+):
     spec = JobSpec.from_overrides(
         [*TINY, f"run_dir={tmp_path / name}", "train.sample_tokens=4", *overrides]
     )
     recorder = recorder or Recorder()
-    controller = JobController(spec, [None], group_factory=recorder.factory)
+    controller = JobController(
+        spec, [None], group_factory=recorder.factory, program=program and program(spec)
+    )
     controller._draining = DrainingNodes(poll_s=0.0, read=dict)
     real_set = controller._set
 
@@ -74,9 +88,10 @@ def _run_with(controller, recorder: Recorder, setup) -> object:
     """Start ``controller.run()`` with ``setup(recorder)`` applied once its group exists."""
     original = recorder.factory
 
-    def factory(*args):
-        group = original(*args)
-        setup(recorder)
+    def factory(*args, **kwargs):
+        group = original(*args, **kwargs)
+        if not kwargs.get("standing"):
+            setup(recorder)
         return group
 
     controller._group_factory = factory
@@ -236,3 +251,67 @@ def test_step_records_carry_achieved_tflops_and_mfu_given_a_peak(tmp_path):
     fpt = controller._flops_per_token
     assert fpt and record["tflops"] == pytest.approx(record["tokens_per_s"] * fpt / 1e12, rel=1e-4)
     assert record["mfu"] == pytest.approx(record["tflops"] / (0.5 * 2), rel=1e-4)
+
+
+# -- standing roles --------------------------------------------------------------------
+
+
+class WithExpertHosts(DataParallelProgram):
+    """Data parallelism plus a standing role of two members, each set up for its slot."""
+
+    def roles(self) -> list[RoleSpec]:
+        hosts = RoleSpec("expert_host", "tests.unused:Runtime", count=2, cpus=1, gpus=0)
+        return [*super().roles(), hosts]
+
+    def role_setup_args(self, role: str, index: int) -> tuple:
+        return (f"{role}-slot-{index}",)
+
+
+@pytest.fixture
+def check_every_boundary(monkeypatch):
+    monkeypatch.setattr(standing_roles, "CHECK_EVERY_S", 0.0)
+
+
+def test_a_standing_member_lost_is_replaced_in_its_slot_while_training_goes_on(
+    tmp_path, check_every_boundary
+):
+    spec, controller, rec = _controller(tmp_path, "train.steps=8", program=WithExpertHosts)
+
+    def lose_host_1(group):
+        (hosts,) = rec.standing
+        next(m for m in hosts.members if m.rank == 1).lost = True
+
+    final = _run_with(controller, rec, lambda r: _at_step(r, 3, lose_host_1))
+    assert final.state == JobState.SUCCEEDED, final.error
+    # The training role never noticed: one epoch, nothing redone, no recovery.
+    assert JobState.RECOVERING not in rec.states and final.epoch == 1
+    assert final.steps_redone == 0 and final.failures_survived == 0
+    died = [e for e in controller.events() if e["event"] == "died"]
+    assert [(e["role"], e["rank"]) for e in died] == [("expert_host", 1)]
+    hosts = [
+        (e["worker_id"], e["rank"])
+        for e in controller.events()
+        if e["event"] == "joined" and e.get("role") == "expert_host"
+    ]
+    assert hosts == [(0, 0), (1, 1), (2, 1)]  # slots 0 and 1, then a new member in slot 1
+    rows = final.workers
+    assert [r["role"] for r in rows] == ["worker", "worker", "expert_host", "expert_host"]
+    assert [r["setup"] for r in rows[2:]] == [("expert_host-slot-0",), ("expert_host-slot-1",)]
+    assert sorted(rec.standing[0].removed) == [0, 2]  # stopped with the job (1 died)
+    # While running, `shoal status` lists the standing members by slot.
+    text = summary(dataclasses.replace(final, memory=[]), [])
+    assert "slot 1      expert_host 2, pid 1002" in text and "rank 1      worker 1" in text
+
+
+def test_standing_members_that_keep_dying_fail_the_job(tmp_path, check_every_boundary):
+    spec, controller, rec = _controller(
+        tmp_path, "train.steps=30", "elastic.max_failures=2", program=WithExpertHosts
+    )
+
+    def lose_every_host(step):
+        for m in rec.standing[0].members:
+            m.lost = True
+
+    final = _run_with(controller, rec, lambda r: r.group.before_step.append(lose_every_host))
+    assert final.state == JobState.FAILED
+    assert "expert_host members" in final.error and "elastic.max_failures=2" in final.error
