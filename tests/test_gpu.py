@@ -283,7 +283,7 @@ def test_replicas_of_device_state_land_in_host_memory(device, overlap):
 MIXED_CASE = z.Case("gpt-zero3-mixed", "gpt", "zero3")
 
 
-def _mixed_group_child(out_dir: str) -> None:
+def _mixed_group_child(rank: int, out_dir: str) -> None:
     """Rank 0 of 1: join as a GPU member does (``cpu:gloo,cuda:nccl``, a ``dp`` sub-group)."""
     torch.cuda.set_device(0)
     store = host_store("127.0.0.1", 1, COLLECTIVE_TIMEOUT_S)
