@@ -1,49 +1,39 @@
-"""Byte-level text corpora and the deterministic global-batch sampler.
+"""Text corpora for the ``lm`` task: ``data=stdlib_text`` and ``data=text_file``.
 
-A dataset is any callable (a Hydra ``_target_``) that returns a
-``ByteCorpus``. The batch for step ``s`` is a pure function of
-``(seed, s)``: the same global batches whatever the number of workers, and
-the "data position" of a checkpoint is just the step number.
+Each returns a ``TokenDataset`` (``actors/datasets.py``) whose global
+batches are a pure function of ``(seed, step)``: byte tokens (vocabulary
+256), or with ``data.tokenizer=bpe`` a byte-level BPE trained on the text
+(``actors/tokenizer.py``).
 """
 
 from __future__ import annotations
 
-import hashlib
 import sysconfig
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
+
+from actors.datasets import DataFacts, TokenDataset
 
 VOCAB_SIZE = 256  # bytes
+BYTE_FACTS = DataFacts(vocab_size=VOCAB_SIZE)  # what a model of byte text is built for
 
 
-@dataclass(frozen=True)
-class ByteCorpus:
-    """A text as a 1-D array of byte tokens, with the name of where it came from."""
-
-    tokens: np.ndarray  # uint8[N]
-    source: str
-
-    @property
-    def vocab_size(self) -> int:
-        return VOCAB_SIZE
-
-    def fingerprint(self) -> str:
-        """A short hash of the tokens, recorded in checkpoints to catch data mix-ups on resume."""
-        return hashlib.sha256(self.tokens.tobytes()).hexdigest()[:16]
-
-    @staticmethod
-    def decode(ids: list[int]) -> str:
-        return bytes(ids).decode("utf-8", errors="replace")
-
-    @staticmethod
-    def encode(text: str) -> list[int]:
-        return list(text.encode("utf-8"))
+def encode_bytes(text: str) -> list[int]:
+    return list(text.encode("utf-8"))
 
 
-def stdlib_text(max_bytes: int = 4_000_000) -> ByteCorpus:
+def decode_bytes(ids: list[int]) -> str:
+    return bytes(ids).decode("utf-8", errors="replace")
+
+
+def byte_corpus(data: bytes, source: str) -> TokenDataset:
+    """A text as byte tokens (vocabulary 256), decodable back to text."""
+    tokens = np.frombuffer(data, dtype=np.uint8).copy()
+    return TokenDataset(tokens, VOCAB_SIZE, source, decode_bytes, encode_bytes)
+
+
+def stdlib_text(max_bytes: int = 4_000_000) -> TokenDataset:
     """Python source from this interpreter's standard library: real text on every machine.
 
     Files are taken in sorted path order (tests and site-packages skipped)
@@ -67,36 +57,36 @@ def stdlib_text(max_bytes: int = 4_000_000) -> ByteCorpus:
             break
     if not chunks:
         raise FileNotFoundError(f"no Python source files found under {root}")
-    tokens = np.frombuffer(b"".join(chunks)[:max_bytes], dtype=np.uint8).copy()
-    return ByteCorpus(tokens, f"Python {sysconfig.get_python_version()} stdlib ({root})")
+    source = f"Python {sysconfig.get_python_version()} stdlib ({root})"
+    return byte_corpus(b"".join(chunks)[:max_bytes], source)
 
 
-def text_file(path: str, max_bytes: int | None = None) -> ByteCorpus:
-    """The bytes of a user's text file."""
+def text_file(
+    path: str,
+    max_bytes: int | None = None,
+    tokenizer: str = "bytes",
+    vocab_size: int = 4096,
+    run_dir: str | None = None,
+) -> TokenDataset:
+    """A user's text file, as bytes or as the ids of a BPE trained on it.
+
+    ``tokenizer="bpe"`` trains a byte-level BPE of ``vocab_size`` tokens at
+    job start and saves it in ``run_dir`` (``actors/tokenizer.py``), so a
+    resume reuses it; with ``run_dir=None`` it is trained and not saved.
+    """
+    if tokenizer not in ("bytes", "bpe"):
+        raise ValueError(f"data.tokenizer must be 'bytes' or 'bpe', not {tokenizer!r}")
+    if tokenizer == "bpe" and vocab_size < 257:
+        raise ValueError(
+            f"data.vocab_size must be >= 257 for data.tokenizer=bpe (256 byte symbols plus "
+            f"merges), not {vocab_size}"
+        )
     p = Path(path).expanduser()
     if not p.is_file():
         raise FileNotFoundError(f"data.path: file {str(p)!r} does not exist")
     data = p.read_bytes() if max_bytes is None else p.read_bytes()[:max_bytes]
-    return ByteCorpus(np.frombuffer(data, dtype=np.uint8).copy(), str(p.resolve()))
+    if tokenizer == "bytes":
+        return byte_corpus(data, str(p.resolve()))
+    from actors.tokenizer import bpe_corpus  # imports `tokenizers` only when asked for
 
-
-def batch_offsets(
-    seed: int, step: int, global_batch: int, n_tokens: int, seq_len: int
-) -> np.ndarray:
-    """Start offsets of the ``global_batch`` windows of step ``step`` (pure function)."""
-    high = n_tokens - seq_len - 1
-    if high <= 0:
-        raise ValueError(
-            f"the corpus has {n_tokens} tokens, fewer than model.seq_len+1 = {seq_len + 1}"
-        )
-    rng = np.random.default_rng([seed, step])
-    return rng.integers(0, high, size=global_batch, dtype=np.int64)
-
-
-def make_batch(
-    tokens: np.ndarray, offsets: np.ndarray, seq_len: int
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inputs ``x[B, T]`` and next-token targets ``y[B, T]`` for windows starting at ``offsets``."""
-    idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
-    window = torch.from_numpy(tokens[idx].astype(np.int64))
-    return window[:, :-1], window[:, 1:]
+    return bpe_corpus(data, str(p.resolve()), vocab_size, run_dir)

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.data import VOCAB_SIZE, ByteCorpus, batch_offsets, make_batch
 from actors.elastic_state import ElasticState
 from actors.memory import worker_available_bytes
-from actors.models.build import build_model
+from actors.task import build_model, make_task
 from collectives.ddp import DDPEngine
 from collectives.errors import PeerLostError, classify_peer_loss
 from collectives.optim import OptimizerSpec
@@ -47,8 +46,10 @@ class WorkerInfo:
 class StepResult:
     step: int
     rank: int
-    loss_sum: float  # summed token losses of this rank's samples
-    n_tokens: int
+    loss_sum: float  # summed loss of this rank's samples (the task's units: tokens, rows)
+    n_units: int  # what loss_sum sums over (the loss's count)
+    n_samples: int  # rows of the global batch this rank trained on
+    n_tokens: int  # input tokens trained on (lm), else 0
     grad_norm: float
     compute_s: float  # forward + backward
     comm_wait_s: float  # waiting for gradient reduction after backward
@@ -84,12 +85,13 @@ class DataParallelRuntime(ElasticState):
 
     CONTROL_METHODS = ("holdings", "export_piece")
 
-    def __init__(self, spec: JobSpec, worker_id: int, tokens: np.ndarray):
+    def __init__(self, spec: JobSpec, worker_id: int, data: Any):
         self.spec = spec
         self.worker_id = worker_id  # stable for the worker's life, unlike its rank
         self.rank = -1
         self._bounds: list[tuple[int, int]] | None = None
-        self.tokens = tokens
+        self.data = data  # the job's dataset (actors/datasets.py), mapped from Ray's object store
+        self.task = make_task(spec.task, data, spec.seq_len)
         self._store = None
         self._rdzv_store: torch.distributed.TCPStore | None = None
         self.engine: DDPEngine | ZeroEngine | None = None
@@ -123,7 +125,7 @@ class DataParallelRuntime(ElasticState):
         join_group(rdzv, rank, self._rdzv_store if rank == 0 else None)
         self._start_epoch(rdzv.world_size)
         torch.manual_seed(self.spec.train.seed)
-        model = build_model(self.spec.model, VOCAB_SIZE).to(self.device)
+        model = build_model(self.spec.model, self.data.facts).to(self.device)
         self.engine = build_engine(
             self.spec.strategy.name,
             model,
@@ -174,32 +176,30 @@ class DataParallelRuntime(ElasticState):
         return self._train_step(step, lr, batch_lo, batch_hi)
 
     def _train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
-        t = self.spec.train
-        seq_len = self.spec.seq_len
+        t, task = self.spec.train, self.task
         start = time.perf_counter()
-        offsets = batch_offsets(t.seed, step, t.global_batch, len(self.tokens), seq_len)
-        x, y = make_batch(self.tokens, offsets[batch_lo:batch_hi], seq_len)
-        x, y = x.to(self.device), y.to(self.device)
-        # Normalise by the *global* token count: summed over ranks, the
-        # gradients are exactly the global-batch mean gradient, even when
-        # ranks hold different numbers of samples.
-        global_tokens = t.global_batch * seq_len
+        batch = task.batch(self.data, t.seed, step, t.global_batch, batch_lo, batch_hi)
+        batch = {k: v.to(self.device) for k, v in batch.items()}
+        n = batch_hi - batch_lo
+        # Scaled by a constant every rank knows (the global batch's units):
+        # summed over ranks, the gradients are exactly the global-batch mean
+        # gradient, even when ranks hold different numbers of samples.
+        scale = t.global_batch * task.units_per_sample
         engine = self.engine
         engine.zero_grad()
-        micro = np.array_split(np.arange(len(x)), min(t.micro_batches, len(x)))
+        micro = np.array_split(np.arange(n), min(t.micro_batches, n))
         bf16 = t.precision == "bf16"
-        loss_sum = 0.0
+        loss_sum, units = 0.0, 0
         for i, rows in enumerate(micro):
             rows_t = torch.from_numpy(rows).to(self.device)
+            part = {k: v[rows_t] for k, v in batch.items()}
             # bf16: matmuls and activations in bfloat16, while parameters,
             # gradients and optimizer state stay fp32 (the master weights).
             with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
-                logits = engine.model(x[rows_t])
-            loss = F.cross_entropy(
-                logits.float().reshape(-1, logits.shape[-1]), y[rows_t].reshape(-1), reduction="sum"
-            )
-            engine.backward(loss / global_tokens, sync=i == len(micro) - 1)
+                loss, count = task.loss(engine.model, part)
+            engine.backward(loss.float() / scale, sync=i == len(micro) - 1)
             loss_sum += float(loss.detach())
+            units += count
         compute_s = time.perf_counter() - start
         # A ZeRO step updates this rank's shard before its last collective (the
         # all-gather), so if that fails the live shard is neither before nor
@@ -218,7 +218,9 @@ class DataParallelRuntime(ElasticState):
             step=step,
             rank=self.rank,
             loss_sum=loss_sum,
-            n_tokens=int(y.numel()),
+            n_units=units,
+            n_samples=n,
+            n_tokens=n * task.seq_len if task.type == "lm" else 0,
             grad_norm=stats.grad_norm,
             compute_s=compute_s,
             comm_wait_s=stats.comm_wait_s,
@@ -335,23 +337,52 @@ class DataParallelRuntime(ElasticState):
     def layout_json(self) -> list[dict]:
         return self.engine.layout.to_json()
 
+    def evaluate(self, bounds: list[tuple[int, int]]) -> dict[str, float]:
+        """This rank's sums over its rows ``bounds[rank]`` of each held-out batch.
+
+        A collective under ZeRO-3 (each forward gathers parameters): every
+        rank calls it with the same ``bounds`` and runs the same forwards.
+        """
+        t, task = self.spec.train, self.task
+        lo, hi = bounds[self.rank]
+        model = self.engine.model
+        items = []
+        for rows in self.data.eval_batches(t.global_batch, task.seq_len, t.eval_batches):
+            batch = self.data.eval_batch(rows, task.seq_len)
+            # Rows split as the training batch is: [lo, hi) of each batch,
+            # scaled to its size (the last batch may be short).
+            a, b = (lo * len(rows)) // t.global_batch, (hi * len(rows)) // t.global_batch
+            counted = b > a
+            part = {k: (v[a:b] if counted else v[:1]).to(self.device) for k, v in batch.items()}
+            items.append((part, counted))
+        was_training = model.training
+        model.eval()
+        try:
+            return task.evaluate(model, items)
+        finally:
+            model.train(was_training)
+
     def generate(
         self, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0
     ) -> str | None:
-        """Continue ``prompt`` with the trained model. A collective: every rank must call it;
-        rank 0 returns the text, the others ``None``."""
+        """Continue ``prompt`` with the trained model (language models with a text codec only).
+
+        A collective: every rank must call it; rank 0 returns the text, the
+        others (and a task without text) ``None``.
+        """
         state = self.engine.full_state_dict()
-        if self.rank != 0:
+        prompt_ids = self.data.encode(prompt) if self.task.type == "lm" else None
+        if self.rank != 0 or prompt_ids is None:
             return None
-        model = build_model(self.spec.model, VOCAB_SIZE)
+        model = build_model(self.spec.model, self.data.facts)
         model.load_state_dict(state)
         model.eval()
-        seq_len = self.spec.seq_len
+        seq_len = self.task.seq_len
         gen = torch.Generator().manual_seed(seed)
-        ids = ByteCorpus.encode(prompt) or [10]
+        ids = prompt_ids or [0]
         with torch.no_grad():
             for _ in range(n_tokens):
                 context = torch.tensor([ids[-seq_len:]])
                 logits = model(context)[0, -1] / max(temperature, 1e-5)
                 ids.append(int(torch.multinomial(F.softmax(logits, dim=-1), 1, generator=gen)))
-        return ByteCorpus.decode(ids)
+        return self.data.decode(ids)

@@ -17,14 +17,12 @@ from __future__ import annotations
 import logging
 import os
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import ray
 
-from actors.models.build import build_dataset
 from orchestrator.controller import controller_actor_class
 from orchestrator.preflight import run_preflight
 from orchestrator.run_lock import RunFolderLock
@@ -54,6 +52,10 @@ def ensure_ray(spec: JobSpec) -> None:
         kwargs.update(
             address="local", num_cpus=max(os.cpu_count() or 1, needed), include_dashboard=False
         )
+        # A user's own model, dataset or loss (`model._target_=mypkg.nets.Net`)
+        # is imported from the working directory, by the workers too.
+        path = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p)
+        kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": path}}
         if cl.gpus_per_worker > 0:
             import torch
 
@@ -197,19 +199,22 @@ def scale_job(job_id: str, workers: int, address: str = "auto") -> int:
     return ray.get(controller.scale.remote(workers), timeout=30)
 
 
-def _load_corpus(spec: JobSpec):
-    """The job's corpus; a ``ConfigError`` naming ``data`` if it cannot be used."""
+def load_data(spec: JobSpec):
+    """The job's dataset, checked against the job; a ``ConfigError`` naming ``data`` if unusable."""
+    from actors.datasets import DataError
+    from actors.task import TaskError, build_dataset, make_task
+
     try:
-        corpus = build_dataset(spec.data)
+        data = build_dataset(spec.data, run_dir=str(spec.run_dir))
     except Exception as e:  # noqa: BLE001 - a user's dataset may raise anything
         cause = e.__cause__ or e
         raise ConfigError(f"data: cannot load {spec.data._target_}: {cause}") from None
-    if len(corpus.tokens) <= spec.seq_len + 1:
-        raise ConfigError(
-            f"data: the corpus has {len(corpus.tokens)} tokens; it needs more than "
-            f"model.seq_len + 1 = {spec.seq_len + 1}"
-        )
-    return corpus
+    try:
+        task = make_task(spec.task, data, spec.seq_len)
+        data.check(spec.train.global_batch, task.seq_len)
+    except (DataError, TaskError) as e:
+        raise ConfigError(f"data: {e}" if isinstance(e, DataError) else str(e)) from None
+    return data
 
 
 def submit(spec: JobSpec) -> JobHandle:
@@ -226,20 +231,19 @@ def submit(spec: JobSpec) -> JobHandle:
     lock = RunFolderLock(spec.run_dir, spec.job_id)
     lock.acquire()
     try:
-        run_preflight(spec, local=spec.cluster.address is None)
-        # The corpus is read while Ray starts (mostly waiting on its processes).
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            loading = pool.submit(_load_corpus, spec)
-            ensure_ray(spec)
-            ray_ready_s = time.time() - submitted_at
-            corpus = loading.result()
+        # The model is sized from the data's facts (vocabulary, classes, input
+        # shape), so the data is read first; both before Ray starts.
+        data = load_data(spec)
+        run_preflight(spec, local=spec.cluster.address is None, facts=data.facts)
+        ensure_ray(spec)
+        ray_ready_s = time.time() - submitted_at
         # Written only once every check passed: a refused run leaves the folder as it was.
         (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
-        tokens_ref = ray.put(corpus.tokens)
+        data_ref = ray.put(data)  # every worker maps it from Ray's object store
         controller = (
             controller_actor_class()
             .options(name=controller_name(spec.job_id))
-            .remote(spec, [tokens_ref], os.getpid(), submitted_at, ray_ready_s)
+            .remote(spec, [data_ref], data.facts, os.getpid(), submitted_at, ray_ready_s)
         )
         run_ref = controller.run.remote()
     except BaseException:

@@ -415,6 +415,7 @@ def _stream_progress(
     total = handle.spec.train.steps
     bar = None
     seen = 0
+    held_out: dict[str, float] = {}
     shown_start = False
     while not handle.done() and not stop():
         time.sleep(0.5)
@@ -441,17 +442,30 @@ def _stream_progress(
             print(f"shoal: first step after {time.time() - t0:.1f}s", file=sys.stderr)
         seen += len(new)
         if bar is not None:
-            _show(bar, new[-1])
+            _show(bar, new, held_out)
     if bar is not None:
         rest = handle.metrics(since=seen)
         if rest:
-            _show(bar, rest[-1])
+            _show(bar, rest, held_out)
         bar.close()
 
 
-def _show(bar, record: dict) -> None:
+def _show(bar, records: list[dict], held_out: dict[str, float]) -> None:
+    """Advance the bar to the newest of ``records``; ``held_out`` keeps the last eval metrics
+    (evaluations are every ``train.eval_every`` steps, the bar shows them until the next)."""
+    for r in records:
+        held_out.update({k: r[k] for k in ("accuracy", "perplexity") if k in r})
+    record = {**held_out, **records[-1]}
     bar.update(record["step"] + 1 - bar.n)
-    shown = {"loss": f"{record['loss']:.3f}", "tok_s": f"{record['tokens_per_s']:,.0f}"}
+    shown = {"loss": f"{record['loss']:.3f}"}
+    if "tokens_per_s" in record:
+        shown["tok_s"] = f"{record['tokens_per_s']:,.0f}"
+    elif "samples_per_s" in record:
+        shown["samples_s"] = f"{record['samples_per_s']:,.0f}"
+    if "accuracy" in record:
+        shown["acc"] = f"{record['accuracy']:.1%}"
+    if "perplexity" in record:
+        shown["eval_ppl"] = f"{record['perplexity']:.3g}"
     if "tflops" in record:
         shown["TFLOPs"] = f"{record['tflops']:.3g}"
     if "mfu" in record:

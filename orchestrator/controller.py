@@ -30,8 +30,8 @@ from typing import Any
 import ray
 import torch
 
-from actors.data import VOCAB_SIZE
-from actors.models.build import build_model
+from actors.datasets import DataFacts
+from actors.task import build_model
 from collectives.flat import FlatLayout, tied_aliases
 from orchestrator.checkpoint_committer import CheckpointCommitter
 from orchestrator.constants import CHECKPOINT_CALL_S, PIPELINE_DEPTH, START_GRACE_S
@@ -42,6 +42,7 @@ from orchestrator.policies import (
     checkpoint_due,
     decide_membership,
     decide_target,
+    eval_due,
     give_up_reason,
     membership_change_wanted,
     queue_limit,
@@ -84,7 +85,8 @@ class JobController:
     def __init__(
         self,
         spec: JobSpec,
-        tokens_ref: list[ray.ObjectRef],
+        data_ref: list[ray.ObjectRef],
+        facts: DataFacts,
         driver_pid: int | None = None,
         submitted_at: float | None = None,
         ray_ready_s: float | None = None,
@@ -94,7 +96,8 @@ class JobController:
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
         # the controller never holds the data, it hands the reference to workers.
-        self._tokens_ref = tokens_ref[0]
+        self._data_ref = data_ref[0]
+        self._facts = facts  # what the model factory is given (vocabulary, classes, ...)
         # How members are made: Ray actors (WorkerGroup); the controller's
         # unit tests pass a group of in-process members instead.
         self._group_factory = group_factory
@@ -222,11 +225,11 @@ class JobController:
         cl = self.spec.cluster
         training, *standing = self._program.roles()
         make = self._group_factory
-        group = make(self.spec, self._program, training, self._tokens_ref, 0, self._events)
+        group = make(self.spec, self._program, training, self._data_ref, 0, self._events)
         self._group = group
         self._standing = StandingRoles(
             [
-                make(self.spec, self._program, r, self._tokens_ref, 0, self._events, standing=True)
+                make(self.spec, self._program, r, self._data_ref, 0, self._events, standing=True)
                 for r in standing
             ],
             self._events,
@@ -238,7 +241,7 @@ class JobController:
         # workers start. On the meta device (shapes only, no memory), whose
         # first initializer call imports torch._dynamo: ~1 s worth hiding.
         with torch.device("meta"):
-            model = build_model(self.spec.model, VOCAB_SIZE)
+            model = build_model(self.spec.model, self._facts)
             group.numel = FlatLayout.of(model).numel
             self._tied = tied_aliases(model)
             # Training FLOPs per token, for the achieved TFLOP/s (and MFU) of each step.
@@ -370,8 +373,8 @@ class JobController:
                 if self._rebalance_membership(done):
                     program.begin_epoch(self._group.plan)
                 change = False
-            # Never queue past the next checkpoint: it must see a quiescent step.
-            boundary = queue_limit(done, every, total)
+            # Never queue past the next checkpoint or evaluation: each must see a quiescent step.
+            boundary = min(queue_limit(done, every, total), queue_limit(done, t.eval_every, total))
             while not change and next_step < boundary and len(inflight) < PIPELINE_DEPTH:
                 lr = lr_at(next_step, t)
                 refs = self._group.call_items(program.work_items(next_step, lr))
@@ -384,6 +387,8 @@ class JobController:
                 record = program.reduce(step, lr, results, time.perf_counter() - last_done)
                 record.update(epoch=self._group.epoch, elapsed_s=time.time() - self._started)
                 record.update(self._throughput(record, len(self._group.members)))
+                if not inflight and eval_due(step + 1, t.eval_every, total):
+                    record.update(self._evaluate())
                 with self._lock:
                     for key, value in program.status_fields().items():
                         setattr(self._status, key, value)
@@ -758,8 +763,9 @@ class JobController:
                 self._group.call("generate", t.sample_prompt, t.sample_tokens, 0.8, t.seed),
                 "sample",
             )
-            sample = texts[0]
-            self._reporter.write_sample(sample)
+            sample = texts[0]  # None: the task produces no text (e.g. classification)
+            if sample is not None:
+                self._reporter.write_sample(sample)
         self._set(memory=memory, sample=sample)
 
     # -- helpers ---------------------------------------------------------------
@@ -774,6 +780,16 @@ class JobController:
         """
         bound = timeout if timeout is not None else self.spec.cluster.collective_timeout_s
         return self._group.gather(refs, what, timeout=bound)
+
+    def _evaluate(self) -> dict[str, float]:
+        """The program's eval metrics on the held-out split, after a quiescent step."""
+        items = self._program.eval_items()
+        if items is None:
+            return {}
+        results = self._group.gather(
+            self._group.call_items(items), "evaluate", timeout=self.spec.elastic.step_timeout_s
+        )
+        return self._program.reduce_eval(results)
 
     def _stop_workers(self) -> None:
         if self._group is not None:
@@ -799,7 +815,11 @@ class JobController:
         with self._lock:
             self._status.step = done
             self._status.loss = record["loss"]
-            self._status.tokens_per_s = record["tokens_per_s"]
+            self._status.tokens_per_s = record.get("tokens_per_s")
+            self._status.samples_per_s = record.get("samples_per_s")
+            for key in ("eval_loss", "accuracy", "perplexity"):
+                if key in record:
+                    setattr(self._status, key, record[key])
         if done % self.spec.train.log_every == 0 or done == self.spec.train.steps:
             self._write_status()
 

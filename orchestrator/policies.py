@@ -22,10 +22,16 @@ def checkpoint_due(done: int, every: int, total: int) -> bool:
     return done == total or (every > 0 and done % every == 0)
 
 
-def queue_limit(done: int, every: int, total: int) -> int:
-    """Steps may be queued up to (not including) this one: never past the next checkpoint.
+def eval_due(done: int, every: int, total: int) -> bool:
+    """Whether the model is evaluated once ``done`` steps are complete (``every`` 0: never)."""
+    return every > 0 and (done % every == 0 or done == total)
 
-    A checkpoint must see a quiescent, fully committed step.
+
+def queue_limit(done: int, every: int, total: int) -> int:
+    """Steps may be queued up to (not including) this one: never past the next boundary
+    of period ``every`` (a checkpoint, an evaluation).
+
+    A checkpoint or an evaluation must see a quiescent, fully committed step.
     """
     if every == 0:
         return total

@@ -10,6 +10,7 @@ job submitted from elsewhere is held to the same rules.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from orchestrator.spec import ConfigError, JobSpec
 from storage.checkpoint import (
@@ -22,6 +23,9 @@ from storage.checkpoint import (
     verify,
 )
 from storage.object_store import ObjectStore, StoreError, open_store
+
+if TYPE_CHECKING:
+    from actors.datasets import DataFacts
 
 
 @dataclass(frozen=True)
@@ -146,16 +150,25 @@ def check_memory(numel: int, spec: JobSpec, available: int) -> None:
         )
 
 
-def model_shape(spec: JobSpec) -> ModelShape:
-    """The flat layout of the user's model, built on the meta device (no memory)."""
+def model_shape(spec: JobSpec, facts: DataFacts) -> ModelShape:
+    """The flat layout of the user's model for data with ``facts``, built on the meta device.
+
+    Building on the meta device allocates nothing but runs the constructor's
+    own checks (e.g. d_model divisible by n_head): a model that cannot be
+    built is a ``ConfigError`` naming ``model``.
+    """
     import torch
 
-    from actors.data import VOCAB_SIZE
-    from actors.models.build import build_model
+    from actors.task import build_model
     from collectives.flat import FlatLayout
 
-    with torch.device("meta"):
-        layout = FlatLayout.of(build_model(spec.model, VOCAB_SIZE))
+    try:
+        with torch.device("meta"):
+            layout = FlatLayout.of(build_model(spec.model, facts))
+    except Exception as e:  # noqa: BLE001 - a user's model may raise anything
+        cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
+        target = getattr(spec.model, "_target_", None) or spec.model.get("_target_")
+        raise ConfigError(f"model: cannot build {target!r}: {cause}") from None
     return ModelShape(layout.to_json(), layout.numel)
 
 
@@ -178,7 +191,7 @@ def check_checkpoints(spec: JobSpec, shape: ModelShape) -> None:
         raise ConfigError(str(e)) from None
 
 
-def run_preflight(spec: JobSpec, local: bool) -> ModelShape:
+def run_preflight(spec: JobSpec, local: bool, facts: DataFacts) -> ModelShape:
     """Every check that needs no Ray; ``local``: the job runs on this machine.
 
     On a remote cluster (``local`` False) memory and ``file://`` paths are
@@ -187,7 +200,7 @@ def run_preflight(spec: JobSpec, local: bool) -> ModelShape:
     """
     from actors.memory import node_available_bytes
 
-    shape = model_shape(spec)
+    shape = model_shape(spec, facts)
     if local:
         check_memory(shape.numel, spec, node_available_bytes())
         check_checkpoints(spec, shape)

@@ -140,6 +140,14 @@ class TrainingProgram(ABC):
         """
         return None
 
+    def eval_items(self) -> list[WorkItem] | None:
+        """Calls that evaluate the model on the held-out split, one per member (None: cannot)."""
+        return None
+
+    def reduce_eval(self, results: list[Any]) -> dict[str, float]:
+        """Eval metrics (``eval_loss``; ``accuracy`` or ``perplexity``) from ``eval_items``."""
+        return {}
+
     @abstractmethod
     def min_worker_bytes(self, numel: int) -> int:
         """Bytes of training state one member holds at least, for a model of ``numel`` values."""

@@ -9,7 +9,11 @@ from orchestrator.status import JobStatus
 
 
 def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
-    """Write the training-loss curve (raw and smoothed) to ``path`` as a PNG."""
+    """Write the training-loss curve (raw and smoothed) to ``path`` as a PNG.
+
+    With evaluations in the records (``train.eval_every``), a second panel
+    shows the held-out loss and the task's metric (accuracy or perplexity).
+    """
     if not metrics:
         return
     import matplotlib
@@ -23,19 +27,42 @@ def plot_loss(metrics: list[dict[str, Any]], path: Path) -> None:
     for v in loss:
         ema = 0.9 * ema + 0.1 * v
         smooth.append(ema)
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    evals = [m for m in metrics if "eval_loss" in m]
+    panels = 2 if evals else 1
+    fig, axes = plt.subplots(1, panels, figsize=(7 * panels, 4), dpi=100, squeeze=False)
+    ax = axes[0][0]
     ax.plot(steps, loss, alpha=0.35, label="loss")
     ax.plot(steps, smooth, label="loss (EMA 0.9)")
     ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_ylabel("training loss (per token or sample)")
     ax.set_title(f"training loss: {loss[0]:.3f} -> {loss[-1]:.3f}")
     ax.grid(alpha=0.3)
     ax.legend()
+    if evals:
+        _plot_evals(axes[0][1], evals)
     fig.tight_layout()
     tmp = path.with_suffix(".tmp.png")
     fig.savefig(tmp)
     plt.close(fig)
     tmp.replace(path)
+
+
+def _plot_evals(ax: Any, evals: list[dict[str, Any]]) -> None:
+    """Held-out loss, and accuracy (or perplexity) on a second axis."""
+    steps = [m["step"] + 1 for m in evals]  # evaluated after the step
+    ax.plot(steps, [m["eval_loss"] for m in evals], "o-", color="tab:blue", label="eval loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("held-out loss", color="tab:blue")
+    ax.grid(alpha=0.3)
+    metric = "accuracy" if "accuracy" in evals[-1] else "perplexity"
+    if metric in evals[-1]:
+        right = ax.twinx()
+        values = [m.get(metric) for m in evals]
+        right.plot(steps, values, "s-", color="tab:orange", label=metric)
+        right.set_ylabel(metric, color="tab:orange")
+        last = values[-1]
+        shown = f"{last:.1%}" if metric == "accuracy" else f"{last:.3g}"
+        ax.set_title(f"held-out: {metric} {shown} at step {steps[-1]}")
 
 
 def human_bytes(n: float) -> str:
@@ -55,17 +82,30 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
         n = min(10, len(metrics))
         tail_loss = sum(m["loss"] for m in metrics[-n:]) / n
         steady = metrics[min(len(metrics) - 1, 2) :]  # skip warm-up steps
-        tok_s = sum(m["tokens_per_s"] for m in steady) / len(steady)
+        rates = [m["tokens_per_s"] for m in steady if "tokens_per_s" in m]
+        tok_s = sum(rates) / len(rates) if rates else None
         lines.append(
             f"  loss        {first['loss']:.3f} (step {first['step']}) -> {tail_loss:.3f} "
             f"(mean of last {n} steps)"
         )
     elif status.loss is not None:
         lines.append(f"  loss        {status.loss:.3f} (last step)")
-    rate = f", {tok_s:,.0f} tokens/s" if tok_s else ""
+    if tok_s:
+        rate = f", {tok_s:,.0f} tokens/s"
+    elif status.samples_per_s:
+        rate = f", {status.samples_per_s:,.0f} samples/s"
+    else:
+        rate = ""
     lines.append(
         f"  steps       {status.step}/{status.total_steps} in {status.elapsed_s:.1f}s{rate}"
     )
+    if status.eval_loss is not None:
+        metric = ""
+        if status.accuracy is not None:
+            metric = f", accuracy {status.accuracy:.1%}"
+        elif status.perplexity is not None:
+            metric = f", perplexity {status.perplexity:.3g}"
+        lines.append(f"  held-out    loss {status.eval_loss:.3f}{metric} (the last evaluation)")
     if "first_step" in status.startup_s:
         phases = ", ".join(
             f"{name.replace('_', ' ')} {t:.1f}s" for name, t in status.startup_s.items()
@@ -124,3 +164,23 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     if status.sample:
         lines.append("  sample      " + status.sample.replace("\n", "\n              "))
     return "\n".join(lines)
+
+
+def _plot_from_file(metrics_path: str, png_path: str) -> None:
+    """Draw ``png_path`` from a ``metrics.jsonl`` (a partly written last line is skipped)."""
+    import json
+
+    records = []
+    with open(metrics_path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    plot_loss(records, Path(png_path))
+
+
+if __name__ == "__main__":  # the reporter's plotting child: python -m orchestrator.report M P
+    import sys
+
+    _plot_from_file(sys.argv[1], sys.argv[2])

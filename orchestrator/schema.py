@@ -23,6 +23,7 @@ OPTIMIZERS = ("adamw", "sgd")
 PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 REPLICATION_MODES = ("async", "sync")
+TASK_TYPES = ("auto", "lm", "classification")
 
 
 @dataclass
@@ -86,6 +87,50 @@ class GPTConfig:
 
 
 @dataclass
+class MLPConfig:
+    """``model=mlp``: a multi-layer perceptron classifier (``actors/models/mlp.py``).
+
+    Its input size and number of classes come from the dataset.
+    """
+
+    _target_: str = "actors.models.mlp.MLP"
+    hidden: list[int] = field(default_factory=lambda: [128, 128])
+    dropout: float = 0.0
+
+
+@dataclass
+class DigitsConfig:
+    """``data=digits``: scikit-learn's bundled 8x8 digit images, 10 classes."""
+
+    _target_: str = "actors.datasets.digits"
+    # Share of the rows held out for evaluation (the same rows on every run).
+    test_fraction: float = 0.2
+    seed: int = 0
+
+
+@dataclass
+class ArraysConfig:
+    """``data=arrays data.path=...``: features and labels from a .npz or .safetensors file."""
+
+    _target_: str = "actors.datasets.arrays"
+    path: str = MISSING
+    x_key: str = "x"
+    y_key: str = "y"
+    test_fraction: float = 0.2
+
+
+@dataclass
+class TaskConfig:
+    """What the model learns from the data (``actors/task.py``)."""
+
+    # auto: "lm" for token datasets, "classification" for labelled ones.
+    type: str = "auto"
+    # Your own loss: a dotted path to a function (model, batch) -> (loss_sum,
+    # count), e.g. mypkg.losses.focal. null: the task's cross-entropy.
+    loss: str | None = None
+
+
+@dataclass
 class StdlibTextConfig:
     """``data=stdlib_text``: the Python standard library's own source, as bytes."""
 
@@ -95,11 +140,18 @@ class StdlibTextConfig:
 
 @dataclass
 class TextFileConfig:
-    """``data=text_file data.path=...``: your own text file, as bytes."""
+    """``data=text_file data.path=...``: your own text file, as bytes or BPE tokens."""
 
     _target_: str = "actors.data.text_file"
     path: str = MISSING
     max_bytes: int | None = None
+    # "bytes": one token per byte (vocabulary 256). "bpe": a byte-level BPE
+    # trained on the file at job start, saved as <run_dir>/tokenizer.json and
+    # reused on resume.
+    tokenizer: str = "bytes"
+    # data.tokenizer=bpe only: the BPE's vocabulary size (>= 257; fewer if the
+    # text runs out of merges). The model's vocab_size follows the tokenizer.
+    vocab_size: int = 4096
 
 
 @dataclass
@@ -132,6 +184,11 @@ class TrainConfig:
     balance_every: int = 20
     seed: int = 0
     log_every: int = 10
+    # Evaluate on the held-out split every this many steps (and at the end);
+    # 0: never. Metrics go to metrics.jsonl, the progress line and loss.png.
+    eval_every: int = 0
+    # At most this many held-out batches (of train.global_batch samples) per evaluation.
+    eval_batches: int = 20
     # After training, the model continues this prompt for this many tokens.
     sample_prompt: str = "def "
     sample_tokens: int = 200
@@ -191,6 +248,7 @@ class JobConfig:
     # model has its own fields); their _target_ is instantiated by workers.
     model: Any = MISSING
     data: Any = MISSING
+    task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
@@ -210,5 +268,8 @@ def register_schemas() -> None:
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(group="storage", name="storage_schema", node=StorageConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="model", name="mlp_schema", node=MLPConfig)
+    cs.store(group="data", name="digits_schema", node=DigitsConfig)
+    cs.store(group="data", name="arrays_schema", node=ArraysConfig)
     cs.store(group="data", name="stdlib_text_schema", node=StdlibTextConfig)
     cs.store(group="data", name="text_file_schema", node=TextFileConfig)

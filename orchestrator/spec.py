@@ -28,6 +28,7 @@ from orchestrator.schema import (
     PRECISIONS,
     REPLICATION_MODES,
     STRATEGIES,
+    TASK_TYPES,
     ClusterConfig,
     JobConfig,
     register_schemas,
@@ -75,9 +76,10 @@ class JobSpec:
         return Path(self.config.run_dir)
 
     @property
-    def seq_len(self) -> int:
-        """Tokens per sample: the model's ``seq_len``."""
-        return int(_field(self.config.model, "seq_len"))
+    def seq_len(self) -> int | None:
+        """Tokens per sample of a language model: the model's ``seq_len`` (None: it has none)."""
+        value = _field(self.config.model, "seq_len")
+        return None if value is None else int(value)
 
     def __getattr__(self, name: str) -> Any:
         # spec.train.steps reads as spec.config.train.steps.
@@ -211,6 +213,9 @@ def validate(c: JobConfig) -> None:
     _check(t.balance_every >= 1, "train.balance_every", ">= 1", t.balance_every)
     _check(t.log_every >= 1, "train.log_every", ">= 1", t.log_every)
     _check(t.sample_tokens >= 0, "train.sample_tokens", ">= 0", t.sample_tokens)
+    _check(t.eval_every >= 0, "train.eval_every", ">= 0 (0: never)", t.eval_every)
+    _check(t.eval_batches >= 1, "train.eval_batches", ">= 1", t.eval_batches)
+    _check(c.task.type in TASK_TYPES, "task.type", f"one of {list(TASK_TYPES)}", c.task.type)
 
     e = c.elastic
     _check(e.replicate_every >= 1, "elastic.replicate_every", ">= 1", e.replicate_every)
@@ -290,7 +295,11 @@ def _validate_cluster(cl: ClusterConfig) -> None:
 
 
 def _validate_targets(c: JobConfig) -> None:
-    """The model and dataset targets must import; the model must build (on the meta device)."""
+    """The model and dataset targets (and ``task.loss``) must import.
+
+    Whether the model builds is checked once the dataset's facts are known
+    (``orchestrator.preflight.model_shape``), before anything starts.
+    """
     for group in ("model", "data"):
         node = getattr(c, group)
         target = _target_of(node)
@@ -300,25 +309,18 @@ def _validate_targets(c: JobConfig) -> None:
             getattr(importlib.import_module(module_name), attr)
         except (ImportError, AttributeError, ValueError) as e:
             raise ConfigError(f"{group}._target_: cannot import {target!r} ({e})") from None
+    if c.task.loss:
+        from actors.task import TaskError, import_function
+
+        try:
+            import_function(str(c.task.loss), "task.loss")
+        except TaskError as e:
+            raise ConfigError(str(e)) from None
     seq_len = _field(c.model, "seq_len")
-    _check(isinstance(seq_len, int) and seq_len >= 1, "model.seq_len", "an int >= 1", seq_len)
+    if seq_len is not None:
+        _check(isinstance(seq_len, int) and seq_len >= 1, "model.seq_len", "an int >= 1", seq_len)
     if _target_of(c.data) == "actors.data.text_file":
-        _validate_text_file(c.data, seq_len)
-    try:
-        import torch
-
-        from actors.data import VOCAB_SIZE
-        from actors.models.build import build_model
-
-        # Building on the meta device allocates nothing, but runs the
-        # constructor's own checks (e.g. d_model divisible by n_head).
-        with torch.device("meta"):
-            build_model(c.model, VOCAB_SIZE)
-    except ConfigError:
-        raise
-    except Exception as e:  # noqa: BLE001 - a user's model may raise anything
-        cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
-        raise ConfigError(f"model: cannot build {_target_of(c.model)!r}: {cause}") from None
+        _validate_text_file(c.data, seq_len or 1)
 
 
 def _validate_text_file(data: Any, seq_len: int) -> None:

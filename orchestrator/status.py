@@ -41,7 +41,12 @@ class JobStatus:
     step: int = 0  # steps completed (the next step to run)
     total_steps: int = 0
     loss: float | None = None
-    tokens_per_s: float | None = None
+    tokens_per_s: float | None = None  # language models
+    samples_per_s: float | None = None
+    # The newest evaluation on the held-out split (train.eval_every).
+    eval_loss: float | None = None
+    accuracy: float | None = None  # classification
+    perplexity: float | None = None  # language models
     elapsed_s: float = 0.0
     error: str | None = None
     last_checkpoint: str | None = None  # URI of the newest committed checkpoint

@@ -127,7 +127,7 @@ class WorkerGroup:
         spec: JobSpec,
         program: TrainingProgram,
         role: RoleSpec,
-        tokens_ref: ray.ObjectRef,
+        data_ref: ray.ObjectRef,
         numel: int,
         events: EventLog,
         standing: bool = False,
@@ -137,7 +137,7 @@ class WorkerGroup:
         self.role = role
         self.standing = standing
         self._control_methods = frozenset(load_runtime(role.runtime).CONTROL_METHODS)
-        self._tokens_ref = tokens_ref
+        self._data_ref = data_ref
         self.numel = numel
         self.events = events
         self.members: list[Member] = []
@@ -169,7 +169,7 @@ class WorkerGroup:
                 num_gpus=role.gpus,
                 name=f"shoal-{self.spec.job_id}-{role.name}{wid}",
                 runtime_env=env,
-            ).remote(role.runtime, self.spec, wid, self._tokens_ref)
+            ).remote(role.runtime, self.spec, wid, self._data_ref)
             handle = RuntimeHandle(actor, self._control_methods)
             self.pending.append((Member(wid, actor, handle, role.name), handle.probe.remote()))
         self._request_capacity()

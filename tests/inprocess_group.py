@@ -68,6 +68,8 @@ class ScriptedMember:
         return SimpleNamespace(
             rank=self.rank,
             loss_sum=tokens * 5.0 / (1 + step),
+            n_units=tokens,
+            n_samples=hi - lo,
             n_tokens=tokens,
             grad_norm=1.0,
             compute_s=0.01,
@@ -130,7 +132,7 @@ class InProcessGroup:
         spec: JobSpec,
         program: TrainingProgram,
         role: RoleSpec,
-        tokens_ref: Any,
+        data_ref: Any,
         numel: int,
         events: Any,
         standing: bool = False,

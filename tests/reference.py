@@ -9,28 +9,30 @@ weights), which is what the engines' flat optimizer applies.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from actors.data import VOCAB_SIZE, batch_offsets, make_batch
 from actors.dp_runtime import optimizer_spec
-from actors.models.build import build_model
+from actors.task import build_model, make_task
 from collectives.flat import FlatLayout
 from orchestrator.schedule import lr_at
 from orchestrator.spec import JobSpec
 
 
-def train_reference(spec: JobSpec, tokens, steps: int) -> torch.Tensor:
-    """Plain single-process training on the same global batches; returns flat parameters."""
+def train_reference(spec: JobSpec, data, steps: int) -> torch.Tensor:
+    """Plain single-process training on the same global batches; returns flat parameters.
+
+    ``data`` is the job's dataset (``actors/datasets.py``); the loss is the
+    task's, scaled as the workers scale it (by the global batch's units).
+    """
     t = spec.train
+    task = make_task(spec.task, data, spec.seq_len)
     torch.manual_seed(t.seed)
-    model = build_model(spec.model, VOCAB_SIZE)
+    model = build_model(spec.model, data.facts)
     opt = optimizer_spec(spec).build(list(model.parameters()), lr=t.lr)  # two param groups
     for step in range(steps):
-        offsets = batch_offsets(t.seed, step, t.global_batch, len(tokens), spec.seq_len)
-        x, y = make_batch(tokens, offsets, spec.seq_len)
+        batch = task.batch(data, t.seed, step, t.global_batch, 0, t.global_batch)
         opt.zero_grad()
-        logits = model(x)
-        F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1)).backward()
+        loss, _ = task.loss(model, batch)
+        (loss / (t.global_batch * task.units_per_sample)).backward()
         if t.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip)
         for g in opt.param_groups:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from safetensors.torch import load_file
 
-from actors.data import VOCAB_SIZE
-from actors.models.build import build_model
+from actors.data import BYTE_FACTS
+from actors.task import build_model
 from collectives.flat import FlatLayout, tied_aliases
 from orchestrator.cli import main
 from orchestrator.spec import JobSpec
@@ -22,7 +22,7 @@ def _checkpoint(store, step: int, world: int = 2) -> torch.nn.Module:
     """Save a tiny GPT's parameters (and a fake optimizer state) as a ``world``-shard checkpoint."""
     spec = JobSpec.from_overrides([*TINY, "strategy=zero2"])
     torch.manual_seed(step)
-    model = build_model(spec.model, VOCAB_SIZE)
+    model = build_model(spec.model, BYTE_FACTS)
     layout = FlatLayout.of(model)
     flat = torch.cat([p.detach().reshape(-1) for _, p in model.named_parameters()])
     exp_avg = torch.randn_like(flat)
@@ -86,7 +86,7 @@ def test_export_loads_into_the_plain_model_with_tied_weights(tmp_path, capsys):
     assert main(["checkpoints", "export", store.uri, "--out", str(out)]) == 0
     state = load_file(out)
     assert torch.equal(state["lm_head.weight"], state["wte.weight"])  # tied: under both names
-    fresh = build_model(JobSpec.from_overrides(TINY).model, VOCAB_SIZE)
+    fresh = build_model(JobSpec.from_overrides(TINY).model, BYTE_FACTS)
     fresh.load_state_dict(state)  # strict: every key of the plain model, no extras
     for (name, p), (_, q) in zip(saved.named_parameters(), fresh.named_parameters(), strict=True):
         assert torch.equal(p, q), name

@@ -13,6 +13,7 @@ import json
 
 import pytest
 
+from actors.data import BYTE_FACTS
 from orchestrator import standing_roles
 from orchestrator.controller import JobController
 from orchestrator.node_drain import DrainingNodes
@@ -54,7 +55,11 @@ def _controller(
     )
     recorder = recorder or Recorder()
     controller = JobController(
-        spec, [None], group_factory=recorder.factory, program=program and program(spec)
+        spec,
+        [None],
+        BYTE_FACTS,
+        group_factory=recorder.factory,
+        program=program and program(spec),
     )
     controller._draining = DrainingNodes(poll_s=0.0, read=dict)
     real_set = controller._set

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import numpy as np
 
-from actors.data import batch_offsets, make_batch, stdlib_text, text_file
+from actors.data import stdlib_text, text_file
+from actors.datasets import window_offsets, windows
 from orchestrator.schedule import lr_at
 from orchestrator.schema import TrainConfig
 from orchestrator.shard_plan import batch_shares
 
 
 def test_global_batch_is_a_function_of_seed_and_step_only():
-    a = batch_offsets(seed=3, step=5, global_batch=7, n_tokens=10_000, seq_len=16)
-    b = batch_offsets(seed=3, step=5, global_batch=7, n_tokens=10_000, seq_len=16)
-    c = batch_offsets(seed=3, step=6, global_batch=7, n_tokens=10_000, seq_len=16)
+    a = window_offsets(seed=3, step=5, global_batch=7, n_tokens=10_000, seq_len=16)
+    b = window_offsets(seed=3, step=5, global_batch=7, n_tokens=10_000, seq_len=16)
+    c = window_offsets(seed=3, step=6, global_batch=7, n_tokens=10_000, seq_len=16)
     assert np.array_equal(a, b) and not np.array_equal(a, c)
     # Any split of the rows among workers reassembles the same global batch.
     for workers in (1, 2, 3):
@@ -23,9 +24,9 @@ def test_global_batch_is_a_function_of_seed_and_step_only():
         assert np.array_equal(np.concatenate(parts), a)
 
 
-def test_make_batch_targets_are_next_tokens():
+def test_window_targets_are_next_tokens():
     tokens = np.arange(100, dtype=np.uint8)
-    x, y = make_batch(tokens, np.array([0, 10]), seq_len=5)
+    x, y = windows(tokens, np.array([0, 10]), seq_len=5)
     assert x.tolist() == [[0, 1, 2, 3, 4], [10, 11, 12, 13, 14]]
     assert y.tolist() == [[1, 2, 3, 4, 5], [11, 12, 13, 14, 15]]
 

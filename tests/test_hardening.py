@@ -15,6 +15,7 @@ import time
 import pytest
 import torch
 
+from actors.data import BYTE_FACTS
 from orchestrator import JobSpec, JobState, submit
 from orchestrator.cli import main
 from orchestrator.preflight import (
@@ -84,7 +85,7 @@ def test_manifest_with_code_in_its_config_runs_nothing(tmp_path, capsys):
         [*TINY, "strategy=zero2", f"run_dir={tmp_path / 'r'}", "train.steps=20", "resume=latest"]
     )
     spec.config.checkpoint.uri = store.uri
-    check_checkpoints(spec, model_shape(spec))
+    check_checkpoints(spec, model_shape(spec, BYTE_FACTS))
     assert not marker.exists()
 
 
@@ -155,8 +156,9 @@ def test_fresh_run_into_a_used_checkpoint_root_is_refused(tmp_path):
     store = open_store(spec.checkpoint.uri)
     _commit(store, 10, "earlier", keep=5)
     with pytest.raises(ConfigError, match="resume=latest.*checkpoint.overwrite=true"):
-        check_checkpoints(spec, model_shape(spec))
-    check_checkpoints(_tiny_spec(tmp_path, "checkpoint.overwrite=true"), model_shape(spec))
+        check_checkpoints(spec, model_shape(spec, BYTE_FACTS))
+    shape = model_shape(spec, BYTE_FACTS)
+    check_checkpoints(_tiny_spec(tmp_path, "checkpoint.overwrite=true"), shape)
     assert committed_steps(store) == [10]  # a check deletes nothing
 
 
@@ -229,7 +231,7 @@ def test_optimizer_mismatch_is_named_not_called_damage(tmp_path):
         ]
     )
     with pytest.raises(ConfigError) as e:
-        check_checkpoints(spec, model_shape(spec))
+        check_checkpoints(spec, model_shape(spec, BYTE_FACTS))
     assert "train.optimizer" in str(e.value) and "train.optimizer=adamw" in str(e.value)
     assert "corrupt" not in str(e.value) and "damaged" not in str(e.value)
 
@@ -242,12 +244,12 @@ def test_resume_below_the_checkpoint_step_says_so(tmp_path):
     )
     spec.config.checkpoint.uri = store.uri
     with pytest.raises(ConfigError, match="already at step 10.*train.steps=8"):
-        check_checkpoints(spec, model_shape(spec))
+        check_checkpoints(spec, model_shape(spec, BYTE_FACTS))
 
 
 def test_model_too_large_names_its_size_and_the_memory_there(tmp_path):
     spec = _tiny_spec(tmp_path, "cluster.workers=2")
-    numel = model_shape(spec).numel
+    numel = model_shape(spec, BYTE_FACTS).numel
     per_worker = worker_bytes_lower_bound(numel, spec)
     assert per_worker == 16 * numel  # ddp + adamw: params, grads, two moments, fp32
     zero3 = _tiny_spec(tmp_path, "cluster.workers=2", "strategy=zero3")

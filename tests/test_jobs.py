@@ -65,7 +65,7 @@ def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
     phases = ["controller", "workers_placed", "group_formed", "state_ready", "first_step"]
     assert [p for p in status.startup_s if p != "ray"] == phases
     assert [status.startup_s[p] for p in phases] == sorted(status.startup_s[p] for p in phases)
-    reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=4)
+    reference = train_reference(spec, stdlib_text(CORPUS_BYTES), steps=4)
     torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
 
 
@@ -105,7 +105,7 @@ def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, 
         assert abs(shard_sizes[0] / shard_sizes[1] - 2) < 0.01
     if "train.balance=auto" in extra:
         assert sum(handle.metrics()[-1]["batch"]) == 7
-    reference = train_reference(spec, stdlib_text(CORPUS_BYTES).tokens, steps=4)
+    reference = train_reference(spec, stdlib_text(CORPUS_BYTES), steps=4)
     torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
 
 

@@ -113,6 +113,8 @@ def test_data_parallel_program_reduces_results_into_one_record():
         return SimpleNamespace(
             rank=rank,
             loss_sum=loss_sum,
+            n_units=n_tokens,
+            n_samples=n_tokens // 16,
             n_tokens=n_tokens,
             grad_norm=1.5,
             compute_s=0.1,
@@ -123,6 +125,7 @@ def test_data_parallel_program_reduces_results_into_one_record():
     record = program.reduce(3, 0.01, [result(0, 32.0, 32), result(1, 64.0, 32)], 0.5)
     assert record["loss"] == pytest.approx(96.0 / 64)
     assert record["batch"] == [2, 2] and record["tokens_per_s"] == pytest.approx(64 / 0.5)
+    assert record["samples_per_s"] == pytest.approx(4 / 0.5)
     assert program.member_fields(record) == [{"batch_share": 2, "compute_s": 0.1}] * 2
     assert program.status_fields() == {"batch_shares": [2, 2]}
     assert program.member_row(plan, 1, 50)["shard"] == [0, 50]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 
 from orchestrator.reporter import RunReporter
 
@@ -35,3 +36,19 @@ def test_a_fresh_run_drops_an_earlier_runs_records(tmp_path):
     reporter.add({"step": 0, "loss": 1.0})
     assert _steps(tmp_path / "metrics.jsonl") == [{"step": 0, "loss": 1.0}]
     reporter.close()
+
+
+def test_the_plot_is_drawn_by_a_child_process_from_the_file(tmp_path):
+    """Drawing happens outside the controller's process (no GIL shared with recovery)."""
+    reporter = RunReporter(tmp_path, plot_every_s=0.0)
+    for step in range(20):
+        reporter.add({"step": step, "loss": 3.0 - 0.1 * step})
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 20, "lo')  # a record being written: skipped, not fatal
+    reporter.plot_soon()
+    deadline = time.monotonic() + 120
+    while not (tmp_path / "loss.png").exists() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert (tmp_path / "loss.png").stat().st_size > 0
+    reporter._closed.set()  # stop the thread without the final in-process drawing
+    reporter._plot_wanted.set()

@@ -36,7 +36,6 @@ def test_overrides_are_typed(tmp_path):
         (["train.micro_batches=20"], "train.micro_batches"),
         (["strategy=zero9"], "ddp"),
         (["model=gpt_huge"], "gpt_tiny"),
-        (["model.n_head=5"], "n_head"),
         (["model._target_=no.such.Model"], "model._target_"),
         (["data=text_file"], "data.path"),
         (["data=text_file", "data.path=/definitely/not/here.txt"], "data.path"),
@@ -85,3 +84,13 @@ def test_a_text_too_short_for_one_sample_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="data.path: must be a text of more than"):
         JobSpec.from_overrides(["data=text_file", f"data.path={f}", "model.seq_len=64"])
     JobSpec.from_overrides(["data=text_file", f"data.path={f}", "model.seq_len=16"])
+
+
+def test_a_model_that_cannot_be_built_is_refused_before_anything_starts():
+    """Built on the meta device once the data's facts are known (preflight, before Ray)."""
+    from actors.data import BYTE_FACTS
+    from orchestrator.preflight import model_shape
+
+    spec = JobSpec.from_overrides(["model.n_head=5"])  # d_model 128 is not divisible by 5
+    with pytest.raises(ConfigError, match="model: cannot build .*GPT"):
+        model_shape(spec, BYTE_FACTS)

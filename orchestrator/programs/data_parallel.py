@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from actors.task import eval_metrics
 from collectives.optim import OptimizerSpec
 from collectives.replication import REPLICA_BUFFERS
 from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
@@ -67,7 +68,7 @@ class BatchBalancer:
         if not self.auto:
             return
         for r in results:
-            self._samples[r.rank] += r.n_tokens
+            self._samples[r.rank] += r.n_samples
             self._seconds[r.rank] += max(r.compute_s, 1e-9)
         self._steps += 1
         if self._steps % self.every == 0:
@@ -131,19 +132,32 @@ class DataParallelProgram(TrainingProgram):
         self.balancer.observe(results)
 
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
-        seq_len = self.spec.seq_len
-        return {
+        record = {
             "step": step,
-            "loss": sum(r.loss_sum for r in results) / sum(r.n_tokens for r in results),
+            "loss": sum(r.loss_sum for r in results) / sum(r.n_units for r in results),
             "lr": lr,
             "grad_norm": results[0].grad_norm,  # the global norm: the same on every rank
             "step_time_s": step_time_s,
-            "tokens_per_s": self.spec.train.global_batch * seq_len / step_time_s,
-            "batch": [r.n_tokens // seq_len for r in results],
+            "samples_per_s": sum(r.n_samples for r in results) / step_time_s,
+            "batch": [r.n_samples for r in results],
             "compute_s": [round(r.compute_s, 5) for r in results],
             "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
             "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
         }
+        tokens = sum(r.n_tokens for r in results)
+        if tokens:
+            record["tokens_per_s"] = tokens / step_time_s
+        return record
+
+    def eval_items(self) -> list[WorkItem]:
+        """Every rank evaluates its equal share of each held-out batch (with the same forwards)."""
+        t = self.spec.train
+        shares = batch_shares(t.global_batch, [1.0] * len(self.balancer.shares))
+        bounds = [(sum(shares[:r]), sum(shares[: r + 1])) for r in range(len(shares))]
+        return [WorkItem("evaluate", (bounds,)) for _ in bounds]
+
+    def reduce_eval(self, results: list[Any]) -> dict[str, float]:
+        return eval_metrics(results)
 
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
         return [
