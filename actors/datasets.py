@@ -39,6 +39,13 @@ class DataError(ValueError):
     """A dataset that cannot serve the job as configured (e.g. smaller than one batch)."""
 
 
+def fingerprint_of(data: object) -> str | None:
+    """A dataset's fingerprint (checkpoints record it; a resume on other data is refused),
+    if it has one: a user's own dataset may not."""
+    fingerprint = getattr(data, "fingerprint", None)
+    return fingerprint() if callable(fingerprint) else None
+
+
 @dataclass(frozen=True)
 class DataFacts:
     """What a model factory may need to know about its data (None: not applicable)."""

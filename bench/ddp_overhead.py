@@ -55,7 +55,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from actors.data import VOCAB_SIZE, batch_offsets, make_batch, stdlib_text
+from actors.data import VOCAB_SIZE, stdlib_text
+from actors.datasets import windows
 from actors.models.gpt import GPT
 from collectives.optim import decay_groups
 
@@ -176,7 +177,8 @@ def ddp_rank(rank: int, world: int, port: int, job: PlainJob, queue) -> None:
     dist.init_process_group(
         "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
     )
-    tokens = stdlib_text(job.max_bytes).tokens
+    corpus = stdlib_text(job.max_bytes)
+    tokens = corpus.tokens
     torch.manual_seed(job.seed)
     model = GPT(vocab_size=VOCAB_SIZE, **job.model_kwargs)
     ddp = torch.nn.parallel.DistributedDataParallel(model)
@@ -195,8 +197,9 @@ def ddp_rank(rank: int, world: int, port: int, job: PlainJob, queue) -> None:
     first_step_t = None
     last = time.perf_counter()
     for step in range(job.steps):
-        offsets = batch_offsets(job.seed, step, job.global_batch, len(tokens), job.seq_len)
-        x, y = make_batch(tokens, offsets[lo:hi], job.seq_len)
+        # The windows a shoal job trains on (the held-out tail excluded).
+        offsets = corpus.offsets(job.seed, step, job.global_batch, job.seq_len)
+        x, y = windows(tokens, offsets[lo:hi], job.seq_len)
         for group in opt.param_groups:
             group["lr"] = job.lrs[step]
         opt.zero_grad(set_to_none=True)

@@ -101,7 +101,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 
-from actors.data import VOCAB_SIZE, batch_offsets, make_batch, stdlib_text
+from actors.data import VOCAB_SIZE, stdlib_text
+from actors.datasets import windows
 from actors.models.gpt import GPT
 from collectives.optim import decay_groups
 
@@ -322,7 +323,8 @@ def rank_main(
         sync = _no_sync
     from orchestrator.shard_plan import batch_shares
 
-    tokens = stdlib_text(job.max_bytes).tokens
+    corpus = stdlib_text(job.max_bytes)
+    tokens = corpus.tokens
     shares = batch_shares(job.global_batch, [1.0] * world)
     lo, hi = sum(shares[:rank]), sum(shares[: rank + 1])
     global_tokens = job.global_batch * job.seq_len
@@ -341,8 +343,9 @@ def rank_main(
     sync()  # the model's copy to the GPU is not part of step 0
     last, last_cpu = time.perf_counter(), _cpu_s()
     for step in range(job.steps):
-        offsets = batch_offsets(job.seed, step, job.global_batch, len(tokens), job.seq_len)
-        x, y = make_batch(tokens, offsets[lo:hi], job.seq_len)
+        # The windows a shoal job trains on (the held-out tail excluded).
+        offsets = corpus.offsets(job.seed, step, job.global_batch, job.seq_len)
+        x, y = windows(tokens, offsets[lo:hi], job.seq_len)
         x, y = x.to(device), y.to(device)  # the same tensors on CPU
         runner.zero_grad()
         sync()

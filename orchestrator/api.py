@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import ray
 
+from actors.datasets import fingerprint_of
 from orchestrator.controller import controller_actor_class
 from orchestrator.preflight import run_preflight
 from orchestrator.run_lock import RunFolderLock
@@ -234,7 +235,12 @@ def submit(spec: JobSpec) -> JobHandle:
         # The model is sized from the data's facts (vocabulary, classes, input
         # shape), so the data is read first; both before Ray starts.
         data = load_data(spec)
-        run_preflight(spec, local=spec.cluster.address is None, facts=data.facts)
+        run_preflight(
+            spec,
+            local=spec.cluster.address is None,
+            facts=data.facts,
+            fingerprint=fingerprint_of(data),
+        )
         ensure_ray(spec)
         ray_ready_s = time.time() - submitted_at
         # Written only once every check passed: a refused run leaves the folder as it was.

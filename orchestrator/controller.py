@@ -123,6 +123,7 @@ class JobController:
         self._lineage = spec.job_id
         self._tied: dict[str, str] = {}
         self._flops_per_token: int | None = None
+        self._fingerprint: str | None = None  # the data's, asked of a worker at the start
         # How this job trains (strategy-specific); everything here is shared.
         # Tests may pass a program of their own; jobs get theirs by strategy.
         self._program = program or program_for(spec)
@@ -260,6 +261,7 @@ class JobController:
         )
         group.form_epoch(members)
         self._phase("group_formed")
+        self._fingerprint = group.ask_first("data_fingerprint")
         for m in members:
             self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
         self._set(state=JobState.STARTING, workers=self._member_rows(), epoch=group.epoch)
@@ -300,7 +302,7 @@ class JobController:
                     raise
                 self._skip_checkpoint(skipped, uri, str(e))
                 continue
-            mismatch = resume_mismatch(manifest, layout, self.spec, uri)
+            mismatch = resume_mismatch(manifest, layout, self.spec, uri, self._fingerprint)
             if mismatch:
                 raise ConfigError(mismatch)
             results = self._gather(
@@ -685,7 +687,12 @@ class JobController:
                     layout=layout,
                     optimizer={"name": t.optimizer, "step_count": step},
                     shards=records,
-                    data={"position": step, "seed": t.seed, "global_batch": t.global_batch},
+                    data={
+                        "position": step,
+                        "seed": t.seed,
+                        "global_batch": t.global_batch,
+                        "fingerprint": self._fingerprint,
+                    },
                     config=self.spec.to_dict(),
                     tied=self._tied,
                     lineage=self._lineage,

@@ -62,13 +62,28 @@ def fresh_root_problem(store: ObjectStore, spec: JobSpec) -> str | None:
     )
 
 
-def resume_mismatch(manifest: Manifest, layout: list[dict], spec: JobSpec, uri: str) -> str | None:
+def resume_mismatch(
+    manifest: Manifest,
+    layout: list[dict],
+    spec: JobSpec,
+    uri: str,
+    fingerprint: str | None = None,
+) -> str | None:
     """Why checkpoint ``manifest`` cannot be resumed by ``spec``, or None if it can.
 
     The model is the user's (built from their config, never from the
     manifest): its layout must match the checkpoint's. A different optimizer
-    is a choice to correct, not a damaged checkpoint.
+    is a choice to correct, not a damaged checkpoint. ``fingerprint``: the
+    job's data (``Dataset.fingerprint()``); a checkpoint saved on other data
+    (another file, another tokenizer) would continue on samples it never
+    saw under step numbers that meant other samples.
     """
+    saved_data = manifest.data.get("fingerprint")
+    if fingerprint and saved_data and saved_data != fingerprint:
+        return (
+            f"data: checkpoint {uri} was trained on other data (fingerprint {saved_data}, this "
+            f"run's is {fingerprint}); resume with the data (and data.tokenizer) it was saved with"
+        )
     if manifest.layout != layout:
         return (
             f"resume: checkpoint {uri} was saved for a different model (parameter names or "
@@ -172,7 +187,7 @@ def model_shape(spec: JobSpec, facts: DataFacts) -> ModelShape:
     return ModelShape(layout.to_json(), layout.numel)
 
 
-def check_checkpoints(spec: JobSpec, shape: ModelShape) -> None:
+def check_checkpoints(spec: JobSpec, shape: ModelShape, fingerprint: str | None = None) -> None:
     """The checkpoint root is usable, a fresh run owns it, and what ``resume`` names fits."""
     try:
         store = open_store(spec.checkpoint.uri, **store_options(spec))
@@ -182,16 +197,18 @@ def check_checkpoints(spec: JobSpec, shape: ModelShape) -> None:
             raise ConfigError(problem)
         if spec.resume is not None:
             uri, manifest = resume_target(spec, store)
-            problem = resume_mismatch(manifest, shape.layout, spec, uri) or nothing_left(
-                manifest, spec, uri
-            )
+            problem = resume_mismatch(
+                manifest, shape.layout, spec, uri, fingerprint
+            ) or nothing_left(manifest, spec, uri)
             if problem:
                 raise ConfigError(problem)
     except StoreError as e:
         raise ConfigError(str(e)) from None
 
 
-def run_preflight(spec: JobSpec, local: bool, facts: DataFacts) -> ModelShape:
+def run_preflight(
+    spec: JobSpec, local: bool, facts: DataFacts, fingerprint: str | None = None
+) -> ModelShape:
     """Every check that needs no Ray; ``local``: the job runs on this machine.
 
     On a remote cluster (``local`` False) memory and ``file://`` paths are
@@ -203,5 +220,5 @@ def run_preflight(spec: JobSpec, local: bool, facts: DataFacts) -> ModelShape:
     shape = model_shape(spec, facts)
     if local:
         check_memory(shape.numel, spec, node_available_bytes())
-        check_checkpoints(spec, shape)
+        check_checkpoints(spec, shape, fingerprint)
     return shape

@@ -5,6 +5,7 @@ Most of these need no Ray: the checks they exercise run before Ray starts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -22,6 +23,7 @@ from orchestrator.preflight import (
     check_checkpoints,
     check_memory,
     model_shape,
+    resume_mismatch,
     resume_target,
     worker_bytes_lower_bound,
 )
@@ -308,3 +310,17 @@ def test_job_errors_are_one_line_with_the_traceback_in_the_run_folder(tmp_path):
         msg = JobController._describe(fake, e)
     assert "\n" not in msg and msg.startswith("KeyError: 'missing'") and ERROR_LOG in msg
     assert "Traceback" in (tmp_path / ERROR_LOG).read_text()
+
+
+def test_resume_on_other_data_is_refused_naming_data(tmp_path):
+    """A checkpoint records its data's fingerprint; other data (a file, a tokenizer) is refused."""
+    store = LocalStore(tmp_path / "ck")
+    _checkpoint(store, 10)
+    spec = JobSpec.from_overrides([*TINY, "strategy=zero2", f"run_dir={tmp_path / 'r'}"])
+    layout = model_shape(spec, BYTE_FACTS).layout
+    saved = dataclasses.replace(read_manifest(store, 10), data={"fingerprint": "aaaa"})
+    problem = resume_mismatch(saved, layout, spec, "the-uri", fingerprint="bbbb")
+    assert problem.startswith("data: checkpoint the-uri was trained on other data")
+    assert resume_mismatch(saved, layout, spec, "the-uri", fingerprint="aaaa") is None
+    # Checkpoints written before fingerprints were recorded still resume.
+    assert resume_mismatch(read_manifest(store, 10), layout, spec, "u", fingerprint="bbbb") is None
