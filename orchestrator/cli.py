@@ -46,8 +46,17 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
   strategy=ddp|zero1|zero2|zero3
                                data parallelism; zero1/2/3 also shard the optimizer
                                state, then the gradients, then the parameters
-  model=gpt_tiny|gpt_small     model.n_layer, model.n_head, model.d_model, model.seq_len
-  data=stdlib_text|text_file   data.path=... for text_file
+  model=gpt_tiny|gpt_small|mlp
+                               gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
+                               mlp: model.hidden=[128,128] (sizes from the data)
+  data=stdlib_text|text_file|digits|arrays
+                               text_file: data.path=..., data.tokenizer=bytes|bpe,
+                               data.vocab_size=N (bpe); arrays: data.path=x.npz
+  model._target_=pkg.mod.Fn    your own model / dataset (data._target_=...) / loss
+  task.loss=pkg.mod.fn         (task.loss: fn(model, batch) -> (loss_sum, count)),
+                               imported from the working directory or an installed package
+  task.type=auto|lm|classification
+  train.eval_every=N           held-out loss and accuracy/perplexity every N steps
   cluster.workers=N            cluster.cpus_per_worker, cluster.gpus_per_worker,
                                cluster.address (null: embedded local Ray; else a cluster)
   train.steps, train.global_batch, train.lr, train.seed, train.log_every, ...
@@ -60,12 +69,14 @@ examples:
   shoal run                                     # gpt_tiny on 2 local workers
   shoal run cluster.workers=3 train.steps=500
   shoal run data=text_file data.path=~/book.txt model=gpt_small
+  shoal run model=mlp data=digits train.eval_every=20
+  shoal run data=text_file data.path=book.txt data.tokenizer=bpe data.vocab_size=4096
   shoal run run_dir=runs/a resume=latest        # continue runs/a from its last checkpoint
   shoal config train.lr=1e-3                    # print every field, resolved
 
 Outputs go to the run folder: config.yaml, metrics.jsonl, status.json, loss.png,
-sample.txt and checkpoints/. Ctrl-C cancels at the next step boundary; a second
-Ctrl-C stops at once.
+sample.txt (language models), tokenizer.json (data.tokenizer=bpe) and checkpoints/.
+Ctrl-C cancels at the next step boundary; a second Ctrl-C stops at once.
 """
 
 
