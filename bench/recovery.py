@@ -307,6 +307,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--every", type=int, default=20, help="checkpoint.every")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-survivors", action="store_true", help="skip cluster.min_workers=2")
+    p.add_argument(
+        "--no-restart", action="store_true", help="skip the restart + checkpoint baseline"
+    )
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args()
     args.steps = 3 * args.every  # the kill lands in (N, 2N); the job is cancelled after
@@ -337,7 +340,8 @@ def main() -> None:
         for strategy in args.strategies:
             kill_at = rng.randint(args.every + 2, 2 * args.every - 2)
             rank = rng.randrange(args.workers)
-            methods = [RESTART, SHOAL] + ([] if args.no_survivors else [SURVIVORS])
+            methods = ([] if args.no_restart else [RESTART]) + [SHOAL]
+            methods += [] if args.no_survivors else [SURVIVORS]
             if rep % 2:
                 methods.reverse()
             for method in methods:
