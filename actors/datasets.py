@@ -175,7 +175,10 @@ class ArrayDataset:
     ) -> ArrayDataset:
         """A dataset whose test rows are a seeded ``test_fraction`` of all rows."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        y = np.ascontiguousarray(y).astype(np.int64)
+        y = np.ascontiguousarray(y)
+        if not (np.issubdtype(y.dtype, np.integer) or np.all(np.mod(y, 1) == 0)):
+            raise DataError(f"{source}: labels must be class indices (whole numbers), not floats")
+        y = y.astype(np.int64)
         if x.ndim < 2 or y.ndim != 1 or len(x) != len(y):
             raise DataError(
                 f"{source}: features must be [N, ...] and labels [N]; got {x.shape} and {y.shape}"
@@ -264,7 +267,12 @@ def arrays(
             missing = [k for k in (x_key, y_key) if k not in f]
             if missing:
                 raise DataError(f"data.path: {p} has no array {missing[0]!r} (has {list(f)})")
-            x, y = f[x_key], f[y_key]
+            try:
+                x, y = f[x_key], f[y_key]
+            except ValueError:  # allow_pickle=False refuses object arrays: never unpickled
+                raise DataError(
+                    f"data.path: {p} holds an object (pickled) array; only numeric arrays are read"
+                ) from None
     elif p.suffix == ".safetensors":
         from safetensors.numpy import load_file
 
