@@ -137,6 +137,11 @@ def main(argv: list[str] | None = None) -> int:
     # `--debug` may stand anywhere, e.g. after `run` among the KEY=VALUE
     # overrides, where no override can look like it.
     _debug_flag = "--debug" in argv
+    # A user's own model, dataset or loss (model._target_=mypkg.nets.Net) is
+    # imported from the working directory, as `python -m` would; the workers
+    # get it on PYTHONPATH (orchestrator.api.ensure_ray).
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
     parser = _parser()
     args = parser.parse_args([a for a in argv if a != "--debug"])
     return run_guarded(lambda: _dispatch(args, parser))

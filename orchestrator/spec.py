@@ -105,6 +105,7 @@ def compose(overrides: list[str]) -> JobConfig:
     try:
         with initialize_config_module(config_module="configs", version_base=None):
             cfg = hydra_compose(config_name="job", overrides=overrides)
+        _fit_replaced_targets(cfg, overrides)
         _reject_unknown_keys(cfg)
         return OmegaConf.to_object(cfg)
     except (HydraException, OmegaConfBaseException) as e:
@@ -134,6 +135,49 @@ def _reject_unknown_keys(node: Any, path: str = "") -> None:
                 "`shoal config` prints every field"
             )
         _reject_unknown_keys(node._get_node(key), f"{name}.")
+
+
+def _fit_replaced_targets(cfg: Any, overrides: list[str]) -> None:
+    """A ``model``/``data`` whose ``_target_`` was replaced keeps only the fields it takes.
+
+    ``model._target_=mypkg.nets.Net`` on the default ``gpt_tiny`` would
+    otherwise hand ``Net`` the GPT's ``n_layer``, ``n_head``, ...: the option's
+    fields that the new target's signature does not name are dropped. Fields
+    set on the command line (``model.width=32``) are always kept, so a target
+    that does not take them fails naming them; a target taking ``**kwargs``
+    keeps everything.
+    """
+    import inspect
+
+    from omegaconf import open_dict
+
+    for group in ("model", "data"):
+        node = cfg[group]
+        schema = OmegaConf.get_type(node)
+        if not dataclasses.is_dataclass(schema):
+            continue
+        defaults = {f.name: f.default for f in dataclasses.fields(schema)}
+        target = node.get("_target_")
+        if not target or target == defaults.get("_target_"):
+            continue
+        try:
+            module_name, _, attr = str(target).rpartition(".")
+            params = inspect.signature(
+                getattr(importlib.import_module(module_name), attr)
+            ).parameters
+        except Exception:  # noqa: BLE001 - _validate_targets names an unimportable target
+            continue
+        if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            continue
+        prefix = f"{group}."
+        given = {
+            o.split("=", 1)[0].lstrip("+~")[len(prefix) :]
+            for o in overrides
+            if o.lstrip("+~").startswith(prefix)
+        }
+        kept = {k: node[k] for k in node if k == "_target_" or k in params or k in given}
+        with open_dict(cfg):
+            cfg[group] = OmegaConf.create(kept)
 
 
 def _explain_hydra_error(e: Exception) -> str:

@@ -94,3 +94,10 @@ def test_a_model_that_cannot_be_built_is_refused_before_anything_starts():
     spec = JobSpec.from_overrides(["model.n_head=5"])  # d_model 128 is not divisible by 5
     with pytest.raises(ConfigError, match="model: cannot build .*GPT"):
         model_shape(spec, BYTE_FACTS)
+
+
+def test_a_replaced_target_gets_only_the_fields_it_takes():
+    """``model._target_=...`` on gpt_tiny does not hand the new model the GPT's fields."""
+    spec = JobSpec.from_overrides(["model._target_=actors.models.mlp.MLP", "+model.hidden=[16]"])
+    assert dict(spec.model) == {"_target_": "actors.models.mlp.MLP", "dropout": 0.0, "hidden": [16]}
+    assert spec.seq_len is None  # no longer a language model's context
