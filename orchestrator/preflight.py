@@ -177,13 +177,26 @@ def model_shape(spec: JobSpec, facts: DataFacts) -> ModelShape:
     from actors.task import build_model
     from collectives.flat import FlatLayout
 
+    target = getattr(spec.model, "_target_", None) or spec.model.get("_target_")
     try:
         with torch.device("meta"):
-            layout = FlatLayout.of(build_model(spec.model, facts))
+            model = build_model(spec.model, facts)
+            layout = FlatLayout.of(model)
     except Exception as e:  # noqa: BLE001 - a user's model may raise anything
         cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
-        target = getattr(spec.model, "_target_", None) or spec.model.get("_target_")
         raise ConfigError(f"model: cannot build {target!r}: {cause}") from None
+    saved = model.state_dict()
+    buffers = [name for name, _ in model.named_buffers() if name in saved]
+    if buffers:
+        # Training state is the flat parameter vector: persistent buffers (a
+        # BatchNorm's running statistics) would differ per worker and be lost
+        # on resume, so they are refused rather than silently dropped.
+        raise ConfigError(
+            f"model: {target!r} keeps state outside its parameters ({', '.join(buffers[:3])}"
+            f"{', ...' if len(buffers) > 3 else ''}), which shoal neither synchronizes across "
+            "workers nor checkpoints; use GroupNorm/LayerNorm instead of BatchNorm, or register "
+            "such buffers with persistent=False if they are constants"
+        )
     return ModelShape(layout.to_json(), layout.numel)
 
 

@@ -101,3 +101,19 @@ def test_a_replaced_target_gets_only_the_fields_it_takes():
     spec = JobSpec.from_overrides(["model._target_=actors.models.mlp.MLP", "+model.hidden=[16]"])
     assert dict(spec.model) == {"_target_": "actors.models.mlp.MLP", "dropout": 0.0, "hidden": [16]}
     assert spec.seq_len is None  # no longer a language model's context
+
+
+def test_a_model_with_state_outside_its_parameters_is_refused():
+    """A BatchNorm's running statistics would differ per worker and be lost on resume."""
+    from actors.data import BYTE_FACTS
+    from orchestrator.preflight import model_shape
+
+    spec = JobSpec.from_overrides(["model._target_=tests.test_spec.with_batch_norm"])
+    with pytest.raises(ConfigError, match="model: .*running_mean.*GroupNorm"):
+        model_shape(spec, BYTE_FACTS)
+
+
+def with_batch_norm(vocab_size: int):
+    import torch
+
+    return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 8), torch.nn.BatchNorm1d(8))
