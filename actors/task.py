@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from actors.datasets import ArrayDataset, DataFacts, TokenDataset
-from orchestrator.schema import TASK_TYPES
+from actors.datasets import DataFacts
 
 # A loss: (model, batch) -> (summed loss as a 0-d tensor, units it sums over).
 LossFn = Callable[[nn.Module, dict[str, torch.Tensor]], tuple[torch.Tensor, int]]
@@ -92,7 +91,7 @@ class Task:
         return self.seq_len if self.type == "lm" else 1
 
     def loss(self, model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, int]:
-        """The loss of ``batch``, checked: a finite-shaped scalar and a positive count."""
+        """The loss of ``batch``, checked to be a 0-d tensor and a count (else ``TaskError``)."""
         out = self.loss_fn(model, batch)
         if not (isinstance(out, tuple) and len(out) == 2):
             raise TaskError(
@@ -233,16 +232,3 @@ def _as_dict(node: Any) -> dict[str, Any]:
     if OmegaConf.is_config(node):
         return OmegaConf.to_container(node, resolve=True)
     return dict(node)
-
-
-__all__ = [
-    "TASK_TYPES",
-    "ArrayDataset",
-    "DataFacts",
-    "Task",
-    "TaskError",
-    "TokenDataset",
-    "build_dataset",
-    "build_model",
-    "make_task",
-]
