@@ -215,6 +215,13 @@ def load_data(spec: JobSpec):
         data.check(spec.train.global_batch, task.seq_len)
     except (DataError, TaskError) as e:
         raise ConfigError(f"data: {e}" if isinstance(e, DataError) else str(e)) from None
+    t = spec.train
+    first_eval = next(iter(data.eval_batches(t.global_batch, task.seq_len, 1)), None)
+    if t.eval_every and first_eval is None:
+        raise ConfigError(
+            f"train.eval_every: the dataset ({spec.data._target_}) has no held-out samples to "
+            "evaluate on; set train.eval_every=0, or use a dataset with a held-out split"
+        )
     return data
 
 

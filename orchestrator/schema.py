@@ -155,6 +155,26 @@ class TextFileConfig:
 
 
 @dataclass
+class RayDatasetConfig:
+    """``data=ray_dataset data.uri=...``: text files larger than memory, streamed with Ray Data.
+
+    Samples are consecutive windows of the rows' byte tokens, in sorted file
+    order, repeated every epoch (``actors/stream.py``); no held-out split.
+    """
+
+    _target_: str = "actors.stream.ray_dataset"
+    # A directory or file: s3://bucket/corpus/, file:///data/corpus or a local path.
+    uri: str = MISSING
+    # parquet or json (JSON lines): the text is in `column`; text: a row per line.
+    format: str = "parquet"
+    column: str = "text"
+    # s3:// only: an S3-compatible server (MinIO, ...); null: AWS.
+    endpoint_url: str | None = None
+    # bytes only (vocabulary 256).
+    tokenizer: str = "bytes"
+
+
+@dataclass
 class TrainConfig:
     steps: int = 500
     # Samples (sequences of model.seq_len tokens) per optimizer step, summed
@@ -273,3 +293,4 @@ def register_schemas() -> None:
     cs.store(group="data", name="arrays_schema", node=ArraysConfig)
     cs.store(group="data", name="stdlib_text_schema", node=StdlibTextConfig)
     cs.store(group="data", name="text_file_schema", node=TextFileConfig)
+    cs.store(group="data", name="ray_dataset_schema", node=RayDatasetConfig)
