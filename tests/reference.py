@@ -13,8 +13,12 @@ import torch
 from actors.dp_runtime import optimizer_spec
 from actors.task import build_model, make_task
 from collectives.flat import FlatLayout
+from orchestrator.api import submit
 from orchestrator.schedule import lr_at
 from orchestrator.spec import JobSpec
+from orchestrator.status import JobState
+from storage.checkpoint import CheckpointReader, latest_manifest
+from storage.object_store import open_store
 
 
 def train_reference(spec: JobSpec, data, steps: int) -> torch.Tensor:
@@ -44,3 +48,19 @@ def train_reference(spec: JobSpec, data, steps: int) -> torch.Tensor:
 def flat_params(model: torch.nn.Module) -> torch.Tensor:
     params = dict(model.named_parameters())
     return torch.cat([params[s.name].detach().reshape(-1) for s in FlatLayout.of(model).slots])
+
+
+def final_params(spec: JobSpec) -> torch.Tensor:
+    """The flat parameters of a finished job's last checkpoint (which must be its last step)."""
+    store = open_store(spec.checkpoint.uri)
+    manifest = latest_manifest(store)
+    assert manifest is not None and manifest.step == spec.train.steps
+    return CheckpointReader(store, manifest).read("param", 0, manifest.numel)
+
+
+def run_job(spec: JobSpec):
+    """Submit ``spec``, wait for it, and require success; returns (handle, status)."""
+    handle = submit(spec)
+    status = handle.wait(timeout=240)
+    assert status.state == JobState.SUCCEEDED, status.error
+    return handle, status

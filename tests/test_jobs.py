@@ -7,9 +7,7 @@ import torch
 
 from actors.data import stdlib_text
 from orchestrator import JobSpec, JobState, submit
-from storage.checkpoint import CheckpointReader, latest_manifest
-from storage.object_store import open_store
-from tests.reference import train_reference
+from tests.reference import final_params, run_job, train_reference
 
 # Parameters of an N-worker run and of the one-process reference agree within
 # ATOL: they differ only in the order in which gradient sums are added
@@ -32,20 +30,6 @@ def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
     )
 
 
-def _final_params(spec: JobSpec) -> torch.Tensor:
-    store = open_store(spec.checkpoint.uri)
-    manifest = latest_manifest(store)
-    assert manifest is not None and manifest.step == spec.train.steps
-    return CheckpointReader(store, manifest).read("param", 0, manifest.numel)
-
-
-def _run(spec: JobSpec):
-    handle = submit(spec)
-    status = handle.wait(timeout=240)
-    assert status.state == JobState.SUCCEEDED, status.error
-    return handle, status
-
-
 @pytest.mark.parametrize("workers", [1, 2, 3])
 def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
     # global_batch=7 does not divide by 2 or 3: ranks hold different sample counts.
@@ -57,7 +41,7 @@ def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
         "train.global_batch=7",
         "train.grad_clip=0.5",  # small enough to bind: clipping is exercised
     )
-    handle, status = _run(spec)
+    handle, status = run_job(spec)
     metrics = handle.metrics()
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert min(m["grad_norm"] for m in metrics) > 0.5  # clipping was active
@@ -66,7 +50,7 @@ def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
     assert [p for p in status.startup_s if p != "ray"] == phases
     assert [status.startup_s[p] for p in phases] == sorted(status.startup_s[p] for p in phases)
     reference = train_reference(spec, stdlib_text(CORPUS_BYTES), steps=4)
-    torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(final_params(spec), reference, atol=ATOL, rtol=0)
 
 
 @pytest.mark.parametrize(
@@ -93,9 +77,9 @@ def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, 
         "train.grad_clip=0.5",
         *extra,
     )
-    handle, status = _run(spec)
+    handle, status = run_job(spec)
     shard_sizes = [w["shard"][1] - w["shard"][0] for w in status.workers]
-    assert sum(shard_sizes) == _final_params(spec).numel()
+    assert sum(shard_sizes) == final_params(spec).numel()
     if strategy == "zero3":
         # The status's shard bytes are what the worker counted in its tensors:
         # its parameter shard and the Adam moments of that shard.
@@ -106,12 +90,12 @@ def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, 
     if "train.balance=auto" in extra:
         assert sum(handle.metrics()[-1]["batch"]) == 7
     reference = train_reference(spec, stdlib_text(CORPUS_BYTES), steps=4)
-    torch.testing.assert_close(_final_params(spec), reference, atol=ATOL, rtol=0)
+    torch.testing.assert_close(final_params(spec), reference, atol=ATOL, rtol=0)
 
 
 def test_resume_equals_uninterrupted(ray_session, tmp_path):
     full = _spec(tmp_path, "full", "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5")
-    _run(full)
+    run_job(full)
     # Resume from step 3 of the uninterrupted run, at the same world size...
     part = _spec(
         tmp_path,
@@ -120,10 +104,10 @@ def test_resume_equals_uninterrupted(ray_session, tmp_path):
         "checkpoint.every=3",
         f"resume={full.checkpoint.uri}/step-00000003",
     )
-    handle, status = _run(part)
+    handle, status = run_job(part)
     assert status.resumed_from.endswith("step-00000003")
     assert [m["step"] for m in handle.metrics()] == [3, 4, 5]
-    torch.testing.assert_close(_final_params(part), _final_params(full), atol=0, rtol=0)
+    torch.testing.assert_close(final_params(part), final_params(full), atol=0, rtol=0)
     # ...and at another world size, where only the summation order changes.
     three = _spec(
         tmp_path,
@@ -132,15 +116,15 @@ def test_resume_equals_uninterrupted(ray_session, tmp_path):
         "cluster.workers=3",
         f"resume={full.checkpoint.uri}/step-00000003",
     )
-    _run(three)
-    torch.testing.assert_close(_final_params(three), _final_params(full), atol=ATOL, rtol=0)
+    run_job(three)
+    torch.testing.assert_close(final_params(three), final_params(full), atol=ATOL, rtol=0)
 
 
 def test_resume_latest_in_same_run_folder(ray_session, tmp_path):
     first = _spec(tmp_path, "same", "train.steps=2", "checkpoint.every=1")
-    _run(first)
+    run_job(first)
     again = _spec(tmp_path, "same", "train.steps=4", "checkpoint.every=1", "resume=latest")
-    handle, status = _run(again)
+    handle, status = run_job(again)
     assert status.resumed_from.endswith("step-00000002")
     lines = (again.run_dir / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4  # steps 0-1 from the first run, 2-3 from the resumed one
@@ -178,9 +162,9 @@ def test_bf16_compute_keeps_fp32_master_weights(ray_session, tmp_path):
     extra = ["strategy=zero2", "train.steps=4", "train.global_batch=7", "train.lr=1e-3"]
     fp32 = _spec(tmp_path, "fp32", *extra)
     bf16 = _spec(tmp_path, "bf16", *extra, "train.precision=bf16")
-    loss32 = [m["loss"] for m in _run(fp32)[0].metrics()]
-    loss16 = [m["loss"] for m in _run(bf16)[0].metrics()]
-    diff = (_final_params(bf16) - _final_params(fp32)).abs().max().item()
+    loss32 = [m["loss"] for m in run_job(fp32)[0].metrics()]
+    loss16 = [m["loss"] for m in run_job(bf16)[0].metrics()]
+    diff = (final_params(bf16) - final_params(fp32)).abs().max().item()
     assert 0 < diff < 4 * 1e-3
-    assert _final_params(bf16).dtype == torch.float32
+    assert final_params(bf16).dtype == torch.float32
     assert max(abs(a - b) for a, b in zip(loss32, loss16, strict=True)) < 0.05

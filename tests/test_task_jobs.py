@@ -14,10 +14,8 @@ import torch.nn.functional as F
 from actors.datasets import ArrayDataset, digits
 from actors.task import build_model, eval_metrics, make_task
 from collectives.flat import FlatLayout
-from orchestrator import JobSpec, JobState, submit
-from storage.checkpoint import CheckpointReader, latest_manifest
-from storage.object_store import open_store
-from tests.reference import train_reference
+from orchestrator import JobSpec
+from tests.reference import final_params, run_job, train_reference
 
 # As in tests/test_jobs.py: N-worker and one-process parameters differ only in the
 # order gradient sums are added (all-reduce / reduce-scatter vs. one batch), which
@@ -54,20 +52,6 @@ def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
     return JobSpec.from_overrides([*MLP_JOB, f"run_dir={tmp_path / name}", *extra])
 
 
-def _final_params(spec: JobSpec) -> torch.Tensor:
-    store = open_store(spec.checkpoint.uri)
-    manifest = latest_manifest(store)
-    assert manifest is not None and manifest.step == spec.train.steps
-    return CheckpointReader(store, manifest).read("param", 0, manifest.numel)
-
-
-def _run(spec: JobSpec):
-    handle = submit(spec)
-    status = handle.wait(timeout=240)
-    assert status.state == JobState.SUCCEEDED, status.error
-    return handle, status
-
-
 def _params_changed(spec: JobSpec, params: torch.Tensor) -> float:
     """How far the final parameters moved from the seeded initial ones."""
     torch.manual_seed(spec.train.seed)
@@ -87,14 +71,14 @@ def _params_changed(spec: JobSpec, params: torch.Tensor) -> float:
 )
 def test_mlp_on_digits_matches_one_process_reference(ray_session, tmp_path, strategy, extra):
     spec = _spec(tmp_path, strategy, f"strategy={strategy}", *extra)
-    handle, status = _run(spec)
+    handle, status = run_job(spec)
     metrics = handle.metrics()
     assert [m["step"] for m in metrics] == list(range(STEPS))
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert all(m["batch"] == [8, 8] for m in metrics)
     assert "tokens_per_s" not in metrics[-1]  # rows, not tokens
     assert status.samples_per_s and status.samples_per_s > 0
-    final = _final_params(spec)
+    final = final_params(spec)
     if strategy != "ddp":
         shard_sizes = [w["shard"][1] - w["shard"][0] for w in status.workers]
         assert sum(shard_sizes) == final.numel() == 64 * 32 + 32 + 32 * 10 + 10
@@ -125,7 +109,7 @@ def test_eval_and_user_loss_job(ray_session, tmp_path):
         "train.lr=1e-2",
         "task.loss=tests.test_task_jobs.label_smoothed_loss",
     )
-    handle, status = _run(spec)
+    handle, status = run_job(spec)
     records = [
         json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
@@ -142,7 +126,7 @@ def test_eval_and_user_loss_job(ray_session, tmp_path):
     assert evals[1]["eval_loss"] < evals[0]["eval_loss"]
 
     reference = train_reference(spec, _digits(), steps=STEPS)
-    final = _final_params(spec)
+    final = final_params(spec)
     torch.testing.assert_close(final, reference, atol=ATOL, rtol=0)
     # The same loss is not the built-in one: the reference with cross-entropy differs.
     plain = train_reference(_spec(tmp_path, "plain", "train.lr=1e-2"), _digits(), steps=STEPS)
