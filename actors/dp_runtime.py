@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from actors.datasets import fingerprint_of
 from actors.elastic_state import ElasticState
 from actors.memory import worker_available_bytes
 from actors.task import build_model, make_task
@@ -334,10 +333,6 @@ class DataParallelRuntime(ElasticState):
         report = dict(self.engine.memory_bytes())
         report["peak_rss"] = peak_rss_bytes()
         return report
-
-    def data_fingerprint(self) -> str | None:
-        """The dataset's fingerprint (recorded in checkpoints, checked on resume)."""
-        return fingerprint_of(self.data)
 
     def layout_json(self) -> list[dict]:
         return self.engine.layout.to_json()

@@ -242,11 +242,9 @@ def submit(spec: JobSpec) -> JobHandle:
         # The model is sized from the data's facts (vocabulary, classes, input
         # shape), so the data is read first; both before Ray starts.
         data = load_data(spec)
+        fingerprint = fingerprint_of(data)
         run_preflight(
-            spec,
-            local=spec.cluster.address is None,
-            facts=data.facts,
-            fingerprint=fingerprint_of(data),
+            spec, local=spec.cluster.address is None, facts=data.facts, fingerprint=fingerprint
         )
         ensure_ray(spec)
         ray_ready_s = time.time() - submitted_at
@@ -256,7 +254,15 @@ def submit(spec: JobSpec) -> JobHandle:
         controller = (
             controller_actor_class()
             .options(name=controller_name(spec.job_id))
-            .remote(spec, [data_ref], data.facts, os.getpid(), submitted_at, ray_ready_s)
+            .remote(
+                spec,
+                [data_ref],
+                data.facts,
+                os.getpid(),
+                submitted_at,
+                ray_ready_s,
+                data_fingerprint=fingerprint,
+            )
         )
         run_ref = controller.run.remote()
     except BaseException:

@@ -473,20 +473,22 @@ def _show(bar, records: list[dict], held_out: dict[str, float]) -> None:
         held_out.update({k: r[k] for k in ("accuracy", "perplexity") if k in r})
     record = {**held_out, **records[-1]}
     bar.update(record["step"] + 1 - bar.n)
-    shown = {"loss": f"{record['loss']:.3f}"}
-    if "tokens_per_s" in record:
-        shown["tok_s"] = f"{record['tokens_per_s']:,.0f}"
-    elif "samples_per_s" in record:
-        shown["samples_s"] = f"{record['samples_per_s']:,.0f}"
-    if "accuracy" in record:
-        shown["acc"] = f"{record['accuracy']:.1%}"
-    if "perplexity" in record:
-        shown["eval_ppl"] = f"{record['perplexity']:.3g}"
-    if "tflops" in record:
-        shown["TFLOPs"] = f"{record['tflops']:.3g}"
-    if "mfu" in record:
-        shown["MFU"] = f"{record['mfu']:.1%}"
+    if "tokens_per_s" in record:  # a language model's rate in tokens, else in samples
+        record.pop("samples_per_s", None)
+    shown = {label: f"{record[key]:{spec}}" for key, label, spec in _POSTFIX if key in record}
     bar.set_postfix(shown)
+
+
+# What the progress bar shows of a step record: (key, label, format).
+_POSTFIX = (
+    ("loss", "loss", ".3f"),
+    ("tokens_per_s", "tok_s", ",.0f"),
+    ("samples_per_s", "samples_s", ",.0f"),
+    ("accuracy", "acc", ".1%"),
+    ("perplexity", "eval_ppl", ".3g"),
+    ("tflops", "TFLOPs", ".3g"),
+    ("mfu", "MFU", ".1%"),
+)
 
 
 def cmd_scale(job: str, workers: int, address: str) -> int:

@@ -92,6 +92,7 @@ class JobController:
         ray_ready_s: float | None = None,
         group_factory: Callable[..., Any] = WorkerGroup,
         program: TrainingProgram | None = None,
+        data_fingerprint: str | None = None,
     ):
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
@@ -123,7 +124,8 @@ class JobController:
         self._lineage = spec.job_id
         self._tied: dict[str, str] = {}
         self._flops_per_token: int | None = None
-        self._fingerprint: str | None = None  # the data's, asked of a worker at the start
+        # The data's (computed once by the driver): recorded in checkpoints, checked on resume.
+        self._fingerprint = data_fingerprint
         # How this job trains (strategy-specific); everything here is shared.
         # Tests may pass a program of their own; jobs get theirs by strategy.
         self._program = program or program_for(spec)
@@ -261,7 +263,6 @@ class JobController:
         )
         group.form_epoch(members)
         self._phase("group_formed")
-        self._fingerprint = group.ask_first("data_fingerprint")
         for m in members:
             self._events.emit("joined", worker_id=m.worker_id, rank=m.rank, pid=m.pid)
         self._set(state=JobState.STARTING, workers=self._member_rows(), epoch=group.epoch)

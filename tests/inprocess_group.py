@@ -77,9 +77,6 @@ class ScriptedMember:
             peak_rss=1 << 20,
         )
 
-    def data_fingerprint(self) -> str:
-        return "scripted-data"
-
     def layout_json(self) -> list[dict]:
         return [{"name": "flat", "shape": [self.numel], "offset": 0}]
 
