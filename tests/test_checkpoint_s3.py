@@ -37,7 +37,8 @@ from storage.checkpoint import (
 from storage.s3_store import S3Store
 from tests.checkpoint_helpers import write_shard
 from tests.conftest import REPO_ROOT
-from tests.test_jobs import ATOL, _run, _spec
+from tests.reference import run_job
+from tests.test_jobs import ATOL, _spec
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -192,7 +193,7 @@ def test_round_trip_across_world_sizes_stages_and_corrupt_fallback(
         "checkpoint.keep=5",
         *_s3(ep, uri_a),
     )
-    handle, status = _run(full)
+    handle, status = run_job(full)
     assert status.checkpoints_committed == 2 and status.checkpoints_failed == 0
     records = {m["step"]: m for m in handle.metrics()}
     # The records of the steps that ended at a checkpoint say what it blocked.
@@ -215,7 +216,7 @@ def test_round_trip_across_world_sizes_stages_and_corrupt_fallback(
         f"resume={uri_a}/step-00000003",
         *_s3(ep, uri_b),
     )
-    _, st3 = _run(three)
+    _, st3 = run_job(three)
     assert st3.resumed_from.endswith("step-00000003") and st3.resume_note is None
     whole = read_manifest(store_a, 3).nbytes
     # Rank 0 needs a quarter of every tensor; it must not fetch whole shards.
@@ -242,7 +243,7 @@ def test_round_trip_across_world_sizes_stages_and_corrupt_fallback(
         "resume=latest",
         *_s3(ep, uri_a),
     )
-    handle1, st1 = _run(one)
+    handle1, st1 = run_job(one)
     assert st1.resumed_from.endswith("step-00000003")
     assert "step-00000006" in st1.resume_note and "checksum mismatch" in st1.resume_note
     assert [m["step"] for m in handle1.metrics()] == [3, 4, 5]
