@@ -371,11 +371,19 @@ class DataParallelRuntime(ElasticState):
         others (and a task without text) ``None``.
         """
         state = self.engine.full_state_dict()
-        prompt_ids = self.data.encode(prompt) if self.task.type == "lm" else None
-        if self.rank != 0 or prompt_ids is None:
+        if self.rank != 0:
             return None
         model = build_model(self.spec.model, self.data.facts)
         model.load_state_dict(state)
+        return self._sample(model, prompt, n_tokens, temperature, seed)
+
+    def _sample(
+        self, model: torch.nn.Module, prompt: str, n_tokens: int, temperature: float, seed: int
+    ) -> str | None:
+        """``prompt`` continued by ``model`` (None: the task produces no text)."""
+        prompt_ids = self.data.encode(prompt) if self.task.type == "lm" else None
+        if prompt_ids is None:
+            return None
         model.eval()
         seq_len = self.task.seq_len
         gen = torch.Generator().manual_seed(seed)

@@ -67,6 +67,9 @@ class Capacity:
 
     available_memory: int
     node_id: str | None = None
+    # The runtime's own measurements from ``probe()["profile"]`` (a pipeline
+    # stage's per-layer costs); None when its runtime measures nothing more.
+    profile: Any = None
 
 
 @dataclass(frozen=True)

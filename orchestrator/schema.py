@@ -10,12 +10,13 @@ starts until both pass.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import import_module
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
-from orchestrator.programs import PROGRAMS
+from orchestrator.programs import CONFIGS, PROGRAMS
 
 STRATEGIES = tuple(PROGRAMS)
 BALANCE = ("equal", "auto")
@@ -285,6 +286,8 @@ def register_schemas() -> None:
     cs = ConfigStore.instance()
     cs.store(name="job_schema", node=JobConfig)
     cs.store(group="strategy", name="strategy_schema", node=StrategyConfig)
+    for name, module in CONFIGS.items():
+        cs.store(group="strategy", name=f"{name}_schema", node=import_module(module).SCHEMA)
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(group="storage", name="storage_schema", node=StorageConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)

@@ -21,6 +21,7 @@ from typing import Any
 
 from omegaconf import OmegaConf
 
+from orchestrator.programs import CONFIGS
 from orchestrator.schema import (
     BALANCE,
     LR_SCHEDULES,
@@ -220,21 +221,27 @@ def validate(c: JobConfig) -> None:
     _check(c.strategy.bucket_mb > 0, "strategy.bucket_mb", "> 0", c.strategy.bucket_mb)
     _validate_shard_weights(c.strategy.shard_weights, c.cluster.workers)
     _validate_cluster(c.cluster)
+    # How many ways the global batch is split: by worker, unless the program says.
+    ways, ways_name = c.cluster.max_workers, "cluster.max_workers"
+    if c.strategy.name in CONFIGS:  # the program's own fields
+        program_config = importlib.import_module(CONFIGS[c.strategy.name])
+        program_config.check(c)
+        ways, ways_name = program_config.batch_ways(c)
 
     t = c.train
     _check(t.steps >= 1, "train.steps", ">= 1", t.steps)
     _check(t.global_batch >= 1, "train.global_batch", ">= 1", t.global_batch)
     _check(
-        t.global_batch >= c.cluster.max_workers,
+        t.global_batch >= ways,
         "train.global_batch",
-        f">= cluster.max_workers ({c.cluster.max_workers}) so that every worker gets a sample",
+        f">= {ways_name} ({ways}) so that every worker gets a sample",
         t.global_batch,
     )
     _check(t.micro_batches >= 1, "train.micro_batches", ">= 1", t.micro_batches)
     _check(
-        t.global_batch >= c.cluster.max_workers * t.micro_batches,
+        t.global_batch >= ways * t.micro_batches,
         "train.micro_batches",
-        "at most train.global_batch / cluster.max_workers (every micro-batch needs a sample)",
+        f"at most train.global_batch / {ways_name} (every micro-batch needs a sample)",
         t.micro_batches,
     )
     _check(t.optimizer in OPTIMIZERS, "train.optimizer", f"one of {list(OPTIMIZERS)}", t.optimizer)

@@ -58,6 +58,9 @@ class Member:
     pid: int | None = None
     available_memory: int = 0
     node_id: str | None = None  # Ray's node id (hex), known once placed
+    # What the runtime measured about itself for the planner (a program's own
+    # format, e.g. a pipeline stage's per-layer costs); None if nothing.
+    profile: Any = None
     rank: int = -1
     info: dict[str, Any] = field(default_factory=dict)
 
@@ -204,6 +207,7 @@ class WorkerGroup:
             member.pid = probe["pid"]
             member.available_memory = probe["available_memory"]
             member.node_id = probe.get("node_id")
+            member.profile = probe.get("profile")
             admitted.append(member)
         self.pending = still
         return admitted
@@ -260,7 +264,7 @@ class WorkerGroup:
         for rank, m in enumerate(members):
             m.rank = rank
         self.members = members
-        capacities = [Capacity(m.available_memory, m.node_id) for m in members]
+        capacities = [Capacity(m.available_memory, m.node_id, m.profile) for m in members]
         self.plan = self.program.plan(capacities, self.numel)
         cl = self.spec.cluster
         host, port = ray.get(

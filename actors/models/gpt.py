@@ -59,6 +59,26 @@ class Block(nn.Module):
         return x + self.mlp(self.ln2(x))
 
 
+class _Embed(nn.Module):
+    """Token plus position embeddings: the first of ``GPT.pipeline_layers``."""
+
+    def __init__(self, wte: nn.Embedding, wpe: nn.Embedding, drop: nn.Dropout, seq_len: int):
+        super().__init__()
+        self.wte, self.wpe, self.drop, self.seq_len = wte, wpe, drop, seq_len
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return _embed(self.wte, self.wpe, self.drop, self.seq_len, idx)
+
+
+def _embed(
+    wte: nn.Embedding, wpe: nn.Embedding, drop: nn.Dropout, seq_len: int, idx: torch.Tensor
+) -> torch.Tensor:
+    T = idx.shape[1]
+    if T > seq_len:
+        raise ValueError(f"sequence of length {T} is longer than model.seq_len={seq_len}")
+    return drop(wte(idx) + wpe(torch.arange(T, device=idx.device)))
+
+
 class GPT(nn.Module):
     """Token + position embeddings, ``n_layer`` pre-norm blocks, a tied LM head."""
 
@@ -102,14 +122,22 @@ class GPT(nn.Module):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        T = idx.shape[1]
-        if T > self.seq_len:
-            raise ValueError(f"sequence of length {T} is longer than model.seq_len={self.seq_len}")
-        pos = torch.arange(T, device=idx.device)
-        x = self.drop(self.wte(idx) + self.wpe(pos))
+        x = _embed(self.wte, self.wpe, self.drop, self.seq_len, idx)
         for block in self.blocks:
             x = block(x)
         return self.lm_head(self.ln_f(x))
+
+    def pipeline_layers(self) -> list[tuple[str, nn.Module]]:
+        """The model as a sequence of single-tensor layers, for ``strategy=pipeline``.
+
+        Composed in order they compute ``forward``. The head uses the tied
+        embedding matrix, which the pipeline keeps equal on both stages.
+        """
+        return [
+            ("embed", _Embed(self.wte, self.wpe, self.drop, self.seq_len)),
+            *((f"blocks.{i}", block) for i, block in enumerate(self.blocks)),
+            ("head", nn.Sequential(self.ln_f, self.lm_head)),
+        ]
 
     def flops_per_token(self) -> int:
         """Approximate training FLOPs per token (6N + attention), for MFU and ETA estimates."""

@@ -30,3 +30,16 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.net(x)
+
+    def pipeline_layers(self) -> list[tuple[str, nn.Module]]:
+        """For ``strategy=pipeline``: each linear layer with the activation after it."""
+        layers, current, name = [], [], None
+        for i, module in enumerate(self.net):
+            if isinstance(module, nn.Linear) and current and name is not None:
+                layers.append((name, nn.Sequential(*current)))
+                current = []
+            if isinstance(module, nn.Linear):
+                name = f"net.{i}"
+            current.append(module)
+        layers.append((name, nn.Sequential(*current)))
+        return layers

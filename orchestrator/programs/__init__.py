@@ -11,4 +11,16 @@ PROGRAMS = {
     "zero1": "orchestrator.programs.data_parallel:DataParallelProgram",
     "zero2": "orchestrator.programs.data_parallel:DataParallelProgram",
     "zero3": "orchestrator.programs.data_parallel:DataParallelProgram",
+    "pipeline": "orchestrator.programs.pipeline:PipelineProgram",
+}
+
+# strategy.name -> a module with the program's own strategy fields: a
+# dataclass ``SCHEMA`` extending ``orchestrator.schema.StrategyConfig``
+# (registered as ``<name>_schema`` in the strategy group, which
+# ``configs/strategy/<name>.yaml`` extends), ``check(config)``, which
+# raises ``ConfigError`` naming a bad field, and ``batch_ways(config)``:
+# into how many parts the global batch is split, and what sets that. Programs without own fields
+# have no entry.
+CONFIGS = {
+    "pipeline": "orchestrator.programs.pipeline_config",
 }

@@ -1,0 +1,259 @@
+"""Pipeline parallelism as a training program: ``strategy=pipeline``.
+
+Every member is a ``stage`` (``actors.stage_runtime.StageRuntime``). With
+``n`` members and ``strategy.stages = p``, the job runs ``n / p``
+data-parallel replicas of a ``p``-stage pipeline; rank ``r * p + s`` is stage
+``s`` of replica ``r``. The partition — which contiguous block of the
+model's layers each stage owns — is planned every epoch from the layer costs
+each member measured on itself (``orchestrator/stage_plan.py``), so a slower
+worker gets fewer layers.
+
+State: a stage's layers own a contiguous range of the model's flat vector,
+so the program's state is the same ``dp`` space data parallelism shards, cut
+at stage boundaries (and each stage's range split among its replicas for
+writing and replication). Checkpoints therefore move between pipeline and
+data-parallel runs, and between numbers of stages, with no conversion; a lost
+stage is restored from its buddy's replica like a lost ZeRO shard.
+
+When failures leave a member count that ``p`` does not divide, the epoch
+runs with the largest number of stages that divides it (down to one stage:
+plain data parallelism on the stage runtime), and returns to ``p`` stages
+when replacements join.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from actors.task import eval_metrics
+from collectives.flat import split_evenly
+from collectives.optim import OptimizerSpec
+from collectives.pipeline_schedule import bubble_formula
+from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
+from orchestrator.shard_plan import batch_shares
+from orchestrator.stage_plan import LayerCost, StageWorker, plan_partition
+
+RUNTIME = "actors.stage_runtime:StageRuntime"
+
+
+@dataclass(frozen=True)
+class PipelinePlan:
+    """One epoch's pipeline: stages x replicas, each stage's layers and flat range."""
+
+    stages: int
+    replicas: int
+    layer_names: tuple[str, ...]
+    layer_bounds: tuple[tuple[int, int], ...]  # per stage, [first, last) layer
+    stage_ranges: tuple[tuple[int, int], ...]  # per stage, its flat range
+    pieces: tuple[tuple[int, int], ...]  # per rank, its piece of its stage's range
+    predicted_s: tuple[float, ...]  # per stage, planned compute seconds per micro-batch
+
+    def stage_of(self, rank: int) -> int:
+        return rank % self.stages
+
+    def replica_of(self, rank: int) -> int:
+        return rank // self.stages
+
+    def layers_of(self, stage: int) -> list[str]:
+        a, b = self.layer_bounds[stage]
+        return list(self.layer_names[a:b])
+
+
+def stages_for(members: int, wanted: int) -> int:
+    """The most stages, at most ``wanted``, that divide ``members`` into equal replicas."""
+    return max(s for s in range(1, min(wanted, members) + 1) if members % s == 0)
+
+
+class PipelineProgram(TrainingProgram):
+    """Stages of one model on actors, under a GPipe or 1F1B schedule, replicated for data."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.plan_now: PipelinePlan | None = None
+        self._last: dict[str, Any] = {}
+
+    def roles(self) -> list[RoleSpec]:
+        cl = self.spec.cluster
+        return [
+            RoleSpec(
+                name="stage",
+                runtime=RUNTIME,
+                count=cl.workers,
+                cpus=cl.cpus_per_worker,
+                gpus=cl.gpus_per_worker,
+            )
+        ]
+
+    def plan(self, capacities: Sequence[Capacity], numel: int) -> PipelinePlan:
+        """Stages that divide the members; layers cut where the slowest stage is fastest."""
+        st, t = self.spec.strategy, self.spec.train
+        n = len(capacities)
+        stages = stages_for(n, st.stages)
+        replicas = n // stages
+        profiles = [c.profile for c in capacities]
+        workers = [
+            StageWorker(
+                tuple(
+                    LayerCost(
+                        row["name"], row["compute_s"], row["state_bytes"], row["activation_bytes"]
+                    )
+                    for row in profile
+                ),
+                c.available_memory,
+            )
+            for c, profile in zip(capacities, profiles, strict=True)
+        ]
+        partition = plan_partition(
+            [[workers[r * stages + s] for r in range(replicas)] for s in range(stages)],
+            schedule=st.schedule,
+            micro_batches=t.micro_batches,
+            even=st.partition == "even",
+        )
+        flat = [tuple(row["flat"]) for row in profiles[0]]
+        ranges = tuple((flat[a][0], flat[b - 1][1]) for a, b in partition.bounds)
+        pieces = []
+        for rank in range(n):
+            lo, hi = ranges[rank % stages]
+            a, b = split_evenly(hi - lo, replicas)[rank // stages]
+            pieces.append((lo + a, lo + b))
+        return PipelinePlan(
+            stages=stages,
+            replicas=replicas,
+            layer_names=tuple(row["name"] for row in profiles[0]),
+            layer_bounds=partition.bounds,
+            stage_ranges=ranges,
+            pieces=tuple(pieces),
+            predicted_s=partition.stage_s,
+        )
+
+    def setup_args(self, plan: PipelinePlan, rank: int) -> tuple[Any, ...]:
+        from actors.stage_runtime import StageSetup
+
+        stage = plan.stage_of(rank)
+        setup = StageSetup(
+            stage=stage,
+            stages=plan.stages,
+            replica=plan.replica_of(rank),
+            replicas=plan.replicas,
+            layer_bounds=plan.layer_bounds,
+            owned=plan.stage_ranges[stage],
+            pieces=plan.pieces,
+            schedule=self.spec.strategy.schedule,
+            micro_batches=self.spec.train.micro_batches,
+        )
+        return (setup, rank)
+
+    def subgroups(self, plan: PipelinePlan) -> dict[str, list[list[int]]]:
+        """``pp``: the stages of each replica; ``dp``: the replicas of each stage."""
+        p, r = plan.stages, plan.replicas
+        return {
+            "pp": [[rep * p + s for s in range(p)] for rep in range(r)],
+            "dp": [[rep * p + s for rep in range(r)] for s in range(p)],
+        }
+
+    def state_spaces(self, plan: PipelinePlan, numel: int) -> list[StateSpace]:
+        return [StateSpace("dp", plan.pieces)]
+
+    def begin_epoch(self, plan: PipelinePlan) -> None:
+        self.plan_now = plan
+        shares = batch_shares(self.spec.train.global_batch, [1.0] * plan.replicas)
+        starts = [sum(shares[:r]) for r in range(plan.replicas)]
+        self._rows = [(lo, lo + n) for lo, n in zip(starts, shares, strict=True)]
+
+    def work_items(self, step: int, lr: float) -> list[WorkItem]:
+        plan = self.plan_now
+        return [
+            WorkItem("train_step", (step, lr, *self._rows[plan.replica_of(rank)]))
+            for rank in range(plan.stages * plan.replicas)
+        ]
+
+    def observe(self, results: list[Any]) -> None:
+        pass
+
+    def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
+        plan = self.plan_now
+        last = [r for r in results if r.stage == plan.stages - 1]
+        busy = [0.0] * plan.stages
+        activations = [0] * plan.stages
+        for r in results:
+            busy[r.stage] += r.compute_s / plan.replicas
+            activations[r.stage] = max(activations[r.stage], r.peak_activation_bytes)
+        span = max(r.span_s for r in results)
+        m = min(self.spec.train.micro_batches, min(r.n_samples for r in results))
+        record = {
+            "step": step,
+            "loss": sum(r.loss_sum for r in last) / sum(r.n_units for r in last),
+            "lr": lr,
+            "grad_norm": results[0].grad_norm,
+            "step_time_s": step_time_s,
+            "samples_per_s": sum(r.n_samples for r in last) / step_time_s,
+            "stage_busy_s": [round(b, 5) for b in busy],
+            "bubble": round(1.0 - sum(busy) / (plan.stages * span), 4) if span > 0 else 0.0,
+            "bubble_formula": round(bubble_formula(plan.stages, m), 4),
+            "activation_bytes": activations,
+            "compute_s": [round(r.compute_s, 5) for r in results],
+            "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
+            "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
+        }
+        tokens = sum(r.n_tokens for r in last)
+        if tokens:
+            record["tokens_per_s"] = tokens / step_time_s
+        self._last = record
+        return record
+
+    def eval_items(self) -> list[WorkItem]:
+        plan = self.plan_now
+        return [WorkItem("evaluate", (self._rows,)) for _ in range(plan.stages * plan.replicas)]
+
+    def reduce_eval(self, results: list[Any]) -> dict[str, float]:
+        return eval_metrics(results)
+
+    def member_fields(self, record: dict) -> list[dict[str, Any]]:
+        plan = self.plan_now
+        return [
+            {
+                "busy_s": record["compute_s"][rank],
+                "activation_mb": round(record["activation_bytes"][plan.stage_of(rank)] / 2**20, 2),
+            }
+            for rank in range(len(record["compute_s"]))
+        ]
+
+    def status_fields(self) -> dict[str, Any]:
+        plan, rec = self.plan_now, self._last
+        return {
+            "pipeline": {
+                "stages": plan.stages,
+                "replicas": plan.replicas,
+                "schedule": self.spec.strategy.schedule,
+                "micro_batches": self.spec.train.micro_batches,
+                "partition": [plan.layers_of(s) for s in range(plan.stages)],
+                "stage_busy_s": rec.get("stage_busy_s"),
+                "bubble": rec.get("bubble"),
+                "bubble_formula": rec.get("bubble_formula"),
+                "activation_bytes": rec.get("activation_bytes"),
+            }
+        }
+
+    def member_row(self, plan: PipelinePlan, rank: int, numel: int) -> dict[str, Any]:
+        stage = plan.stage_of(rank)
+        names = plan.layers_of(stage)
+        lo, hi = plan.pieces[rank]
+        return {
+            "stage": stage,
+            "replica": plan.replica_of(rank),
+            "layers": names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}",
+            "shard": [lo, hi],
+            "shard_bytes": (hi - lo) * 4 * (1 + self._optimizer_states),
+        }
+
+    def min_worker_bytes(self, numel: int) -> int:
+        """A stage's parameters, gradients and optimizer state, if the layers split evenly."""
+        per_stage = numel / max(1, self.spec.strategy.stages)
+        return int(4 * per_stage * (2 + self._optimizer_states))
+
+    @property
+    def _optimizer_states(self) -> int:
+        t = self.spec.train
+        return len(OptimizerSpec(name=t.optimizer, momentum=t.momentum).state_keys())
