@@ -71,11 +71,13 @@ def join_group(rdzv: Rendezvous, rank: int, store: dist.TCPStore | None = None) 
     dist.init_process_group(
         backend, store=store, rank=rank, world_size=rdzv.world_size, timeout=timeout
     )
-    if rdzv.backend == "gloo":
-        _connections = gloo_sockets.find_connections(store, rank, rdzv.world_size, before)
     _subgroups.clear()
     for axis, partition in sorted((rdzv.subgroups or {}).items()):
         _subgroups[axis] = _join_axis(axis, partition, rank, rdzv.world_size, timeout)
+    # After the sub-groups: their connections are severed with the default
+    # group's, or a peer blocked in a sub-group collective would wait out the timeout.
+    if rdzv.backend == "gloo":
+        _connections = gloo_sockets.find_connections(store, rank, rdzv.world_size, before)
 
 
 def _join_axis(

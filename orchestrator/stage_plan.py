@@ -71,7 +71,9 @@ def in_flight(schedule: str, stage: int, stages: int, micro_batches: int) -> int
     """Micro-batches whose activations stage ``stage`` holds at once under ``schedule``."""
     if schedule == "gpipe":
         return micro_batches
-    return min(stages - stage, micro_batches)
+    if schedule == "1f1b":
+        return min(stages - stage, micro_batches)
+    raise ValueError(f"unknown schedule {schedule!r}: 'gpipe' or '1f1b'")
 
 
 def _prefix(values: Sequence[float]) -> list[float]:
@@ -96,10 +98,10 @@ def plan_partition(
     no stage can take.
     """
     stages = len(stage_workers)
-    names = [c.name for c in stage_workers[0][0].layers]
-    n = len(names)
     if stages < 1 or any(not ws for ws in stage_workers):
         raise ValueError("every stage needs at least one worker")
+    names = [c.name for c in stage_workers[0][0].layers]
+    n = len(names)
     for ws in stage_workers:
         for w in ws:
             if [c.name for c in w.layers] != names:
@@ -173,6 +175,13 @@ def _first_unplaceable(stage_workers, names, cost, stages: int, n: int) -> str:
             return (
                 f"layer {name!r} does not fit on any stage's workers: it needs {need} bytes of "
                 f"state plus its activations, the largest worker budget is {cap} bytes"
+            )
+    for s in range(stages):
+        if all(math.isinf(cost(s, i, i + 1)) for i in range(n)):
+            return (
+                f"stage {s}'s workers cannot hold even one layer (budget "
+                f"{min(w.memory_bytes for w in stage_workers[s])} bytes); every stage needs "
+                "a layer: use fewer stages (strategy.stages) or workers with more memory"
             )
     # Every layer fits alone, but not all together: fill stages greedily to find where it breaks.
     s, a = 0, 0

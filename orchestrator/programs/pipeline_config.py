@@ -49,11 +49,9 @@ def check(c: Any) -> None:
         raise ConfigError(
             f"strategy.partition: must be one of {list(PARTITIONS)}, got {st.partition!r}"
         )
-    for name, value in (
-        ("cluster.workers", cl.workers),
-        ("cluster.min_workers", cl.min_workers),
-        ("cluster.max_workers", cl.max_workers),
-    ):
+    # cluster.min_workers need not be a multiple: with fewer workers, an epoch
+    # runs with the most stages that divide them (orchestrator/programs/pipeline.py).
+    for name, value in (("cluster.workers", cl.workers), ("cluster.max_workers", cl.max_workers)):
         if value is not None and value % st.stages != 0:
             raise ConfigError(
                 f"{name}: must be a multiple of strategy.stages ({st.stages}): each of the "
