@@ -106,6 +106,7 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
         elif status.perplexity is not None:
             metric = f", perplexity {status.perplexity:.3g}"
         lines.append(f"  held-out    loss {status.eval_loss:.3f}{metric} (the last evaluation)")
+    lines += [f"  {line}" for line in status.program.get("summary", [])]
     if "first_step" in status.startup_s:
         phases = ", ".join(
             f"{name.replace('_', ' ')} {t:.1f}s" for name, t in status.startup_s.items()
@@ -134,7 +135,9 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
             share = w.get("batch_share")
             lines.append(
                 f"  rank {w['rank']}      {w.get('role', 'worker')} {w.get('worker_id', '?')}, "
-                f"pid {w['pid']} on {w.get('node_ip', '?')}, shard [{lo}, {hi})"
+                f"pid {w['pid']} on {w.get('node_ip', '?')}"
+                + (f", {w['part']}" if "part" in w else "")
+                + f", shard [{lo}, {hi})"
                 + (f" {human_bytes(w['shard_bytes'])}" if "shard_bytes" in w else "")
                 + (
                     f", replicas {human_bytes(w['replica_bytes'])} host memory"
@@ -143,6 +146,7 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
                 )
                 + (f", batch share {share}" if share is not None else "")
                 + (f", {w['compute_s'] * 1000:.0f} ms compute" if "compute_s" in w else "")
+                + (f", {w['busy_s'] * 1000:.0f} ms busy" if "busy_s" in w else "")
             )
     for w, mem in zip(status.workers, status.memory, strict=False):
         lines.append(

@@ -56,6 +56,9 @@ class JobStatus:
     workers: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0
     batch_shares: list[int] = field(default_factory=list)
+    # The training program's own fields (e.g. a pipeline's stages, partition and
+    # bubble); "summary" holds the lines `shoal status` shows for them.
+    program: dict[str, Any] = field(default_factory=dict)
     failures_survived: int = 0
     steps_redone: int = 0  # committed steps computed again after a failure
     recovery_s: float = 0.0  # time spent recovering, all failures together

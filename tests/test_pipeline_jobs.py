@@ -61,9 +61,9 @@ def test_gpipe_on_four_stages_matches_one_process(ray_session, tmp_path):
     )
     _, status = run_job(spec)
     stages = spec.strategy.stages
-    assert status.pipeline["stages"] == stages
-    assert sum(len(names) for names in status.pipeline["partition"]) == 4
-    assert 0 <= status.pipeline["bubble"] <= 1
+    assert status.program["stages"] == stages
+    assert sum(len(names) for names in status.program["partition"]) == 4
+    assert 0 <= status.program["bubble"] <= 1
     reference = train_reference(spec, stdlib_text(CORPUS_BYTES), steps=spec.train.steps)
     torch.testing.assert_close(final_params(spec), reference, atol=ATOL, rtol=0)
     rows = status.workers
@@ -92,7 +92,7 @@ def test_pipeline_times_data_parallel_on_digits_with_eval(ray_session, tmp_path)
         ]
     )
     handle, status = run_job(spec)
-    assert status.pipeline["replicas"] == 2
+    assert status.program["replicas"] == 2
     data = digits()
     reference = train_reference(spec, data, steps=spec.train.steps)
     params = final_params(spec)

@@ -32,6 +32,7 @@ from collectives.flat import split_evenly
 from collectives.optim import OptimizerSpec
 from collectives.pipeline_schedule import bubble_formula
 from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
+from orchestrator.report import human_bytes
 from orchestrator.shard_plan import batch_shares
 from orchestrator.stage_plan import LayerCost, StageWorker, plan_partition
 
@@ -222,19 +223,36 @@ class PipelineProgram(TrainingProgram):
 
     def status_fields(self) -> dict[str, Any]:
         plan, rec = self.plan_now, self._last
-        return {
-            "pipeline": {
-                "stages": plan.stages,
-                "replicas": plan.replicas,
-                "schedule": self.spec.strategy.schedule,
-                "micro_batches": self.spec.train.micro_batches,
-                "partition": [plan.layers_of(s) for s in range(plan.stages)],
-                "stage_busy_s": rec.get("stage_busy_s"),
-                "bubble": rec.get("bubble"),
-                "bubble_formula": rec.get("bubble_formula"),
-                "activation_bytes": rec.get("activation_bytes"),
-            }
+        st, m = self.spec.strategy, self.spec.train.micro_batches
+        fields: dict[str, Any] = {
+            "stages": plan.stages,
+            "replicas": plan.replicas,
+            "schedule": st.schedule,
+            "micro_batches": m,
+            "partition": [plan.layers_of(s) for s in range(plan.stages)],
+            "stage_busy_s": rec.get("stage_busy_s"),
+            "bubble": rec.get("bubble"),
+            "bubble_formula": rec.get("bubble_formula"),
+            "activation_bytes": rec.get("activation_bytes"),
         }
+        summary = [
+            f"pipeline    {plan.stages} stages x {plan.replicas} replicas, {st.schedule}, "
+            f"{m} micro-batches, partition {st.partition}"
+        ]
+        for s in range(plan.stages):
+            busy = rec.get("stage_busy_s") or [0.0] * plan.stages
+            act = rec.get("activation_bytes") or [0] * plan.stages
+            summary.append(
+                f"  stage {s}   {_span(plan.layers_of(s))}: busy {busy[s] * 1000:.1f} ms/step, "
+                f"activations {human_bytes(act[s])} at peak"
+            )
+        if "bubble" in rec:
+            summary.append(
+                f"  bubble    {rec['bubble']:.0%} measured (idle share of the slowest span), "
+                f"{rec['bubble_formula']:.0%} by (p-1)/(m+p-1)"
+            )
+        fields["summary"] = summary
+        return {"program": fields}
 
     def member_row(self, plan: PipelinePlan, rank: int, numel: int) -> dict[str, Any]:
         stage = plan.stage_of(rank)
@@ -243,7 +261,7 @@ class PipelineProgram(TrainingProgram):
         return {
             "stage": stage,
             "replica": plan.replica_of(rank),
-            "layers": names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}",
+            "part": f"stage {stage} ({_span(names)})",
             "shard": [lo, hi],
             "shard_bytes": (hi - lo) * 4 * (1 + self._optimizer_states),
         }
@@ -257,3 +275,8 @@ class PipelineProgram(TrainingProgram):
     def _optimizer_states(self) -> int:
         t = self.spec.train
         return len(OptimizerSpec(name=t.optimizer, momentum=t.momentum).state_keys())
+
+
+def _span(names: list[str]) -> str:
+    """``blocks.0..blocks.3`` for a stage's layers (one name for one layer)."""
+    return names[0] if len(names) == 1 else f"{names[0]}..{names[-1]}"
