@@ -46,6 +46,8 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
   strategy=ddp|zero1|zero2|zero3
                                data parallelism; zero1/2/3 also shard the optimizer
                                state, then the gradients, then the parameters
+  strategy=pipeline            the layers cut into strategy.stages=N stages (schedule
+                               gpipe|1f1b, partition auto|even); workers/stages replicas
   model=gpt_tiny|gpt_small|mlp
                                gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
                                mlp: model.hidden=[128,128] (sizes from the data)
@@ -70,6 +72,7 @@ examples:
   shoal run cluster.workers=3 train.steps=500
   shoal run data=text_file data.path=~/book.txt model=gpt_small
   shoal run model=mlp data=digits train.eval_every=20
+  shoal run strategy=pipeline strategy.stages=2 train.micro_batches=4
   shoal run data=text_file data.path=book.txt data.tokenizer=bpe data.vocab_size=4096
   shoal run run_dir=runs/a resume=latest        # continue runs/a from its last checkpoint
   shoal config train.lr=1e-3                    # print every field, resolved
