@@ -34,7 +34,7 @@ from collectives.flat import FlatLayout
 from collectives.pipeline import StageExecutor
 from collectives.pipeline_schedule import stage_actions
 from collectives.process_group import Rendezvous, join_group, leave_group, subgroup
-from collectives.stage_engine import StageEngine, layer_slots
+from collectives.stage_engine import StageEngine, layer_slots, tied_slots
 from orchestrator.recovery import Holding
 
 
@@ -124,12 +124,7 @@ class StageRuntime(DataParallelRuntime):
         layout = FlatLayout.of(model)
         uses = layer_slots(layout, model, [m for _, m in named])
         # Slots used by more than one stage (tied weights): gradients summed over the pipeline.
-        users: dict[str, set[int]] = {}
-        for s, (lo, hi) in enumerate(plan.layer_bounds):
-            for used in uses[lo:hi]:
-                for name in used:
-                    users.setdefault(name, set()).add(s)
-        tied = [slot for slot in layout.slots if len(users.get(slot.name, ())) > 1]
+        tied = tied_slots(layout, uses, plan.layer_bounds)
         a, b = plan.layer_bounds[plan.stage]
         self.layer_names = [n for n, _ in named[a:b]]
         self.engine = StageEngine(

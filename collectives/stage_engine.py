@@ -85,6 +85,18 @@ def owned_ranges(
     return out
 
 
+def tied_slots(
+    layout: FlatLayout, uses: Sequence[set[str]], layer_bounds: Sequence[tuple[int, int]]
+) -> list[ParamSlot]:
+    """The slots used by more than one stage (tied weights), given each stage's layers."""
+    users: dict[str, set[int]] = {}
+    for stage, (lo, hi) in enumerate(layer_bounds):
+        for used in uses[lo:hi]:
+            for name in used:
+                users.setdefault(name, set()).add(stage)
+    return [slot for slot in layout.slots if len(users.get(slot.name, ())) > 1]
+
+
 class StageEngine:
     """The parameters of one stage's layers, their gradients and optimizer state.
 
