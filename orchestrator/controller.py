@@ -372,13 +372,20 @@ class JobController:
                 self._set(workers=self._member_rows())
             # A join or drain waits for the steps in flight, then runs between steps.
             change = self._membership_change_wanted()
-            if change and not inflight:
-                if self._rebalance_membership(done):
+            # Or the same members with a fresh plan (e.g. stages re-cut to measured speeds).
+            replan = not change and done < total and program.replan_wanted()
+            if (change or replan) and not inflight:
+                if change and self._rebalance_membership(done):
                     program.begin_epoch(self._group.plan)
-                change = False
+                elif replan:
+                    self._move_state(done, list(self._group.members), [], [], [])
+                    program.begin_epoch(self._group.plan)
+                change = replan = False
             # Never queue past the next checkpoint or evaluation: each must see a quiescent step.
             boundary = min(queue_limit(done, every, total), queue_limit(done, t.eval_every, total))
-            while not change and next_step < boundary and len(inflight) < PIPELINE_DEPTH:
+            while (
+                not (change or replan) and next_step < boundary and len(inflight) < PIPELINE_DEPTH
+            ):
                 lr = lr_at(next_step, t)
                 refs = self._group.call_items(program.work_items(next_step, lr))
                 inflight.append((next_step, lr, refs))

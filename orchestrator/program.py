@@ -70,6 +70,9 @@ class Capacity:
     # The runtime's own measurements from ``probe()["profile"]`` (a pipeline
     # stage's per-layer costs); None when its runtime measures nothing more.
     profile: Any = None
+    # The member's id, stable across epochs (its rank is not): lets a program
+    # remember what it measured about a member from one epoch to the next.
+    worker_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -142,6 +145,16 @@ class TrainingProgram(ABC):
         (``collectives.process_group.subgroup(axis)``); None: the default group only.
         """
         return None
+
+    def replan_wanted(self) -> bool:
+        """Whether the same members should start a new epoch with a fresh plan now.
+
+        Asked at quiescent step boundaries; True makes the controller move the
+        state into a new epoch (as for a join, from live state: no step is
+        lost) and call ``plan`` again, e.g. when measured speeds no longer
+        fit the plan. False by default.
+        """
+        return False
 
     def eval_items(self) -> list[WorkItem] | None:
         """Calls that evaluate the model on the held-out split, one per member (None: cannot)."""

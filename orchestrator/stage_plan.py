@@ -67,6 +67,16 @@ def even_bounds(n_layers: int, stages: int) -> tuple[tuple[int, int], ...]:
     return tuple(out)
 
 
+def stage_times(
+    stage_workers: Sequence[Sequence[StageWorker]], bounds: Sequence[tuple[int, int]]
+) -> tuple[float, ...]:
+    """Each stage's compute time under ``bounds``: its slowest worker's sum over its layers."""
+    return tuple(
+        max(sum(c.compute_s for c in w.layers[a:b]) for w in workers)
+        for workers, (a, b) in zip(stage_workers, bounds, strict=True)
+    )
+
+
 def in_flight(schedule: str, stage: int, stages: int, micro_batches: int) -> int:
     """Micro-batches whose activations stage ``stage`` holds at once under ``schedule``."""
     if schedule == "gpipe":

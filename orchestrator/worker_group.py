@@ -264,7 +264,9 @@ class WorkerGroup:
         for rank, m in enumerate(members):
             m.rank = rank
         self.members = members
-        capacities = [Capacity(m.available_memory, m.node_id, m.profile) for m in members]
+        capacities = [
+            Capacity(m.available_memory, m.node_id, m.profile, m.worker_id) for m in members
+        ]
         self.plan = self.program.plan(capacities, self.numel)
         cl = self.spec.cluster
         host, port = ray.get(

@@ -34,7 +34,13 @@ from collectives.pipeline_schedule import bubble_formula
 from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
 from orchestrator.report import human_bytes
 from orchestrator.shard_plan import batch_shares
-from orchestrator.stage_plan import LayerCost, StageWorker, plan_partition
+from orchestrator.stage_plan import (
+    LayerCost,
+    PartitionError,
+    StageWorker,
+    plan_partition,
+    stage_times,
+)
 
 RUNTIME = "actors.stage_runtime:StageRuntime"
 
@@ -50,6 +56,7 @@ class PipelinePlan:
     stage_ranges: tuple[tuple[int, int], ...]  # per stage, its flat range
     pieces: tuple[tuple[int, int], ...]  # per rank, its piece of its stage's range
     predicted_s: tuple[float, ...]  # per stage, planned compute seconds per micro-batch
+    rank_predicted_s: tuple[float, ...]  # per rank, its stage's layers on its worker
 
     def stage_of(self, rank: int) -> int:
         return rank % self.stages
@@ -67,6 +74,13 @@ def stages_for(members: int, wanted: int) -> int:
     return max(s for s in range(1, min(wanted, members) + 1) if members % s == 0)
 
 
+# A re-cut must make the slowest stage at least this much faster (by the
+# measured speeds) to be worth an epoch change; below it, noise would thrash.
+REPLAN_GAIN = 0.15
+# Bounds on a worker's measured slowdown against its profile (noise guard).
+SLOWDOWN_RANGE = (0.2, 20.0)
+
+
 class PipelineProgram(TrainingProgram):
     """Stages of one model on actors, under a GPipe or 1F1B schedule, replicated for data."""
 
@@ -74,6 +88,13 @@ class PipelineProgram(TrainingProgram):
         super().__init__(spec)
         self.plan_now: PipelinePlan | None = None
         self._last: dict[str, Any] = {}
+        # worker_id -> measured compute time over profiled (1.0: as profiled).
+        self._slowdown: dict[int, float] = {}
+        self._capacities: list[Capacity] = []
+        self._ids: list[int | None] = []
+        self._busy: list[float] = []
+        self._window = 0
+        self._replan = False
 
     def roles(self) -> list[RoleSpec]:
         cl = self.spec.cluster
@@ -94,20 +115,11 @@ class PipelineProgram(TrainingProgram):
         stages = stages_for(n, st.stages)
         replicas = n // stages
         profiles = [c.profile for c in capacities]
-        workers = [
-            StageWorker(
-                tuple(
-                    LayerCost(
-                        row["name"], row["compute_s"], row["state_bytes"], row["activation_bytes"]
-                    )
-                    for row in profile
-                ),
-                c.available_memory,
-            )
-            for c, profile in zip(capacities, profiles, strict=True)
-        ]
+        self._capacities = list(capacities)
+        self._ids = [c.worker_id for c in capacities]
+        workers = self._stage_workers(stages, replicas)
         partition = plan_partition(
-            [[workers[r * stages + s] for r in range(replicas)] for s in range(stages)],
+            workers,
             schedule=st.schedule,
             micro_batches=t.micro_batches,
             even=st.partition == "even",
@@ -127,7 +139,29 @@ class PipelineProgram(TrainingProgram):
             stage_ranges=ranges,
             pieces=tuple(pieces),
             predicted_s=partition.stage_s,
+            rank_predicted_s=tuple(
+                sum(c.compute_s for c in workers[rank % stages][rank // stages].layers[a:b])
+                for rank in range(n)
+                for a, b in [partition.bounds[rank % stages]]
+            ),
         )
+
+    def _stage_workers(self, stages: int, replicas: int) -> list[list[StageWorker]]:
+        """The planner's view of the members: profiles scaled by measured slowdowns."""
+        workers = []
+        for c in self._capacities:
+            factor = self._slowdown.get(c.worker_id, 1.0)
+            costs = tuple(
+                LayerCost(
+                    row["name"],
+                    row["compute_s"] * factor,
+                    row["state_bytes"],
+                    row["activation_bytes"],
+                )
+                for row in c.profile
+            )
+            workers.append(StageWorker(costs, c.available_memory))
+        return [[workers[r * stages + s] for r in range(replicas)] for s in range(stages)]
 
     def setup_args(self, plan: PipelinePlan, rank: int) -> tuple[Any, ...]:
         from actors.stage_runtime import StageSetup
@@ -159,6 +193,9 @@ class PipelineProgram(TrainingProgram):
 
     def begin_epoch(self, plan: PipelinePlan) -> None:
         self.plan_now = plan
+        self._busy = [0.0] * (plan.stages * plan.replicas)
+        self._window = 0
+        self._replan = False
         shares = batch_shares(self.spec.train.global_batch, [1.0] * plan.replicas)
         starts = [sum(shares[:r]) for r in range(plan.replicas)]
         self._rows = [(lo, lo + n) for lo, n in zip(starts, shares, strict=True)]
@@ -171,7 +208,44 @@ class PipelineProgram(TrainingProgram):
         ]
 
     def observe(self, results: list[Any]) -> None:
-        pass
+        """Every ``strategy.rebalance_every`` steps: would a cut to measured speeds be faster?"""
+        every = self.spec.strategy.rebalance_every
+        if every <= 0 or self.spec.strategy.partition != "auto":
+            return
+        for r in results:
+            self._busy[r.rank] += r.compute_s
+        self._window += 1
+        if self._window % every == 0:
+            micro = min(self.spec.train.micro_batches, min(r.n_samples for r in results))
+            self._replan = self._measure_slowdowns(micro * self._window)
+            self._busy = [0.0] * len(self._busy)
+            self._window = 0
+
+    def _measure_slowdowns(self, micro_batches_run: int) -> bool:
+        """Update each worker's slowdown from its busy time; whether a re-cut pays off."""
+        plan = self.plan_now
+        lo, hi = SLOWDOWN_RANGE
+        for rank, busy in enumerate(self._busy):
+            predicted = plan.rank_predicted_s[rank] * micro_batches_run
+            wid = self._ids[rank]
+            if predicted <= 0 or wid is None:
+                continue
+            old = self._slowdown.get(wid, 1.0)
+            self._slowdown[wid] = min(hi, max(lo, old * busy / predicted))
+        workers = self._stage_workers(plan.stages, plan.replicas)
+        now = max(stage_times(workers, plan.layer_bounds))
+        try:
+            best = plan_partition(
+                workers,
+                schedule=self.spec.strategy.schedule,
+                micro_batches=self.spec.train.micro_batches,
+            )
+        except PartitionError:
+            return False
+        return max(best.stage_s) < (1.0 - REPLAN_GAIN) * now
+
+    def replan_wanted(self) -> bool:
+        return self._replan
 
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
         plan = self.plan_now

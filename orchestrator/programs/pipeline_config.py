@@ -29,6 +29,12 @@ class PipelineStrategyConfig(StrategyConfig):
     # auto: layers cut where the slowest stage is fastest, from each
     # worker's measured layer costs. even: equal numbers of layers.
     partition: str = "auto"
+    # partition=auto: every this many steps, compare each worker's measured
+    # busy time with what its layer profile predicted; if re-cutting the
+    # stages to the measured speeds would make the slowest stage at least
+    # REPLAN_GAIN faster, re-cut at the next step boundary (a new epoch,
+    # state moved from live copies). 0: never.
+    rebalance_every: int = 20
 
 
 SCHEMA = PipelineStrategyConfig
@@ -44,6 +50,10 @@ def check(c: Any) -> None:
     if st.schedule not in SCHEDULES:
         raise ConfigError(
             f"strategy.schedule: must be one of {list(SCHEDULES)}, got {st.schedule!r}"
+        )
+    if st.rebalance_every < 0:
+        raise ConfigError(
+            f"strategy.rebalance_every: must be >= 0 (0: never), got {st.rebalance_every}"
         )
     if st.partition not in PARTITIONS:
         raise ConfigError(
