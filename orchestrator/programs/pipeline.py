@@ -310,7 +310,8 @@ class PipelineProgram(TrainingProgram):
             "activation_bytes": rec.get("activation_bytes"),
         }
         summary = [
-            f"pipeline    {plan.stages} stages x {plan.replicas} replicas, {st.schedule}, "
+            f"pipeline    {plan.stages} stages x {plan.replicas} "
+            f"replica{'s' if plan.replicas > 1 else ''}, {st.schedule}, "
             f"{m} micro-batches, partition {st.partition}"
         ]
         for s in range(plan.stages):
