@@ -50,7 +50,6 @@ class StageSetup:
     owned: tuple[int, int]  # this rank's stage's flat range
     pieces: tuple[tuple[int, int], ...]  # every rank's piece of its stage's range (rank order)
     schedule: str
-    micro_batches: int
 
 
 @dataclass(frozen=True)
@@ -126,7 +125,6 @@ class StageRuntime(DataParallelRuntime):
         # Slots used by more than one stage (tied weights): gradients summed over the pipeline.
         tied = tied_slots(layout, uses, plan.layer_bounds)
         a, b = plan.layer_bounds[plan.stage]
-        self.layer_names = [n for n, _ in named[a:b]]
         self.engine = StageEngine(
             model,
             [m for _, m in named[a:b]],

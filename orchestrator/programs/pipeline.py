@@ -176,7 +176,6 @@ class PipelineProgram(TrainingProgram):
             owned=plan.stage_ranges[stage],
             pieces=plan.pieces,
             schedule=self.spec.strategy.schedule,
-            micro_batches=self.spec.train.micro_batches,
         )
         return (setup, rank)
 
