@@ -140,7 +140,7 @@ class StageEngine:
             local_slots.append(ParamSlot(s.name, s.shape, pos, s.numel))
             pos += s.numel
         self.local_layout = FlatLayout(tuple(local_slots))
-        device = next(self.module.parameters()).device
+        device = next(model.parameters()).device  # a stage may have no parameters of its own
         self.flat_param = torch.empty(pos, dtype=torch.float32, device=device)
         self.flat_grad = torch.zeros_like(self.flat_param)
         for s in self.local_layout.slots:
