@@ -134,6 +134,10 @@ class DataParallelRuntime(ElasticState):
             bucket_mb=self.spec.strategy.bucket_mb,
             shard_bounds=shard_bounds,
         )
+        return self._ready_to_train()
+
+    def _ready_to_train(self) -> WorkerInfo:
+        """The end of every epoch set-up: a per-rank random stream, and who this rank is."""
         # Per-rank stream for dropout and the like, different on every rank.
         torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank)
         import ray

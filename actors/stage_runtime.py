@@ -16,8 +16,6 @@ parameters and optimizer state (``collectives/stage_engine.py``).
 from __future__ import annotations
 
 import dataclasses
-import os
-import socket
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -147,18 +145,7 @@ class StageRuntime(DataParallelRuntime):
             is_parameter=self.engine.is_parameter,
             autocast_dtype=torch.bfloat16 if self.spec.train.precision == "bf16" else None,
         )
-        # Per-rank stream for dropout and the like, different on every rank.
-        torch.manual_seed(self.spec.train.seed * 1_000_003 + self.rank)
-        import ray
-
-        return WorkerInfo(
-            rank=self.rank,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            node_ip=ray.util.get_node_ip_address(),
-            device=str(self.device),
-            threads=torch.get_num_threads(),
-        )
+        return self._ready_to_train()
 
     @property
     def _is_first(self) -> bool:

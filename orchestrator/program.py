@@ -61,6 +61,21 @@ class RoleSpec:
         return self.count if self.min_count is None else self.min_count
 
 
+def training_role(
+    spec: JobSpec, name: str, runtime: str, env_vars: tuple[tuple[str, str], ...] = ()
+) -> RoleSpec:
+    """The job's training role: ``cluster.workers`` members with the cluster's resources each."""
+    cl = spec.cluster
+    return RoleSpec(
+        name=name,
+        runtime=runtime,
+        count=cl.workers,
+        cpus=cl.cpus_per_worker,
+        gpus=cl.gpus_per_worker,
+        env_vars=env_vars,
+    )
+
+
 @dataclass(frozen=True)
 class Capacity:
     """What a member measured about itself before its epoch: the planner's input."""
@@ -179,6 +194,31 @@ class TrainingProgram(ABC):
     def member_row(self, plan: Any, rank: int, numel: int) -> dict[str, Any]:
         """What the status shows of rank ``rank``'s share of the state (none by default)."""
         return {}
+
+
+def common_record(
+    step: int, lr: float, losses: Sequence[Any], results: Sequence[Any], step_time_s: float
+) -> dict[str, Any]:
+    """The step record's fields every program has, from results with the ``StepResult`` fields.
+
+    ``losses``: the results that carry the step's loss and samples (every
+    data-parallel rank; a pipeline's last stages); ``results``: every member's.
+    """
+    record = {
+        "step": step,
+        "loss": sum(r.loss_sum for r in losses) / sum(r.n_units for r in losses),
+        "lr": lr,
+        "grad_norm": results[0].grad_norm,  # the global norm: the same on every rank
+        "step_time_s": step_time_s,
+        "samples_per_s": sum(r.n_samples for r in losses) / step_time_s,
+        "compute_s": [round(r.compute_s, 5) for r in results],
+        "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
+        "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
+    }
+    tokens = sum(r.n_tokens for r in losses)
+    if tokens:
+        record["tokens_per_s"] = tokens / step_time_s
+    return record
 
 
 def program_for(spec: JobSpec) -> TrainingProgram:

@@ -18,7 +18,15 @@ from typing import Any
 from actors.task import eval_metrics
 from collectives.optim import OptimizerSpec
 from collectives.replication import REPLICA_BUFFERS
-from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
+from orchestrator.program import (
+    Capacity,
+    RoleSpec,
+    StateSpace,
+    TrainingProgram,
+    WorkItem,
+    common_record,
+    training_role,
+)
 from orchestrator.shard_plan import (
     batch_shares,
     shard_bounds,
@@ -86,17 +94,8 @@ class DataParallelProgram(TrainingProgram):
         self.balancer: BatchBalancer | None = None
 
     def roles(self) -> list[RoleSpec]:
-        cl = self.spec.cluster
-        return [
-            RoleSpec(
-                name="worker",
-                runtime=RUNTIME,
-                count=cl.workers,
-                cpus=cl.cpus_per_worker,
-                gpus=cl.gpus_per_worker,
-                env_vars=RETURN_FREED_MEMORY_ENV if cl.return_freed_memory else (),
-            )
-        ]
+        freed = RETURN_FREED_MEMORY_ENV if self.spec.cluster.return_freed_memory else ()
+        return [training_role(self.spec, "worker", RUNTIME, freed)]
 
     def plan(self, capacities: Sequence[Capacity], numel: int) -> DataParallelPlan:
         """Shard ranges from ``strategy.shard_weights`` (ddp: nothing is sharded)."""
@@ -132,21 +131,8 @@ class DataParallelProgram(TrainingProgram):
         self.balancer.observe(results)
 
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
-        record = {
-            "step": step,
-            "loss": sum(r.loss_sum for r in results) / sum(r.n_units for r in results),
-            "lr": lr,
-            "grad_norm": results[0].grad_norm,  # the global norm: the same on every rank
-            "step_time_s": step_time_s,
-            "samples_per_s": sum(r.n_samples for r in results) / step_time_s,
-            "batch": [r.n_samples for r in results],
-            "compute_s": [round(r.compute_s, 5) for r in results],
-            "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
-            "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
-        }
-        tokens = sum(r.n_tokens for r in results)
-        if tokens:
-            record["tokens_per_s"] = tokens / step_time_s
+        record = common_record(step, lr, results, results, step_time_s)
+        record["batch"] = [r.n_samples for r in results]
         return record
 
     def eval_items(self) -> list[WorkItem]:

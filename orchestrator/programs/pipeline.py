@@ -31,7 +31,15 @@ from actors.task import eval_metrics
 from collectives.flat import split_evenly
 from collectives.optim import OptimizerSpec
 from collectives.pipeline_schedule import bubble_formula
-from orchestrator.program import Capacity, RoleSpec, StateSpace, TrainingProgram, WorkItem
+from orchestrator.program import (
+    Capacity,
+    RoleSpec,
+    StateSpace,
+    TrainingProgram,
+    WorkItem,
+    common_record,
+    training_role,
+)
 from orchestrator.report import human_bytes
 from orchestrator.shard_plan import batch_shares
 from orchestrator.stage_plan import (
@@ -97,16 +105,7 @@ class PipelineProgram(TrainingProgram):
         self._replan = False
 
     def roles(self) -> list[RoleSpec]:
-        cl = self.spec.cluster
-        return [
-            RoleSpec(
-                name="stage",
-                runtime=RUNTIME,
-                count=cl.workers,
-                cpus=cl.cpus_per_worker,
-                gpus=cl.gpus_per_worker,
-            )
-        ]
+        return [training_role(self.spec, "stage", RUNTIME)]
 
     def plan(self, capacities: Sequence[Capacity], numel: int) -> PipelinePlan:
         """Stages that divide the members; layers cut where the slowest stage is fastest."""
@@ -256,24 +255,13 @@ class PipelineProgram(TrainingProgram):
             activations[r.stage] = max(activations[r.stage], r.peak_activation_bytes)
         span = max(r.span_s for r in results)
         m = min(self.spec.train.micro_batches, min(r.n_samples for r in results))
-        record = {
-            "step": step,
-            "loss": sum(r.loss_sum for r in last) / sum(r.n_units for r in last),
-            "lr": lr,
-            "grad_norm": results[0].grad_norm,
-            "step_time_s": step_time_s,
-            "samples_per_s": sum(r.n_samples for r in last) / step_time_s,
-            "stage_busy_s": [round(b, 5) for b in busy],
-            "bubble": round(1.0 - sum(busy) / (plan.stages * span), 4) if span > 0 else 0.0,
-            "bubble_formula": round(bubble_formula(plan.stages, m), 4),
-            "activation_bytes": activations,
-            "compute_s": [round(r.compute_s, 5) for r in results],
-            "comm_wait_s": [round(r.comm_wait_s, 5) for r in results],
-            "peak_rss_mb": [round(r.peak_rss / 2**20, 1) for r in results],
-        }
-        tokens = sum(r.n_tokens for r in last)
-        if tokens:
-            record["tokens_per_s"] = tokens / step_time_s
+        record = common_record(step, lr, last, results, step_time_s)
+        record.update(
+            stage_busy_s=[round(b, 5) for b in busy],
+            bubble=round(1.0 - sum(busy) / (plan.stages * span), 4) if span > 0 else 0.0,
+            bubble_formula=round(bubble_formula(plan.stages, m), 4),
+            activation_bytes=activations,
+        )
         self._last = record
         return record
 
