@@ -93,8 +93,8 @@ def profile_layers(
             if y.requires_grad:
                 y.backward(torch.ones_like(y))
             elapsed = time.perf_counter() - start
-            spent += elapsed
-            if rep > 0:  # the first run warms caches and allocators up
+            if rep > 0:  # the first run warms caches and allocators up: neither kept nor counted
+                spent += elapsed
                 best, saved = min(best, elapsed), nbytes
         x = y.detach()
         out.append(

@@ -56,6 +56,26 @@ class Partition:
         return max(self.stage_s) / mean if mean > 0 else 1.0
 
 
+def denoised_costs(tables: Sequence[Sequence[float]]) -> list[list[float]]:
+    """Per-worker layer times with each worker's timing noise taken out.
+
+    Workers measure the same layers at the same moment, often on shared
+    cores, and interference only ever adds time: one layer can come out 10x
+    slow on one worker. So a layer's cost is its *fastest* measurement over
+    the workers, and each worker's speed is one factor, the median over the
+    layers of its time relative to that (robust to a few spikes); a worker's
+    table is then the layer costs scaled by its factor. Unequal hardware
+    shows as the factor, which is what the planner needs.
+    """
+    base = [min(col) for col in zip(*tables, strict=True)]
+    out = []
+    for row in tables:
+        ratios = sorted(t / b for t, b in zip(row, base, strict=True) if b > 0)
+        speed = ratios[len(ratios) // 2] if ratios else 1.0
+        out.append([b * speed for b in base])
+    return out
+
+
 def even_bounds(n_layers: int, stages: int) -> tuple[tuple[int, int], ...]:
     """Equal numbers of layers per stage (the first stages take one more when uneven)."""
     base, extra = divmod(n_layers, stages)

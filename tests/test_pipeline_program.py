@@ -181,3 +181,22 @@ def test_fewer_workers_than_stages_may_still_be_the_minimum():
         ["strategy=pipeline", "cluster.workers=2", "cluster.min_workers=1"]
     )
     assert spec.cluster.min_workers == 1
+
+
+def test_a_steady_slowdown_is_measured_once_not_compounded():
+    # Rank 1 steadily 10% slower than profiled: no re-cut of 8 equal layers gains 15%.
+    program = _program("strategy.stages=2", "cluster.workers=2", "strategy.rebalance_every=1")
+    plan = program.plan(_caps(1, 1), LAYERS * 100)
+    program.begin_epoch(plan)
+    for step in range(10):
+        program.observe(_results(plan, [0.016, 0.0176], step))
+        assert not program.replan_wanted()
+    assert program._slowdown[11] == pytest.approx(1.1)
+
+
+def test_one_noisy_layer_on_one_worker_does_not_move_the_cut():
+    # Equal workers; worker 1 measured layer l2 ten times too slow (interference while profiling).
+    caps = _caps(1, 1)
+    caps[1].profile[2]["compute_s"] *= 10
+    plan = _program("strategy.stages=2", "cluster.workers=2").plan(caps, LAYERS * 100)
+    assert plan.layer_bounds == ((0, 4), (4, 8))

@@ -473,3 +473,13 @@ def test_a_stage_that_holds_no_layer_is_named(tiny_stage):
         plan_partition(one_each(*workers))
     message = str(err.value)
     assert f"stage {tiny_stage}" in message or re.search(r"'l\d'", message), message
+
+
+def test_denoised_costs_keep_speed_and_drop_spikes():
+    from orchestrator.stage_plan import denoised_costs
+
+    fast = [1.0, 2.0, 3.0, 4.0]
+    slow = [2.0, 4.0, 60.0, 8.0]  # 2x slower, with one 10x spike on the third layer
+    out = denoised_costs([fast, slow])
+    assert out[0] == fast
+    assert out[1] == [2.0, 4.0, 6.0, 8.0]

@@ -46,6 +46,7 @@ from orchestrator.stage_plan import (
     LayerCost,
     PartitionError,
     StageWorker,
+    denoised_costs,
     plan_partition,
     stage_times,
 )
@@ -65,6 +66,7 @@ class PipelinePlan:
     pieces: tuple[tuple[int, int], ...]  # per rank, its piece of its stage's range
     predicted_s: tuple[float, ...]  # per stage, planned compute seconds per micro-batch
     rank_predicted_s: tuple[float, ...]  # per rank, its stage's layers on its worker
+    rank_slowdown: tuple[float, ...]  # per rank, the measured slowdown the plan assumed
 
     def stage_of(self, rank: int) -> int:
         return rank % self.stages
@@ -143,21 +145,18 @@ class PipelineProgram(TrainingProgram):
                 for rank in range(n)
                 for a, b in [partition.bounds[rank % stages]]
             ),
+            rank_slowdown=tuple(self._slowdown.get(c.worker_id, 1.0) for c in capacities),
         )
 
     def _stage_workers(self, stages: int, replicas: int) -> list[list[StageWorker]]:
         """The planner's view of the members: profiles scaled by measured slowdowns."""
+        times = denoised_costs([[row["compute_s"] for row in c.profile] for c in self._capacities])
         workers = []
-        for c in self._capacities:
+        for c, row_times in zip(self._capacities, times, strict=True):
             factor = self._slowdown.get(c.worker_id, 1.0)
             costs = tuple(
-                LayerCost(
-                    row["name"],
-                    row["compute_s"] * factor,
-                    row["state_bytes"],
-                    row["activation_bytes"],
-                )
-                for row in c.profile
+                LayerCost(row["name"], t * factor, row["state_bytes"], row["activation_bytes"])
+                for row, t in zip(c.profile, row_times, strict=True)
             )
             workers.append(StageWorker(costs, c.available_memory))
         return [[workers[r * stages + s] for r in range(replicas)] for s in range(stages)]
@@ -228,8 +227,9 @@ class PipelineProgram(TrainingProgram):
             wid = self._ids[rank]
             if predicted <= 0 or wid is None:
                 continue
-            old = self._slowdown.get(wid, 1.0)
-            self._slowdown[wid] = min(hi, max(lo, old * busy / predicted))
+            # Relative to what the plan assumed (not to the latest estimate): a
+            # steady error is then measured once, not compounded every window.
+            self._slowdown[wid] = min(hi, max(lo, plan.rank_slowdown[rank] * busy / predicted))
         workers = self._stage_workers(plan.stages, plan.replicas)
         now = max(stage_times(workers, plan.layer_bounds))
         try:
