@@ -22,8 +22,10 @@ each new worker joins at a step boundary. Once all three train, Ray is asked to 
 node of the first (a preemption notice with a deadline): that worker's state moves to the
 others at a step boundary and it leaves. Then the node that hosts the last to join is lost
 (its raylet and everything the raylet started are SIGKILLed); the job recovers from buddy
-replicas and finishes. Everything observed goes to
-``OUT_DIR/result.json`` (written even on failure); the test asserts on it.
+replicas and finishes. Until that loss the steps are paced (``PacedGPT``), so that the job
+cannot run out of steps however long the autoscaler takes; after it they run at full speed.
+Everything observed goes to ``OUT_DIR/result.json`` (written even on failure); the test
+asserts on it.
 """
 
 from __future__ import annotations
@@ -44,11 +46,17 @@ from typing import Any
 
 import ray
 
+from actors.models.gpt import GPT
 from orchestrator import JobSpec, JobState, submit
 
 WORKERS = 3
-# Enough for the autoscaler to add every node while the job trains (~20-40 ms a step here).
-STEPS = 2000
+# Paced (at least PACE_S a step) until the node is lost, these last over a minute of
+# scale-up, draining and node loss (~100 steps, 15 s, here); the rest then run at full
+# speed (~5-30 ms a step).
+STEPS = 600
+PACE_S = 0.12
+# Set for the job's processes: the file whose existence paces the steps.
+PACE_FILE_ENV = "SHOAL_TEST_PACE_FILE"
 # One autoscaler round every this many seconds; the fake provider starts one node per round,
 # so nodes arrive one after another and the job can be seen to grow.
 UPDATE_INTERVAL_S = 8
@@ -96,6 +104,20 @@ def _psutil():
     import psutil
 
     return psutil
+
+
+class PacedGPT(GPT):
+    """Each forward pass takes at least ``PACE_S`` while ``$SHOAL_TEST_PACE_FILE`` exists.
+
+    The scenario removes the file once the node is lost: however slowly the autoscaler
+    adds nodes, the job cannot finish before the events it waits for.
+    """
+
+    def forward(self, idx):
+        pace = os.environ.get(PACE_FILE_ENV)
+        if pace and os.path.exists(pace):
+            time.sleep(PACE_S)
+        return super().forward(idx)
 
 
 class Terminated(Exception):
@@ -193,7 +215,9 @@ class FakeAutoscalingCluster:
                 p.terminate()
             except psutil.NoSuchProcess:
                 pass
-        _, alive = psutil.wait_procs(left, timeout=10)
+        # A short grace: with the head (and its GCS) gone, the autoscaler's nodes' raylets
+        # and agents do not finish a graceful exit (it waits on the GCS); they are killed.
+        _, alive = psutil.wait_procs(left, timeout=2)
         for p in alive:
             try:
                 p.kill()
@@ -264,6 +288,7 @@ def job_spec(run_dir: Path, address: str) -> JobSpec:
     return JobSpec.from_overrides(
         [
             "strategy=zero2",
+            "model._target_=tests.autoscaling_scenario.PacedGPT",
             "model.n_layer=1",
             "model.d_model=32",
             "model.n_head=2",
@@ -304,11 +329,15 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
         raise
     result["address"] = address
     result["cluster_started_s"] = now()
+    pace = out / "pace"
+    pace.touch()  # removed once the node is lost
     ray.init(
         address=address,
         namespace="shoal",
         logging_level=logging.WARNING,
-        runtime_env={"env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", "")}},
+        runtime_env={
+            "env_vars": {"PYTHONPATH": os.environ.get("PYTHONPATH", ""), PACE_FILE_ENV: str(pace)}
+        },
     )
     result["worker_nodes_at_submit"] = len(worker_nodes())
     spec = job_spec(out / "run", address)
@@ -354,6 +383,7 @@ def scenario(out: Path, result: dict[str, Any], cluster: FakeAutoscalingCluster)
         if killed is None and _trained_since(st, drained_at):
             # Then a node is lost without notice: the last joiner's.
             killed = kill_node_of(handle.worker_pids()[-1])
+            pace.unlink()  # the rest at full speed
             killed.update(t=now(), step=st.step, epoch=st.epoch)
             result["killed"] = killed
             print("killed", json.dumps(killed), flush=True)

@@ -38,7 +38,7 @@ from storage.s3_store import S3Store
 from tests.checkpoint_helpers import write_shard
 from tests.conftest import REPO_ROOT
 from tests.reference import run_job
-from tests.test_jobs import ATOL, _spec
+from tests.test_jobs import ATOL, _spec, run_jobs
 
 pytest_plugins = ["tests.s3_server"]
 
@@ -204,6 +204,16 @@ def test_round_trip_across_world_sizes_stages_and_corrupt_fallback(
     assert verify(store_a, read_manifest(store_a, 6)) == []
     final = _params(store_a, 6)
 
+    # Corrupt the newest checkpoint (same size: only a checksum can tell).
+    damaged = read_manifest(store_a, 6).shards[1].key
+    key = f"runs/a/{step_dir(6)}/{damaged}"
+    data = bytearray(store_a._client.get_object(Bucket=bucket, Key=key)["Body"].read())
+    data[len(data) // 2] ^= 0x55  # inside a tensor's data
+    store_a._client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
+    problems = verify(store_a, read_manifest(store_a, 6))
+    assert len(problems) == 1 and damaged in problems[0]
+
+    # Two jobs at once (each reads step 3 of run a, which neither changes):
     # ZeRO-2 on 2 even shards -> ZeRO-3 on 2 uneven ones: each rank reads only its ranges.
     uri_b = f"s3://{bucket}/runs/b"
     three = _spec(
@@ -216,22 +226,8 @@ def test_round_trip_across_world_sizes_stages_and_corrupt_fallback(
         f"resume={uri_a}/step-00000003",
         *_s3(ep, uri_b),
     )
-    _, st3 = run_job(three)
-    assert st3.resumed_from.endswith("step-00000003") and st3.resume_note is None
-    whole = read_manifest(store_a, 3).nbytes
-    # Rank 0 needs a quarter of every tensor; it must not fetch whole shards.
-    assert st3.resume_bytes_read[0] < 0.35 * whole, (st3.resume_bytes_read, whole)
-    torch.testing.assert_close(_params(_store(ep, uri_b), 6), final, atol=ATOL, rtol=0)
-
-    # Corrupt the newest checkpoint (same size: only a checksum can tell); resume=latest
-    # on 1 DDP worker must skip it, say so, and redo steps 3-5 to the same parameters.
-    damaged = read_manifest(store_a, 6).shards[1].key
-    key = f"runs/a/{step_dir(6)}/{damaged}"
-    data = bytearray(store_a._client.get_object(Bucket=bucket, Key=key)["Body"].read())
-    data[len(data) // 2] ^= 0x55  # inside a tensor's data
-    store_a._client.put_object(Bucket=bucket, Key=key, Body=bytes(data))
-    problems = verify(store_a, read_manifest(store_a, 6))
-    assert len(problems) == 1 and damaged in problems[0]
+    # resume=latest on 1 DDP worker must skip the corrupt step 6, say so, and redo
+    # steps 3-5 to the same parameters.
     one = _spec(
         tmp_path,
         "ddp1",
@@ -243,10 +239,17 @@ def test_round_trip_across_world_sizes_stages_and_corrupt_fallback(
         "resume=latest",
         *_s3(ep, uri_a),
     )
-    handle1, st1 = run_job(one)
+    (_, st3, _), (_, st1, metrics1) = run_jobs(three, one)
+
+    assert st3.resumed_from.endswith("step-00000003") and st3.resume_note is None
+    whole = read_manifest(store_a, 3).nbytes
+    # Rank 0 needs a quarter of every tensor; it must not fetch whole shards.
+    assert st3.resume_bytes_read[0] < 0.35 * whole, (st3.resume_bytes_read, whole)
+    torch.testing.assert_close(_params(_store(ep, uri_b), 6), final, atol=ATOL, rtol=0)
+
     assert st1.resumed_from.endswith("step-00000003")
     assert "step-00000006" in st1.resume_note and "checksum mismatch" in st1.resume_note
-    assert [m["step"] for m in handle1.metrics()] == [3, 4, 5]
+    assert [m["step"] for m in metrics1] == [3, 4, 5]
     rewritten = read_manifest(store_a, 6)
     assert rewritten.world_size == 1 and verify(store_a, rewritten) == []
     keys = {o.key for o in store_a.list(step_dir(6) + "/")}

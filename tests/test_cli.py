@@ -1,4 +1,6 @@
-"""The ``shoal`` command end to end, as a user runs it (its own embedded Ray instance)."""
+"""The ``shoal`` command end to end, as a user runs it: on its own embedded Ray instance, or
+joining a running cluster (``cluster.address``; here the test session's Ray instance, which
+spares a Ray start and stop per run)."""
 
 from __future__ import annotations
 
@@ -7,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 from tests.conftest import REPO_ROOT
 
@@ -18,6 +22,14 @@ TINY = [
     "data.max_bytes=200000",
     "cluster.workers=2",
 ]
+
+
+@pytest.fixture
+def cluster_address(ray_session) -> str:
+    """``cluster.address=`` of the test session's Ray instance. ``shoal`` inherits this
+    process's environment, which holds what that instance needs of a client (its
+    authentication mode)."""
+    return ray_session.get_runtime_context().gcs_address
 
 
 def shoal(*args: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -48,7 +60,7 @@ def test_bad_config_exits_2_naming_the_field(tmp_path):
     assert out.returncode == 2 and "data.path" in out.stderr
 
 
-def test_run_end_to_end_then_status_and_resume(tmp_path):
+def test_run_end_to_end_then_status_and_resume(tmp_path, cluster_address):
     run_dir = tmp_path / "run"
     out = shoal(
         "run",
@@ -70,7 +82,8 @@ def test_run_end_to_end_then_status_and_resume(tmp_path):
     status = shoal("status", str(run_dir))
     assert status.returncode == 0 and "succeeded" in status.stdout and "12/12" in status.stdout
 
-    # resume=latest in the same run folder continues from step 12 to 15.
+    # resume=latest in the same run folder continues from step 12 to 15, here on a
+    # running cluster (the run above started and stopped its own Ray instance).
     out = shoal(
         "run",
         *TINY,
@@ -78,19 +91,21 @@ def test_run_end_to_end_then_status_and_resume(tmp_path):
         "train.sample_tokens=0",
         f"run_dir={run_dir}",
         "resume=latest",
+        f"cluster.address={cluster_address}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
     steps = [json.loads(x)["step"] for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(15))
 
 
-def test_worker_error_gives_nonzero_exit(tmp_path):
+def test_worker_error_gives_nonzero_exit(tmp_path, cluster_address):
     out = shoal(
         "run",
         *TINY,
         "train.steps=20",
         "model._target_=tests.faulty_models.RaisingGPT",
         f"run_dir={tmp_path / 'bad'}",
+        f"cluster.address={cluster_address}",
     )
     assert out.returncode == 1
     assert "worker 1" in out.stdout and "injected fault" in out.stdout

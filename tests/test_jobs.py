@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import time
+from typing import NamedTuple
+
 import pytest
 import torch
 
 from actors.data import stdlib_text
 from orchestrator import JobSpec, JobState, submit
+from orchestrator.api import JobHandle
+from orchestrator.status import JobStatus
 from tests.reference import final_params, run_job, train_reference
 
 # Parameters of an N-worker run and of the one-process reference agree within
@@ -15,6 +20,61 @@ from tests.reference import final_params, run_job, train_reference
 ATOL = 2e-5
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=16"]
 CORPUS_BYTES = 200_000
+# run_jobs runs this many jobs at a time: a job's start-up is mostly one process at a
+# time (its controller, then its workers), so a second job uses the core the first
+# leaves idle. Any two jobs of up to 3 workers fit in the 4 CPUs of tests/conftest.py's
+# Ray instance at HALF_CPU a worker (a request to Ray's placement only: each worker
+# still runs torch on one thread).
+AT_ONCE = 2
+HALF_CPU = "cluster.cpus_per_worker=0.5"
+
+
+class JobRun(NamedTuple):
+    """A finished job: its spec, final status and per-step records (``handle.metrics()``)."""
+
+    spec: JobSpec
+    status: JobStatus
+    metrics: list[dict]
+
+
+def run_jobs(*specs: JobSpec, check: bool = True, timeout: float = 240) -> list[JobRun]:
+    """Run independent jobs, ``AT_ONCE`` at a time; returns their runs in order.
+
+    ``check``: require that each succeeds (else each caller checks, see ``succeeded``).
+    ``timeout``: for each job, from its submission. The handles are not kept, so each
+    controller ends once its job has (as when a test that ran one job returns).
+    """
+    queue = list(enumerate(specs))
+    running: list[tuple[int, JobHandle, float]] = []
+    runs: dict[int, JobRun] = {}
+    try:
+        while queue or running:
+            while queue and len(running) < AT_ONCE:
+                i, spec = queue.pop(0)
+                running.append((i, submit(spec), time.monotonic()))
+            time.sleep(0.1)
+            for entry in list(running):
+                i, handle, submitted = entry
+                if handle.done() or time.monotonic() - submitted > timeout:
+                    running.remove(entry)
+                    status = handle.wait(timeout=0)
+                    if not handle.done():  # timed out
+                        handle.cancel()
+                    runs[i] = JobRun(specs[i], status, handle.metrics())
+                    if check:
+                        succeeded(runs[i])
+    finally:
+        for _, handle, _ in running:  # after a failure: leave nothing running
+            handle.cancel()
+    return [runs[i] for i in range(len(specs))]
+
+
+def succeeded(run: JobRun) -> JobRun:
+    status = run.status
+    assert status.state == JobState.SUCCEEDED, (
+        f"{run.spec.run_dir.name}: {status.state.value}: {status.error}"
+    )
+    return run
 
 
 def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
@@ -30,19 +90,54 @@ def _spec(tmp_path, name: str, *extra: str) -> JobSpec:
     )
 
 
-@pytest.mark.parametrize("workers", [1, 2, 3])
-def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
-    # global_batch=7 does not divide by 2 or 3: ranks hold different sample counts.
-    spec = _spec(
-        tmp_path,
-        f"w{workers}",
-        f"cluster.workers={workers}",
-        "train.steps=4",
-        "train.global_batch=7",
-        "train.grad_clip=0.5",  # small enough to bind: clipping is exercised
-    )
-    handle, status = run_job(spec)
-    metrics = handle.metrics()
+N_WORKERS = [1, 2, 3]
+ZERO_CASES = [
+    ("zero1", 2, []),
+    ("zero2", 3, ["strategy.shard_weights=[2,1,1]"]),
+    ("zero3", 3, ["strategy.shard_weights=[1,3,2]", "train.balance=auto", "train.balance_every=2"]),
+    ("zero3", 2, ["strategy.shard_weights=auto", "train.micro_batches=2"]),
+]
+BF16_CASE = ["strategy=zero2", "train.steps=4", "train.global_batch=7", "train.lr=1e-3"]
+
+
+@pytest.fixture(scope="module")
+def independent_jobs(ray_session, tmp_path_factory) -> dict[str, JobRun]:
+    """This module's jobs that need no other job, run once, ``AT_ONCE`` at a time;
+    each test below checks its own."""
+    tmp_path = tmp_path_factory.mktemp("independent")
+    equivalence = ["train.steps=4", "train.global_batch=7", "train.grad_clip=0.5", HALF_CPU]
+    specs = {
+        # global_batch=7 does not divide by 2 or 3: ranks hold different sample counts;
+        # grad_clip=0.5 is small enough to bind: clipping is exercised.
+        **{
+            f"w{workers}": _spec(
+                tmp_path, f"w{workers}", f"cluster.workers={workers}", *equivalence
+            )
+            for workers in N_WORKERS
+        },
+        **{
+            f"{strategy}-{workers}": _spec(
+                tmp_path,
+                f"{strategy}-{workers}",
+                f"strategy={strategy}",
+                f"cluster.workers={workers}",
+                *equivalence,
+                *extra,
+            )
+            for strategy, workers, extra in ZERO_CASES
+        },
+        "fp32": _spec(tmp_path, "fp32", *BF16_CASE),
+        "bf16": _spec(tmp_path, "bf16", *BF16_CASE, "train.precision=bf16"),
+        # The first runs of the resume tests.
+        "full": _spec(tmp_path, "full", "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5"),
+        "same": _spec(tmp_path, "same", "train.steps=2", "checkpoint.every=1"),
+    }
+    return dict(zip(specs, run_jobs(*specs.values(), check=False), strict=True))
+
+
+@pytest.mark.parametrize("workers", N_WORKERS)
+def test_n_workers_match_one_process_reference(independent_jobs, workers):
+    spec, status, metrics = succeeded(independent_jobs[f"w{workers}"])
     assert [m["step"] for m in metrics] == [0, 1, 2, 3]
     assert min(m["grad_norm"] for m in metrics) > 0.5  # clipping was active
     # Start-up phases are reported in the order they happen (Ray was already up).
@@ -53,31 +148,9 @@ def test_n_workers_match_one_process_reference(ray_session, tmp_path, workers):
     torch.testing.assert_close(final_params(spec), reference, atol=ATOL, rtol=0)
 
 
-@pytest.mark.parametrize(
-    "strategy, workers, extra",
-    [
-        ("zero1", 2, []),
-        ("zero2", 3, ["strategy.shard_weights=[2,1,1]"]),
-        (
-            "zero3",
-            3,
-            ["strategy.shard_weights=[1,3,2]", "train.balance=auto", "train.balance_every=2"],
-        ),
-        ("zero3", 2, ["strategy.shard_weights=auto", "train.micro_batches=2"]),
-    ],
-)
-def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, workers, extra):
-    spec = _spec(
-        tmp_path,
-        f"{strategy}-{workers}",
-        f"strategy={strategy}",
-        f"cluster.workers={workers}",
-        "train.steps=4",
-        "train.global_batch=7",
-        "train.grad_clip=0.5",
-        *extra,
-    )
-    handle, status = run_job(spec)
+@pytest.mark.parametrize("strategy, workers, extra", ZERO_CASES)
+def test_zero_jobs_match_one_process_reference(independent_jobs, strategy, workers, extra):
+    spec, status, metrics = succeeded(independent_jobs[f"{strategy}-{workers}"])
     shard_sizes = [w["shard"][1] - w["shard"][0] for w in status.workers]
     assert sum(shard_sizes) == final_params(spec).numel()
     if strategy == "zero3":
@@ -88,42 +161,43 @@ def test_zero_jobs_match_one_process_reference(ray_session, tmp_path, strategy, 
     if "strategy.shard_weights=[2,1,1]" in extra:
         assert abs(shard_sizes[0] / shard_sizes[1] - 2) < 0.01
     if "train.balance=auto" in extra:
-        assert sum(handle.metrics()[-1]["batch"]) == 7
+        assert sum(metrics[-1]["batch"]) == 7
     reference = train_reference(spec, stdlib_text(CORPUS_BYTES), steps=4)
     torch.testing.assert_close(final_params(spec), reference, atol=ATOL, rtol=0)
 
 
-def test_resume_equals_uninterrupted(ray_session, tmp_path):
-    full = _spec(tmp_path, "full", "train.steps=6", "checkpoint.every=3", "checkpoint.keep=5")
-    run_job(full)
+def test_resume_equals_uninterrupted(independent_jobs, tmp_path):
+    full = succeeded(independent_jobs["full"]).spec  # 6 steps, a checkpoint every 3
     # Resume from step 3 of the uninterrupted run, at the same world size...
     part = _spec(
         tmp_path,
         "resumed",
+        HALF_CPU,
         "train.steps=6",
         "checkpoint.every=3",
         f"resume={full.checkpoint.uri}/step-00000003",
     )
-    handle, status = run_job(part)
-    assert status.resumed_from.endswith("step-00000003")
-    assert [m["step"] for m in handle.metrics()] == [3, 4, 5]
-    torch.testing.assert_close(final_params(part), final_params(full), atol=0, rtol=0)
     # ...and at another world size, where only the summation order changes.
     three = _spec(
         tmp_path,
         "resumed3",
+        HALF_CPU,
         "train.steps=6",
         "cluster.workers=3",
         f"resume={full.checkpoint.uri}/step-00000003",
     )
-    run_job(three)
+    (_, status, metrics), _ = run_jobs(part, three)
+    assert status.resumed_from.endswith("step-00000003")
+    assert [m["step"] for m in metrics] == [3, 4, 5]
+    torch.testing.assert_close(final_params(part), final_params(full), atol=0, rtol=0)
     torch.testing.assert_close(final_params(three), final_params(full), atol=ATOL, rtol=0)
 
 
-def test_resume_latest_in_same_run_folder(ray_session, tmp_path):
-    first = _spec(tmp_path, "same", "train.steps=2", "checkpoint.every=1")
-    run_job(first)
-    again = _spec(tmp_path, "same", "train.steps=4", "checkpoint.every=1", "resume=latest")
+def test_resume_latest_in_same_run_folder(independent_jobs):
+    first = succeeded(independent_jobs["same"]).spec  # 2 steps, a checkpoint after each
+    again = _spec(
+        first.run_dir.parent, "same", "train.steps=4", "checkpoint.every=1", "resume=latest"
+    )
     handle, status = run_job(again)
     assert status.resumed_from.endswith("step-00000002")
     lines = (again.run_dir / "metrics.jsonl").read_text().splitlines()
@@ -144,8 +218,6 @@ def test_worker_error_surfaces_and_job_does_not_hang(ray_session, tmp_path):
 def test_cancel_stops_at_a_step_boundary(ray_session, tmp_path):
     spec = _spec(tmp_path, "cancel", "train.steps=100000", "checkpoint.every=0")
     handle = submit(spec)
-    import time
-
     deadline = time.time() + 120
     while not handle.metrics() and time.time() < deadline:
         time.sleep(0.2)
@@ -155,15 +227,14 @@ def test_cancel_stops_at_a_step_boundary(ray_session, tmp_path):
     assert 0 < status.step < 100000
 
 
-def test_bf16_compute_keeps_fp32_master_weights(ray_session, tmp_path):
+def test_bf16_compute_keeps_fp32_master_weights(independent_jobs):
     """bf16 autocast changes the arithmetic, not the training: every Adam step moves a
     weight by at most about lr, so after 4 steps bf16 and fp32 weights differ by
     less than 4 * lr, and the losses agree to within bf16's resolution."""
-    extra = ["strategy=zero2", "train.steps=4", "train.global_batch=7", "train.lr=1e-3"]
-    fp32 = _spec(tmp_path, "fp32", *extra)
-    bf16 = _spec(tmp_path, "bf16", *extra, "train.precision=bf16")
-    loss32 = [m["loss"] for m in run_job(fp32)[0].metrics()]
-    loss16 = [m["loss"] for m in run_job(bf16)[0].metrics()]
+    fp32, _, metrics32 = succeeded(independent_jobs["fp32"])
+    bf16, _, metrics16 = succeeded(independent_jobs["bf16"])
+    loss32 = [m["loss"] for m in metrics32]
+    loss16 = [m["loss"] for m in metrics16]
     diff = (final_params(bf16) - final_params(fp32)).abs().max().item()
     assert 0 < diff < 4 * 1e-3
     assert final_params(bf16).dtype == torch.float32

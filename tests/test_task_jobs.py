@@ -15,7 +15,8 @@ from actors.datasets import ArrayDataset, digits
 from actors.task import build_model, eval_metrics, make_task
 from collectives.flat import FlatLayout
 from orchestrator import JobSpec
-from tests.reference import final_params, run_job, train_reference
+from tests.reference import final_params, train_reference
+from tests.test_jobs import JobRun, run_jobs, succeeded
 
 # As in tests/test_jobs.py: N-worker and one-process parameters differ only in the
 # order gradient sums are added (all-reduce / reduce-scatter vs. one batch), which
@@ -60,19 +61,36 @@ def _params_changed(spec: JobSpec, params: torch.Tensor) -> float:
     return (params - start).abs().max().item()
 
 
-@pytest.mark.parametrize(
-    "strategy, extra",
-    [
-        ("ddp", []),
-        ("zero1", []),
-        ("zero2", ["strategy.shard_weights=[3,1]"]),
-        ("zero3", []),
-    ],
-)
-def test_mlp_on_digits_matches_one_process_reference(ray_session, tmp_path, strategy, extra):
-    spec = _spec(tmp_path, strategy, f"strategy={strategy}", *extra)
-    handle, status = run_job(spec)
-    metrics = handle.metrics()
+STRATEGIES = [
+    ("ddp", []),
+    ("zero1", []),
+    ("zero2", ["strategy.shard_weights=[3,1]"]),
+    ("zero3", []),
+]
+EVAL_JOB = [
+    "strategy=zero3",
+    "train.eval_every=2",
+    "train.lr=1e-2",
+    "task.loss=tests.test_task_jobs.label_smoothed_loss",
+]
+
+
+@pytest.fixture(scope="module")
+def mlp_jobs(ray_session, tmp_path_factory) -> dict[str, JobRun]:
+    """Every job of this module, run once, two at a time (``tests.test_jobs.run_jobs``);
+    each test checks its own."""
+    tmp_path = tmp_path_factory.mktemp("mlp")
+    specs = {
+        strategy: _spec(tmp_path, strategy, f"strategy={strategy}", *extra)
+        for strategy, extra in STRATEGIES
+    }
+    specs["eval"] = _spec(tmp_path, "eval", *EVAL_JOB)
+    return dict(zip(specs, run_jobs(*specs.values(), check=False), strict=True))
+
+
+@pytest.mark.parametrize("strategy, extra", STRATEGIES)
+def test_mlp_on_digits_matches_one_process_reference(mlp_jobs, strategy, extra):
+    spec, status, metrics = succeeded(mlp_jobs[strategy])
     assert [m["step"] for m in metrics] == list(range(STEPS))
     assert all(math.isfinite(m["loss"]) for m in metrics)
     assert all(m["batch"] == [8, 8] for m in metrics)
@@ -96,20 +114,12 @@ def test_mlp_on_digits_matches_one_process_reference(ray_session, tmp_path, stra
     torch.testing.assert_close(final, reference, atol=ATOL, rtol=0)
 
 
-def test_eval_and_user_loss_job(ray_session, tmp_path):
+def test_eval_and_user_loss_job(mlp_jobs, tmp_path):
     """ZeRO-3 (each eval forward gathers parameters, so both ranks run every one) with
     train.eval_every=2 and a user's label-smoothed loss: evaluated after steps 2 and 4,
     trained as the one-process reference with the same loss, its final eval equal to the
     held-out metrics of the reference's parameters."""
-    spec = _spec(
-        tmp_path,
-        "eval",
-        "strategy=zero3",
-        "train.eval_every=2",
-        "train.lr=1e-2",
-        "task.loss=tests.test_task_jobs.label_smoothed_loss",
-    )
-    handle, status = run_job(spec)
+    spec, status, _ = succeeded(mlp_jobs["eval"])
     records = [
         json.loads(line) for line in (spec.run_dir / "metrics.jsonl").read_text().splitlines()
     ]
