@@ -274,12 +274,16 @@ def test_store_down_then_back_training_continues(ray_s3, s3_server, bucket, tmp_
         handle = submit(spec)
         assert proxy.down.wait(120), "the first checkpoint never committed"
         deadline = time.time() + 120
-        while time.time() < deadline:  # training goes on while the store is down
+        # Training goes on while the store is down, and a save fails meanwhile: the store
+        # comes back only then (steps take milliseconds, and a save still retrying when the
+        # store returns succeeds, which would leave nothing failed to check).
+        while time.time() < deadline:
             metrics = handle.metrics()
-            if metrics and metrics[-1]["step"] >= 8:
+            if metrics and metrics[-1]["step"] >= 8 and handle.status().checkpoints_failed:
                 break
+            assert not handle.done(), handle.status().error
             time.sleep(0.05)
-        assert handle.metrics()[-1]["step"] >= 8
+        assert handle.metrics()[-1]["step"] >= 8 and handle.status().checkpoints_failed
         proxy.down.clear()
         status = handle.wait(timeout=240)
         assert status.state == JobState.SUCCEEDED, status.error
