@@ -73,17 +73,6 @@ def tied_aliases(model: nn.Module) -> dict[str, str]:
         if id(t) in owner and owner[id(t)] != name
     }
 
-    @classmethod
-    def from_json(cls, rows: list[dict]) -> FlatLayout:
-        slots = []
-        for r in rows:
-            shape = tuple(int(d) for d in r["shape"])
-            numel = 1
-            for d in shape:
-                numel *= d
-            slots.append(ParamSlot(r["name"], shape, int(r["offset"]), numel))
-        return cls(tuple(slots))
-
 
 def flatten_into(model: nn.Module, layout: FlatLayout, dtype: torch.dtype) -> torch.Tensor:
     """Move the model's parameters into one flat buffer; the parameters become views of it.
