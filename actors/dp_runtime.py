@@ -347,24 +347,33 @@ class DataParallelRuntime(ElasticState):
         A collective under ZeRO-3 (each forward gathers parameters): every
         rank calls it with the same ``bounds`` and runs the same forwards.
         """
-        t, task = self.spec.train, self.task
-        lo, hi = bounds[self.rank]
-        model = self.engine.model
-        items = []
-        for rows in self.data.eval_batches(t.global_batch, task.seq_len, t.eval_batches):
-            batch = self.data.eval_batch(rows, task.seq_len)
-            # Rows split as the training batch is: [lo, hi) of each batch,
-            # scaled to its size (the last batch may be short).
-            a, b = (lo * len(rows)) // t.global_batch, (hi * len(rows)) // t.global_batch
-            counted = b > a
-            part = {k: (v[a:b] if counted else v[:1]).to(self.device) for k, v in batch.items()}
-            items.append((part, counted))
+        task, model = self.task, self.engine.model
+        items = [
+            ({k: v.to(self.device) for k, v in part.items()}, counted)
+            for part, counted in self._eval_parts(*bounds[self.rank])
+        ]
         was_training = model.training
         model.eval()
         try:
             return task.evaluate(model, items)
         finally:
             model.train(was_training)
+
+    def _eval_parts(self, lo: int, hi: int) -> list[tuple[dict[str, torch.Tensor], bool]]:
+        """Rows ``[lo, hi)`` of each held-out batch, as ``(part, counted)`` on the host.
+
+        Rows are split as the training batch is, scaled to each batch's size
+        (the last may be short). A share with no rows gets one stand-in row,
+        ``counted`` False (see ``Task.evaluate``).
+        """
+        t, task = self.spec.train, self.task
+        parts = []
+        for rows in self.data.eval_batches(t.global_batch, task.seq_len, t.eval_batches):
+            batch = self.data.eval_batch(rows, task.seq_len)
+            a, b = (lo * len(rows)) // t.global_batch, (hi * len(rows)) // t.global_batch
+            counted = b > a
+            parts.append(({k: (v[a:b] if counted else v[:1]) for k, v in batch.items()}, counted))
+        return parts
 
     def generate(
         self, prompt: str, n_tokens: int, temperature: float = 0.8, seed: int = 0

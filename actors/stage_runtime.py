@@ -249,14 +249,8 @@ class StageRuntime(DataParallelRuntime):
         """
         if not torch.distributed.is_initialized():
             raise PeerLostError("peer failure earlier in this epoch: the process group is gone")
-        t, task, plan = self.spec.train, self.task, self.plan
-        lo, hi = bounds[plan.replica]
-        items = []
-        for rows in self.data.eval_batches(t.global_batch, task.seq_len, t.eval_batches):
-            batch = self.data.eval_batch(rows, task.seq_len)
-            a, b = (lo * len(rows)) // t.global_batch, (hi * len(rows)) // t.global_batch
-            counted = b > a
-            items.append(({k: (v[a:b] if counted else v[:1]) for k, v in batch.items()}, counted))
+        task = self.task
+        items = self._eval_parts(*bounds[self.plan.replica])
         outputs: list[torch.Tensor] = []
         module = self.engine.module
         was_training = module.training

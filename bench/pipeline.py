@@ -74,10 +74,10 @@ sys.path.insert(0, str(ROOT))
 import ray  # noqa: E402
 
 from bench.pipeline_torch import TorchConfig, TorchPipelines, TorchResult  # noqa: E402
+from bench.recovery import committed, wait_until  # noqa: E402
 from orchestrator import JobSpec, JobState, submit  # noqa: E402
 from orchestrator.api import NAMESPACE, load_data  # noqa: E402
 
-POLL_S = 0.05
 UNEQUAL = "bench.pipeline_models.UnequalMLP"
 
 
@@ -566,29 +566,12 @@ def recovery_overrides(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def wait_records(handle, predicate, what: str, timeout: float) -> list[dict[str, Any]]:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        records = handle.metrics()
-        if records and predicate(records):
-            return records
-        if handle.done():
-            status = handle.wait()
-            raise RuntimeError(f"job ended ({status.state.name}) before {what}: {status.error}")
-        time.sleep(POLL_S)
-    raise TimeoutError(f"no {what} within {timeout:.0f} s")
-
-
-def committed(records: list[dict[str, Any]]) -> int:
-    return max(r["step"] for r in records) + 1 if records else 0
-
-
 def measure_kill(args: argparse.Namespace, root: Path, stage: int) -> Kill:
     out = Kill(stage)
     spec = JobSpec.from_overrides([*recovery_overrides(args), f"run_dir={root / f'kill-{stage}'}"])
     handle = submit(spec)
     try:
-        wait_records(handle, lambda r: committed(r) >= args.kill_at, f"step {args.kill_at}", 300)
+        wait_until(handle, lambda r: committed(r) >= args.kill_at, f"step {args.kill_at}", 300)
         before = time.time()
         elapsed = handle.status().elapsed_s
         start = (before + time.time()) / 2 - elapsed  # the controller's start, on our clock
@@ -599,7 +582,7 @@ def measure_kill(args: argparse.Namespace, root: Path, stage: int) -> Kill:
         t_kill = time.time()
         log(f"  killed stage {stage} (pid {pid}) after {out.kill_at} steps")
         try:
-            records = wait_records(
+            records = wait_until(
                 handle,
                 lambda rs: any(r["epoch"] > epoch and r["step"] >= out.kill_at for r in rs),
                 "step past the kill",

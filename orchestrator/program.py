@@ -176,8 +176,13 @@ class TrainingProgram(ABC):
         return None
 
     def reduce_eval(self, results: list[Any]) -> dict[str, float]:
-        """Eval metrics (``eval_loss``; ``accuracy`` or ``perplexity``) from ``eval_items``."""
-        return {}
+        """Eval metrics (``eval_loss``; ``accuracy`` or ``perplexity``) from ``eval_items``.
+
+        By default each result is a member's ``Task.evaluate`` sums.
+        """
+        from actors.task import eval_metrics
+
+        return eval_metrics(results)
 
     @abstractmethod
     def min_worker_bytes(self, numel: int) -> int:

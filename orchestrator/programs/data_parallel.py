@@ -15,7 +15,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actors.task import eval_metrics
 from collectives.optim import OptimizerSpec
 from collectives.replication import REPLICA_BUFFERS
 from orchestrator.program import (
@@ -141,9 +140,6 @@ class DataParallelProgram(TrainingProgram):
         shares = batch_shares(t.global_batch, [1.0] * len(self.balancer.shares))
         bounds = [(sum(shares[:r]), sum(shares[: r + 1])) for r in range(len(shares))]
         return [WorkItem("evaluate", (bounds,)) for _ in bounds]
-
-    def reduce_eval(self, results: list[Any]) -> dict[str, float]:
-        return eval_metrics(results)
 
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
         return [

@@ -27,7 +27,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from actors.task import eval_metrics
 from collectives.flat import split_evenly
 from collectives.optim import OptimizerSpec
 from collectives.pipeline_schedule import bubble_formula
@@ -268,9 +267,6 @@ class PipelineProgram(TrainingProgram):
     def eval_items(self) -> list[WorkItem]:
         plan = self.plan_now
         return [WorkItem("evaluate", (self._rows,)) for _ in range(plan.stages * plan.replicas)]
-
-    def reduce_eval(self, results: list[Any]) -> dict[str, float]:
-        return eval_metrics(results)
 
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
         plan = self.plan_now
