@@ -125,9 +125,9 @@ class DataParallelRuntime(ElasticState):
         join_group(rdzv, rank, self._rdzv_store if rank == 0 else None)
         self._start_epoch(rdzv.world_size)
         torch.manual_seed(self.spec.train.seed)
-        model = build_model(self.spec.model, self.data.facts).to(self.device)
+        model = self._build_model().to(self.device)
         self.engine = build_engine(
-            self.spec.strategy.name,
+            self._engine_strategy,
             model,
             optimizer_spec(self.spec),
             grad_clip=self.spec.train.grad_clip,
@@ -135,6 +135,15 @@ class DataParallelRuntime(ElasticState):
             shard_bounds=shard_bounds,
         )
         return self._ready_to_train()
+
+    def _build_model(self) -> torch.nn.Module:
+        """The model this rank trains (seeded by the caller, so every rank builds the same)."""
+        return build_model(self.spec.model, self.data.facts)
+
+    @property
+    def _engine_strategy(self) -> str:
+        """How the engine holds the state: ``ddp`` or a ZeRO stage."""
+        return self.spec.strategy.name
 
     def _ready_to_train(self) -> WorkerInfo:
         """The end of every epoch set-up: a per-rank random stream, and who this rank is."""
@@ -200,8 +209,8 @@ class DataParallelRuntime(ElasticState):
             # bf16: matmuls and activations in bfloat16, while parameters,
             # gradients and optimizer state stay fp32 (the master weights).
             with torch.autocast(self.device.type, torch.bfloat16, enabled=bf16):
-                loss, count = task.loss(engine.model, part)
-            engine.backward(loss.float() / scale, sync=i == len(micro) - 1)
+                objective, loss, count = task.objective(engine.model, part)
+            engine.backward(objective.float() / scale, sync=i == len(micro) - 1)
             loss_sum += float(loss.detach())
             units += count
         compute_s = time.perf_counter() - start

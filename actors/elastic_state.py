@@ -44,6 +44,7 @@ class ElasticState:
     rank: int
     spec: Any
     _bounds: list[tuple[int, int]] | None
+    _engine_strategy: str  # "ddp" (replicated state) or a sharding strategy
     _replicator: BuddyReplicator | None = None
     _applied: int | None = None  # steps applied to the live engine state
     _live_valid: bool = True  # False while a failed ZeRO step may have half-updated the shard
@@ -60,7 +61,7 @@ class ElasticState:
 
     @property
     def _sharded(self) -> bool:
-        return self.spec.strategy.name != "ddp"
+        return self._engine_strategy != "ddp"
 
     def _start_epoch(self, world_size: int) -> None:
         self._replicator = None

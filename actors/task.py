@@ -105,6 +105,21 @@ class Task:
             )
         return loss, int(count)
 
+    def objective(
+        self, model: nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """``(objective, loss, count)``: what training minimises, and the loss it reports.
+
+        The objective is the loss plus the model's auxiliary loss of this
+        forward, if it has one (``model.auxiliary_loss()``, e.g. a mixture of
+        experts' load-balancing loss, a mean over the batch), counted once per
+        unit so that it scales as the summed loss does.
+        """
+        loss, count = self.loss(model, batch)
+        aux = getattr(model, "auxiliary_loss", None)
+        extra = aux() if callable(aux) else None
+        return (loss if extra is None else loss + extra * count), loss, count
+
     def batch(self, data: Any, seed: int, step: int, global_batch: int, lo: int, hi: int):
         return data.batch(seed, step, global_batch, lo, hi, self.seq_len)
 

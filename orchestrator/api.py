@@ -47,7 +47,13 @@ def ensure_ray(spec: JobSpec) -> None:
         # Enough logical CPUs for cluster.max_workers, even on a small machine:
         # workers then share cores (slower) rather than wait forever, and
         # `shoal scale` can grow the job up to its maximum.
-        needed = int(np.ceil(cl.max_workers * cl.cpus_per_worker))
+        # The program's standing roles (expert hosts, ...) count too.
+        from orchestrator.program import program_for
+
+        _, *standing = program_for(spec).roles()
+        needed = int(
+            np.ceil(cl.max_workers * cl.cpus_per_worker + sum(r.count * r.cpus for r in standing))
+        )
         # address="local": always a new instance of our own, never a cluster
         # that happens to run on this machine.
         kwargs.update(

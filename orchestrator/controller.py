@@ -32,7 +32,7 @@ import torch
 
 from actors.datasets import DataFacts
 from actors.task import build_model
-from collectives.flat import FlatLayout, tied_aliases
+from collectives.flat import tied_aliases
 from orchestrator.checkpoint_committer import CheckpointCommitter
 from orchestrator.constants import CHECKPOINT_CALL_S, PIPELINE_DEPTH, START_GRACE_S
 from orchestrator.events import EventLog
@@ -58,6 +58,7 @@ from orchestrator.standing_roles import StandingRoles
 from orchestrator.status import JobState, JobStatus, write_status
 from orchestrator.worker_group import Member, MembershipLost, WorkerError, WorkerGroup
 from storage.checkpoint import (
+    DEFAULT_SPACE,
     MANIFEST,
     CorruptCheckpointError,
     Manifest,
@@ -245,7 +246,7 @@ class JobController:
         # first initializer call imports torch._dynamo: ~1 s worth hiding.
         with torch.device("meta"):
             model = build_model(self.spec.model, self._facts)
-            group.numel = FlatLayout.of(model).numel
+            group.numel = self._program.trained_numel(model)
             self._tied = tied_aliases(model)
             # Training FLOPs per token, for the achieved TFLOP/s (and MFU) of each step.
             flops = getattr(model, "flops_per_token", None)
@@ -261,6 +262,7 @@ class JobController:
         self._standing.seat_all(
             cl.start_timeout_s, on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS)
         )
+        self._standing_changed()
         group.form_epoch(members)
         self._phase("group_formed")
         for m in members:
@@ -310,6 +312,12 @@ class JobController:
                 self._group.call("load_checkpoint", store.uri, manifest.to_json()),
                 "restore",
             )
+            holders = self._standing.state_holders() or []
+            if holders:
+                results += self._group.get(
+                    [m.handle.load_checkpoint.remote(store.uri, manifest.to_json()) for m in holders],
+                    timeout=self.spec.cluster.collective_timeout_s,
+                )
             bad = [r["error"] for r in results if not r["ok"]]
             if bad:
                 if not fallback:
@@ -369,6 +377,7 @@ class JobController:
         last_done = time.perf_counter()
         while next_step < total or inflight:
             if self._standing.tend():
+                self._standing_changed()
                 self._set(workers=self._member_rows())
             # A join or drain waits for the steps in flight, then runs between steps.
             change = self._membership_change_wanted()
@@ -657,11 +666,26 @@ class JobController:
         # Unique object keys per save attempt: an abandoned attempt's late
         # upload can never overwrite, or be named by, this one's manifest.
         save_id = uuid.uuid4().hex[:12]
+        holders = self._standing.state_holders()
+        if holders is None:
+            self._checkpoint_outcome(
+                step, None, "a standing member that holds state is being replaced"
+            )
+            return
         tickets = self._gather(
             self._group.call("save_shard", step, save_id), "checkpoint", timeout=CHECKPOINT_CALL_S
         )
+        try:
+            if holders:
+                tickets += self._group.get(
+                    [m.handle.save_shard.remote(step, save_id) for m in holders],
+                    timeout=CHECKPOINT_CALL_S,
+                )
+        except ray.exceptions.RayError as e:  # a standing member died: this checkpoint fails
+            self._checkpoint_outcome(step, None, f"a standing member's save failed: {e}")
+            return
         blocked = time.perf_counter() - start
-        committer.submit(step, workers, save_id=save_id)
+        committer.submit(step, workers + [m.handle for m in holders], save_id=save_id)
         fields: dict[str, Any] = {
             "checkpoint_blocked_s": round(blocked, 5),
             "checkpoint_wait_s": [round(t["wait_s"], 5) for t in tickets],
@@ -687,11 +711,13 @@ class JobController:
             t = self.spec.train
 
             def manifest_for(step: int, records: list[ShardRecord]) -> Manifest:
+                # The training role's records; standing members' are of other spaces.
+                dp = [r for r in records if r.space == DEFAULT_SPACE]
                 return Manifest(
                     step=step,
-                    world_size=len(records),
+                    world_size=len(dp),
                     strategy=self.spec.strategy.name,
-                    numel=max(r.hi for r in records),
+                    numel=max(r.hi for r in dp),
                     layout=layout,
                     optimizer={"name": t.optimizer, "step_count": step},
                     shards=records,
@@ -810,6 +836,11 @@ class JobController:
         if self._group is not None:
             self._group.kill_all()
         self._standing.kill_all()
+
+    def _standing_changed(self) -> None:
+        """Tell the program who its standing members are now (e.g. the live expert hosts)."""
+        for g in self._standing.groups:
+            self._program.standing_changed(g.role.name, list(g.members))
 
     def _member_rows(self) -> list[dict[str, Any]]:
         """Every member's status row: the training role's in rank order, then standing roles'."""

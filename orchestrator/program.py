@@ -55,6 +55,10 @@ class RoleSpec:
     # The fewest members the job runs with (None: ``count``). A standing role
     # below it waits for replacements before the job starts.
     min_count: int | None = None
+    # A standing role whose members each own a range of a state space (an
+    # expert host's experts): they save it with every checkpoint and load it
+    # on resume, beside the training role's members.
+    saves_state: bool = False
 
     @property
     def minimum(self) -> int:
@@ -160,6 +164,24 @@ class TrainingProgram(ABC):
         (``collectives.process_group.subgroup(axis)``); None: the default group only.
         """
         return None
+
+    def standing_changed(self, role: str, members: Sequence[Any]) -> None:
+        """A standing role's seated members changed (one died, or was seated).
+
+        ``members``: its ``Member``s, by slot (``rank``), with their runtime
+        ``handle``s, so the program can tell the training role whom to call
+        (e.g. the live expert hosts). Nothing by default.
+        """
+
+    def trained_numel(self, model: Any) -> int:
+        """Size of the ``dp`` state the training role holds, for the model ``model`` (on meta).
+
+        The whole model's flat size by default; a program whose training role
+        holds only part of the model (the trunk, without the experts) says so.
+        """
+        from collectives.flat import FlatLayout
+
+        return FlatLayout.of(model).numel
 
     def replan_wanted(self) -> bool:
         """Whether the same members should start a new epoch with a fresh plan now.

@@ -88,6 +88,22 @@ class GPTConfig:
 
 
 @dataclass
+class GPTMoEConfig(GPTConfig):
+    """``model=gpt_moe``: a GPT whose MLPs are mixtures of experts (``actors/models/gpt_moe.py``)."""
+
+    _target_: str = "actors.models.gpt_moe.GPTMoE"
+    n_expert: int = 4
+    top_k: int = 2
+    # Hidden width of each expert (0: 4 * d_model, as the dense MLP).
+    d_expert: int = 0
+    # Tokens an expert takes per dispatch, as a multiple of an even share
+    # (tokens * top_k / live experts); the rest are dropped. 0: no limit.
+    capacity_factor: float = 2.0
+    # Weight of the load-balancing loss (Switch Transformer's); 0: none.
+    aux_loss_weight: float = 0.01
+
+
+@dataclass
 class MLPConfig:
     """``model=mlp``: a multi-layer perceptron classifier (``actors/models/mlp.py``).
 
@@ -291,6 +307,7 @@ def register_schemas() -> None:
     cs.store(group="cluster", name="cluster_schema", node=ClusterConfig)
     cs.store(group="storage", name="storage_schema", node=StorageConfig)
     cs.store(group="model", name="gpt_schema", node=GPTConfig)
+    cs.store(group="model", name="gpt_moe_schema", node=GPTMoEConfig)
     cs.store(group="model", name="mlp_schema", node=MLPConfig)
     cs.store(group="data", name="digits_schema", node=DigitsConfig)
     cs.store(group="data", name="arrays_schema", node=ArraysConfig)

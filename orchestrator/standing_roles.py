@@ -92,6 +92,20 @@ class StandingRoles:
             self._events.emit("joined", role=m.role, worker_id=m.worker_id, rank=m.rank, pid=m.pid)
         return seated
 
+    def state_holders(self) -> list[Member] | None:
+        """Members of the roles that save state (``RoleSpec.saves_state``), by role and slot.
+
+        None while such a role has an empty slot: its range of state has no
+        holder, so no checkpoint could be complete.
+        """
+        holders: list[Member] = []
+        for g in self.groups:
+            if g.role.saves_state:
+                if len(g.members) < g.role.count:
+                    return None
+                holders += g.members
+        return holders
+
     def describe(self) -> list[dict[str, Any]]:
         """Status rows of every standing member, role by role."""
         return [row for g in self.groups for row in g.describe()]

@@ -12,6 +12,7 @@ PROGRAMS = {
     "zero2": "orchestrator.programs.data_parallel:DataParallelProgram",
     "zero3": "orchestrator.programs.data_parallel:DataParallelProgram",
     "pipeline": "orchestrator.programs.pipeline:PipelineProgram",
+    "moe": "orchestrator.programs.moe:MoEProgram",
 }
 
 # strategy.name -> a module with the program's own strategy fields: a
@@ -23,4 +24,5 @@ PROGRAMS = {
 # have no entry.
 CONFIGS = {
     "pipeline": "orchestrator.programs.pipeline_config",
+    "moe": "orchestrator.programs.moe_config",
 }

@@ -1,0 +1,314 @@
+"""An expert host: the runtime of ``strategy=moe``'s standing role ``expert_host``.
+
+Host ``slot`` of ``n`` holds experts ``a..b-1`` of every MoE layer
+(``expert_range``), their gradients and their optimizer state, as one flat
+range ``[lo, hi)`` of the ``experts`` state space (``actors/models/gpt_moe.py``
+orders it expert-major so that range is contiguous). Trunk workers call it
+directly, each with only the tokens routed to its experts:
+
+- ``forward(attempt, step, layer, inputs)``: ``{expert: x}`` in, ``{expert: y}`` out;
+- ``backward(attempt, step, lr, layer, inputs)``: ``{expert: (x, dy)}`` in,
+  ``{expert: dx}`` out; the expert's forward is recomputed (nothing is kept
+  between calls, so a worker that never comes back costs nothing) and the
+  parameter gradients are summed into the flat gradient.
+
+**When a step is applied.** The gradients of step ``s`` are complete once
+every trunk worker has finished its backward of ``s`` — which it has when
+any call of a later step arrives, since a worker starts step ``s+1`` only
+after the trunk's all-reduce of step ``s``, and that waits for every
+worker's backward. So the host applies step ``s`` (per-expert clipping to
+``train.grad_clip``, then the optimizer) lazily, on the first call of a later
+step, or before a checkpoint. Calls carry the trunk's epoch ``attempt``: a
+step that a trunk failure cut short is re-run in a new attempt, and its
+partial gradients are dropped first. A call for an older step (a backward
+that arrives after its deadline) is dropped.
+
+A replacement host in a slot restores its range from the newest committed
+checkpoint of the job (else from the seeded initialisation) and is behind by
+the steps since; the trunk trains on meanwhile (decentralized MoE tolerates
+such staleness, as Learning@home does).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import asdict
+from typing import Any
+
+import torch
+from torch import nn
+
+from actors.dp_runtime import optimizer_spec, peak_rss_bytes
+from actors.memory import worker_available_bytes
+from actors.task import build_model
+from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
+from collectives.optim import FlatOptimizer, decay_ranges
+from orchestrator.spec import JobSpec
+from storage.checkpoint import CheckpointReader, CorruptCheckpointError, Manifest, latest_manifest
+from storage.object_store import open_store
+
+EXPERTS_SPACE = "experts"
+
+
+def expert_range(n_expert: int, hosts: int, slot: int) -> tuple[int, int]:
+    """The expert indices ``[a, b)`` that host ``slot`` of ``hosts`` holds, in every layer."""
+    return split_evenly(n_expert, hosts)[slot]
+
+
+class ExpertHostRuntime:
+    """One expert host; see the module docstring. Set up alone (no process group)."""
+
+    CONTROL_METHODS = ("report", "inject_delay")
+
+    def __init__(self, spec: JobSpec, worker_id: int, data: Any):
+        self.spec = spec
+        self.worker_id = worker_id
+        self.data = data
+        self.slot = -1
+        torch.set_num_threads(max(1, int(spec.strategy.host_cpus)))
+        self.applied = 0  # steps applied to the experts: their version
+        self._acc: tuple[int, int, float] | None = None  # (attempt, step, lr) being summed
+        self._delay_s = 0.0
+        self._served = 0
+        self._busy_s = 0.0
+        self.restored_from: str | None = None
+
+    def probe(self) -> dict[str, Any]:
+        import ray
+
+        return {
+            "pid": os.getpid(),
+            "node_id": ray.get_runtime_context().get_node_id(),
+            "available_memory": worker_available_bytes(torch.device("cpu")),
+        }
+
+    def setup(self, rdzv: Any, slot: int, hosts: int) -> dict[str, Any]:
+        """Build this slot's experts (seeded as every worker's model is), then restore them."""
+        self.slot = slot
+        torch.manual_seed(self.spec.train.seed)
+        model = build_model(self.spec.model, self.data.facts)
+        slots = model.expert_slots()
+        a, b = expert_range(model.n_expert, hosts, slot)
+        self.expert_ids = (a, b)
+        self.n_layer = len(model.moe_layers())
+        mine = [(layer, e, m) for layer, e, m in slots if a <= e < b]
+        self.experts: dict[tuple[int, int], nn.Module] = {(l_, e): m for l_, e, m in mine}
+        holder = nn.ModuleList(m for _, _, m in mine)
+        self.layout = FlatLayout.of(holder)
+        per = sum(p.numel() for p in mine[0][2].parameters())
+        self.per_expert = per
+        self.space_size = per * len(slots)
+        self.lo, self.hi = a * self.n_layer * per, b * self.n_layer * per
+        self.flat_param = flatten_into(holder, self.layout, torch.float32)
+        self.flat_grad = torch.zeros_like(self.flat_param)
+        attach_grad_views(holder, self.layout, self.flat_grad)
+        self.optimizer = FlatOptimizer(
+            optimizer_spec(self.spec),
+            self.flat_param,
+            self.flat_grad,
+            decayed=decay_ranges(self.layout),
+        )
+        del model
+        self._restore_latest()
+        return self._describe()
+
+    def _describe(self) -> dict[str, Any]:
+        a, b = self.expert_ids
+        return {
+            "slot": self.slot,
+            "pid": os.getpid(),
+            "experts": [a, b],
+            "expert_ids": [f"{layer}.{e}" for e in range(a, b) for layer in range(self.n_layer)],
+            "version": self.applied,
+            "restored_from": self.restored_from,
+        }
+
+    # -- serving ------------------------------------------------------------
+
+    @torch.no_grad()
+    def forward(
+        self, attempt: int, step: int, layer: int, inputs: dict[int, torch.Tensor]
+    ) -> tuple[dict[int, torch.Tensor], int]:
+        """Each expert's output for its tokens; and this host's version (steps applied)."""
+        start = self._serve_start()
+        self._settle(attempt, step)  # a stale forward is still served: it changes nothing
+        out = {e: self.experts[(layer, e)](x.float()).to(x.dtype) for e, x in inputs.items()}
+        self._serve_end(start)
+        return out, self.applied
+
+    def backward(
+        self,
+        attempt: int,
+        step: int,
+        lr: float,
+        layer: int,
+        inputs: dict[int, tuple[torch.Tensor, torch.Tensor]],
+    ) -> dict[int, torch.Tensor]:
+        """Each expert's input gradient; its parameter gradients are summed for step ``step``."""
+        start = self._serve_start()
+        if not self._settle(attempt, step):
+            return {}
+        self._acc = (attempt, step, lr)
+        grads = {}
+        for e, (x, dy) in inputs.items():
+            x = x.detach().float().requires_grad_(True)
+            with torch.enable_grad():
+                y = self.experts[(layer, e)](x)
+            torch.autograd.backward(y, dy.float())
+            grads[e] = x.grad.to(dy.dtype)
+        self._serve_end(start)
+        return grads
+
+    def _serve_start(self) -> float:
+        if self._delay_s:
+            time.sleep(self._delay_s)
+        return time.perf_counter()
+
+    def _serve_end(self, start: float) -> None:
+        self._served += 1
+        self._busy_s += time.perf_counter() - start
+
+    def _settle(self, attempt: int | None, step: int) -> bool:
+        """Apply or drop the summed gradients before serving ``step``; False: a stale call.
+
+        Stale: a call of a step already applied (a backward that arrived after
+        its deadline). ``attempt`` None: not a trunk call (a checkpoint).
+        """
+        if self._acc is None:
+            return step >= self.applied
+        acc_attempt, acc_step, lr = self._acc
+        if step > acc_step:
+            self._apply(acc_step, lr)
+        elif step < acc_step:
+            return False  # a call of a step already done (it arrived after its deadline)
+        elif attempt is not None and attempt != acc_attempt:
+            self._drop()  # the step is being re-run after a trunk failure
+        return True
+
+    @torch.no_grad()
+    def _apply(self, step: int, lr: float) -> None:
+        clip = self.spec.train.grad_clip
+        if clip > 0:
+            # Each expert is clipped by its own norm: an expert's update does
+            # not depend on which host it shares, or which experts answered.
+            per_expert = self.flat_grad.view(-1, self.per_expert)
+            norms = per_expert.norm(dim=1, keepdim=True)
+            per_expert.mul_((clip / (norms + 1e-6)).clamp(max=1.0))
+        self.optimizer.step(lr)
+        self.flat_grad.zero_()
+        self.applied = step + 1
+        self._acc = None
+
+    def _drop(self) -> None:
+        self.flat_grad.zero_()
+        self._acc = None
+
+    # -- control ------------------------------------------------------------
+
+    def report(self) -> dict[str, Any]:
+        """What the status shows of this host (answered on the control thread)."""
+        row = self._describe()
+        row.update(
+            served=self._served,
+            busy_s=round(self._busy_s, 3),
+            peak_rss_mb=round(peak_rss_bytes() / 2**20, 1),
+        )
+        return row
+
+    def inject_delay(self, seconds: float) -> None:
+        """Chaos knob: sleep ``seconds`` before serving every call (a slow expert)."""
+        self._delay_s = float(seconds)
+
+    # -- checkpoints --------------------------------------------------------
+
+    def save_shard(self, step: int, save_id: str = "") -> dict[str, Any]:
+        """Snapshot this host's range of the ``experts`` space at ``step``; upload in the background."""
+        self._settle(None, step)
+        if self.applied != step:
+            raise RuntimeError(
+                f"expert host {self.slot} holds experts of step {self.applied}, asked to save {step}"
+            )
+        tensors = {"param": self.flat_param}
+        tensors.update(self.optimizer.state_tensors())
+        ticket = self._saver().save(
+            step,
+            self.slot,
+            self.lo,
+            self.hi,
+            tensors,
+            torch.get_rng_state(),
+            space=EXPERTS_SPACE,
+            save_id=save_id,
+        )
+        return asdict(ticket)
+
+    def checkpoint_done(self, step: int, save_id: str | None = None) -> dict[str, Any] | None:
+        saver = getattr(self, "_async_saver", None)
+        result = saver.result(step, save_id=save_id) if saver is not None else None
+        return asdict(result) if result is not None else None
+
+    def _store(self, root_uri: str | None = None, for_upload: bool = False):
+        s = self.spec.storage
+        options: dict[str, Any] = {}
+        uri = root_uri or self.spec.checkpoint.uri
+        if for_upload and uri.startswith("s3://"):
+            options = {"max_attempts": 2, "op_attempts": 1, "connect_timeout": 5.0}
+        return open_store(
+            uri, endpoint_url=s.endpoint_url, region=s.region, path_style=s.path_style, **options
+        )
+
+    def _saver(self):
+        from storage.async_saver import AsyncSaver
+
+        if getattr(self, "_async_saver", None) is None:
+            self._async_saver = AsyncSaver(self._store(for_upload=True))
+        return self._async_saver
+
+    def load_checkpoint(self, root_uri: str, manifest_json: str) -> dict[str, Any]:
+        """Restore this host's range from a committed checkpoint (any earlier host count)."""
+        start = time.perf_counter()
+        manifest = Manifest.from_json(manifest_json, root_uri)
+        try:
+            nbytes = self._load(CheckpointReader(self._store(root_uri), manifest), manifest)
+        except CorruptCheckpointError as e:
+            return {"ok": False, "error": str(e), "step": manifest.step}
+        self.restored_from = f"{root_uri}/step-{manifest.step}"
+        return {
+            "ok": True,
+            "step": manifest.step,
+            "bytes_read": nbytes,
+            "seconds": time.perf_counter() - start,
+        }
+
+    def _load(self, reader: CheckpointReader, manifest: Manifest) -> int:
+        size = manifest.spaces.get(EXPERTS_SPACE)
+        if size != self.space_size:
+            raise CorruptCheckpointError(
+                f"checkpoint step {manifest.step} has an experts space of {size} values, this "
+                f"model's is {self.space_size}: the model's experts differ (model.n_expert, "
+                "model.d_model, model.d_expert, model.n_layer)"
+            )
+        with torch.no_grad():
+            self.flat_param.copy_(reader.read("param", self.lo, self.hi, space=EXPERTS_SPACE))
+        state = {
+            key: reader.read(key, self.lo, self.hi, space=EXPERTS_SPACE)
+            for key in self.optimizer.spec.state_keys()
+        }
+        self.optimizer.load_state(state, manifest.optimizer["step_count"])
+        self.flat_grad.zero_()
+        self._acc = None
+        self.applied = manifest.step
+        return reader.bytes_read
+
+    def _restore_latest(self) -> None:
+        """A host (re)placed during a run: the newest committed experts of this job, if any."""
+        store = self._store()
+        try:
+            manifest = latest_manifest(store)
+        except Exception:  # noqa: BLE001 - nothing readable yet: start from the seeded init
+            return
+        if manifest is None or EXPERTS_SPACE not in manifest.spaces:
+            return
+        self._load(CheckpointReader(store, manifest), manifest)
+        self.restored_from = f"{store.uri}/step-{manifest.step}"

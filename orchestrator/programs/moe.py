@@ -1,0 +1,162 @@
+"""Decentralized mixture of experts as a training program: ``strategy=moe``.
+
+Two roles. ``worker`` (``actors.moe_runtime.MoEWorkerRuntime``): the trunk —
+embeddings, attention, gates — trained data-parallel exactly as ``ddp``
+(the ``dp`` state space holds the trunk only). ``expert_host``
+(``actors.expert_host.ExpertHostRuntime``), a standing role of
+``strategy.expert_hosts`` members: host ``i`` holds experts ``a..b-1`` of
+every layer, a range of the ``experts`` state space, and serves the
+workers' tokens over Ray calls.
+
+The registry of which experts are alive is this program's: the controller
+tells it the seated hosts whenever they change (``standing_changed``; a
+host's lease is the controller's liveness ping, every second), and every
+step's work item carries the registry to the workers, whose gates then route
+only to live experts. A host that dies mid-step costs the tokens routed to
+it in that step (masked, the gate renormalised over what answered); the
+controller seats a replacement in its slot, which restores the slot's
+experts from the newest checkpoint and rejoins the registry.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from actors.expert_client import HostEntry
+from actors.expert_host import expert_range
+from orchestrator.program import Capacity, RoleSpec, WorkItem, training_role
+from orchestrator.programs.data_parallel import DataParallelPlan, DataParallelProgram
+
+WORKER_RUNTIME = "actors.moe_runtime:MoEWorkerRuntime"
+HOST_RUNTIME = "actors.expert_host:ExpertHostRuntime"
+HOST_ROLE = "expert_host"
+
+
+class MoEProgram(DataParallelProgram):
+    """Trunk workers (ddp) and expert hosts (see the module docstring)."""
+
+    def __init__(self, spec):
+        super().__init__(spec)
+        self.registry: list[HostEntry] = []
+        self.attempt = 0  # the trunk's epoch: a step re-run after a failure is a new attempt
+        self._hosts: dict[int, dict[str, Any]] = {}  # slot -> what the status shows
+        self._masked = 0.0
+
+    def roles(self) -> list[RoleSpec]:
+        st = self.spec.strategy
+        return [
+            training_role(self.spec, "worker", WORKER_RUNTIME),
+            RoleSpec(
+                name=HOST_ROLE,
+                runtime=HOST_RUNTIME,
+                count=st.expert_hosts,
+                cpus=st.host_cpus,
+                gpus=st.host_gpus,
+                saves_state=True,
+            ),
+        ]
+
+    def role_setup_args(self, role: str, index: int) -> tuple[Any, ...]:
+        return (index, self.spec.strategy.expert_hosts)
+
+    def standing_changed(self, role: str, members: Sequence[Any]) -> None:
+        n_expert, hosts = self.spec.model.n_expert, self.spec.strategy.expert_hosts
+        self.registry = [
+            HostEntry(m.rank, m.handle, expert_range(n_expert, hosts, m.rank)) for m in members
+        ]
+        live = {m.rank: m for m in members}
+        for slot in list(self._hosts):
+            if slot not in live:
+                self._hosts[slot]["alive"] = False
+        for slot, m in live.items():
+            row = self._hosts.setdefault(slot, {})
+            if row.get("pid") != m.pid:  # a new host in this slot
+                row.clear()
+            a, b = expert_range(n_expert, hosts, slot)
+            row.update(alive=True, pid=m.pid, experts=f"{a}..{b - 1}" if b - a > 1 else str(a))
+            row.setdefault("version", m.info.get("version", 0))
+
+    def trained_numel(self, model: Any) -> int:
+        """The trunk: every parameter but the experts'."""
+        experts = sum(p.numel() for _, _, m in model.expert_slots() for p in m.parameters())
+        return super().trained_numel(model) - experts
+
+    def begin_epoch(self, plan: DataParallelPlan) -> None:
+        super().begin_epoch(plan)
+        self.attempt += 1
+
+    def work_items(self, step: int, lr: float) -> list[WorkItem]:
+        return [
+            WorkItem("train_step", (step, lr, lo, hi, self.registry, self.attempt))
+            for lo, hi in self.balancer.bounds()
+        ]
+
+    def eval_items(self) -> list[WorkItem]:
+        return [
+            WorkItem("evaluate", (*item.args, self.registry, self.attempt))
+            for item in super().eval_items()
+        ]
+
+    def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
+        record = super().reduce(step, lr, results, step_time_s)
+        routed = sum(r.experts["routed_slots"] for r in results)
+        masked = sum(r.experts["masked_slots"] for r in results)
+        self._masked = masked / routed if routed else 0.0
+        record["expert_slots_masked"] = round(self._masked, 4)
+        record["expert_hosts_live"] = len(self.registry)
+        for r in results:
+            for slot, h in r.experts["hosts"].items():
+                row = self._hosts.setdefault(slot, {})
+                row["version"] = max(row.get("version", 0), h["version"])
+                if h["latency_ms"] is not None:
+                    row["latency_ms"] = h["latency_ms"]
+                    row["tokens_per_s"] = h["tokens_per_s"]
+                for key in ("missed", "failed"):
+                    row[key] = row.get(key, 0) + h[key]
+        return record
+
+    def member_fields(self, record: dict) -> list[dict[str, Any]]:
+        """The workers' fields, then each seated host's (the status lists hosts by slot)."""
+        hosts = [
+            {k: v for k, v in self._hosts.get(h.slot, {}).items() if k not in ("alive", "pid")}
+            for h in sorted(self.registry, key=lambda h: h.slot)
+        ]
+        return super().member_fields(record) + hosts
+
+    def status_fields(self) -> dict[str, Any]:
+        st, model = self.spec.strategy, self.spec.model
+        fields: dict[str, Any] = {
+            "expert_hosts": st.expert_hosts,
+            "hosts_live": len(self.registry),
+            "n_expert": model.n_expert,
+            "top_k": model.top_k,
+            "slots_masked": round(self._masked, 4),
+            "hosts": {str(k): v for k, v in sorted(self._hosts.items())},
+        }
+        summary = [
+            f"moe         {model.n_expert} experts x {self._layers()} layers, top-{model.top_k}, "
+            f"{len(self.registry)}/{st.expert_hosts} hosts live, k_min {st.k_min}, "
+            f"grace {st.grace_s:g}s; {self._masked:.1%} of routed slots masked last step"
+        ]
+        for slot, row in sorted(self._hosts.items()):
+            state = "live" if row.get("alive") else "down"
+            latency = row.get("latency_ms")
+            summary.append(
+                f"  host {slot}   experts {row.get('experts', '?')}, {state}, pid {row.get('pid')}, "
+                f"version {row.get('version', 0)}, "
+                + (f"latency {latency:.1f} ms" if latency is not None else "no calls yet")
+                + f", missed {row.get('missed', 0)}, failed {row.get('failed', 0)}"
+            )
+        fields["summary"] = summary
+        return {"program": fields}
+
+    def _layers(self) -> int:
+        return getattr(self.spec.model, "n_layer", 0)
+
+    def plan(self, capacities: Sequence[Capacity], numel: int) -> DataParallelPlan:
+        return DataParallelPlan(len(capacities), None)  # the trunk is replicated, as ddp
+
+    def min_worker_bytes(self, numel: int) -> int:
+        """A trunk worker holds the trunk as ddp does: parameters, gradients, optimizer state."""
+        return 4 * numel * (2 + len(self._optimizer_spec.state_keys()))
