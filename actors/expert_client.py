@@ -67,7 +67,8 @@ class ExpertClient:
 
     def __init__(self, n_expert: int, strategy: Any):
         self.n_expert = n_expert
-        self.k_min, self.grace_s, self.timeout_s = strategy.k_min, strategy.grace_s, strategy.timeout_s
+        self.k_min, self.grace_s = strategy.k_min, strategy.grace_s
+        self.timeout_s = strategy.timeout_s
         self.ban_s, self.ban_max_s = strategy.ban_s, strategy.ban_max_s
         self.hosts: dict[int, HostEntry] = {}
         self.stats: dict[int, HostStats] = {}
@@ -99,7 +100,7 @@ class ExpertClient:
     def forward(
         self, layer: int, x_TC: torch.Tensor, experts_TK: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, Dispatch]:
-        """Outputs ``[T, K, C]`` (0 where unanswered), the answered mask ``[T, K]``, the dispatch."""
+        """Outputs ``[T, K, C]`` (0 where unanswered), answered mask ``[T, K]``, the dispatch."""
         T, K = experts_TK.shape
         host_of = self._host_of()
         sent: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}

@@ -223,11 +223,12 @@ class ExpertHostRuntime:
     # -- checkpoints --------------------------------------------------------
 
     def save_shard(self, step: int, save_id: str = "") -> dict[str, Any]:
-        """Snapshot this host's range of the ``experts`` space at ``step``; upload in the background."""
+        """Snapshot this host's range of the ``experts`` space at ``step``; upload it after."""
         self._settle(None, step)
         if self.applied != step:
             raise RuntimeError(
-                f"expert host {self.slot} holds experts of step {self.applied}, asked to save {step}"
+                f"expert host {self.slot} holds experts of step {self.applied}, asked to save "
+                f"step {step}"
             )
         tensors = {"param": self.flat_param}
         tensors.update(self.optimizer.state_tensors())

@@ -314,8 +314,9 @@ class JobController:
             )
             holders = self._standing.state_holders() or []
             if holders:
+                text = manifest.to_json()
                 results += self._group.get(
-                    [m.handle.load_checkpoint.remote(store.uri, manifest.to_json()) for m in holders],
+                    [m.handle.load_checkpoint.remote(store.uri, text) for m in holders],
                     timeout=self.spec.cluster.collective_timeout_s,
                 )
             bad = [r["error"] for r in results if not r["ok"]]

@@ -172,6 +172,7 @@ class TrainingProgram(ABC):
         ``handle``s, so the program can tell the training role whom to call
         (e.g. the live expert hosts). Nothing by default.
         """
+        return None
 
     def trained_numel(self, model: Any) -> int:
         """Size of the ``dp`` state the training role holds, for the model ``model`` (on meta).

@@ -89,7 +89,7 @@ class GPTConfig:
 
 @dataclass
 class GPTMoEConfig(GPTConfig):
-    """``model=gpt_moe``: a GPT whose MLPs are mixtures of experts (``actors/models/gpt_moe.py``)."""
+    """``model=gpt_moe``: a GPT with mixture-of-experts MLPs (``actors/models/gpt_moe.py``)."""
 
     _target_: str = "actors.models.gpt_moe.GPTMoE"
     n_expert: int = 4

@@ -60,7 +60,7 @@ class LocalExperts(nn.ModuleList):
 def scatter_slots(
     x_TC: torch.Tensor, T: int, K: int, rows: list[torch.Tensor], outs: list[torch.Tensor]
 ) -> torch.Tensor:
-    """``[T, K, C]`` with ``outs[i]`` at flat slot rows ``rows[i]`` (``token * K + slot``), else 0."""
+    """``[T, K, C]``: ``outs[i]`` at flat slot rows ``rows[i]`` (``token * K + slot``), else 0."""
     out = x_TC.new_zeros((T * K, x_TC.shape[1]))
     if rows:
         out = out.index_copy(0, torch.cat(rows), torch.cat(outs).to(out.dtype))

@@ -143,7 +143,8 @@ class MoEProgram(DataParallelProgram):
             state = "live" if row.get("alive") else "down"
             latency = row.get("latency_ms")
             summary.append(
-                f"  host {slot}   experts {row.get('experts', '?')}, {state}, pid {row.get('pid')}, "
+                f"  host {slot}   experts {row.get('experts', '?')}, {state}, "
+                f"pid {row.get('pid')}, "
                 f"version {row.get('version', 0)}, "
                 + (f"latency {latency:.1f} ms" if latency is not None else "no calls yet")
                 + f", missed {row.get('missed', 0)}, failed {row.get('failed', 0)}"
