@@ -74,14 +74,14 @@ class ExpertClient:
         self.stats: dict[int, HostStats] = {}
         self._strikes: dict[int, int] = {}
         self._banned_until: dict[int, float] = {}
-        self.attempt, self.step, self.lr = 0, 0, 0.0
+        self.attempt, self.step = 0, 0
         self.masked_slots = 0  # routed slots that got no answer, since the last report
         self.routed_slots = 0
 
-    def update(self, registry: list[HostEntry], attempt: int, step: int, lr: float) -> None:
+    def update(self, registry: list[HostEntry], attempt: int, step: int) -> None:
         """This step's registry and position (sent by the controller with every step)."""
         self.hosts = {h.slot: h for h in registry}
-        self.attempt, self.step, self.lr = attempt, step, lr
+        self.attempt, self.step = attempt, step
 
     def live(self) -> torch.Tensor:
         """``[E]`` bool: experts on a registered host that is not banned now."""
@@ -137,7 +137,6 @@ class ExpertClient:
             slot: self.hosts[slot].handle.backward.remote(
                 self.attempt,
                 self.step,
-                self.lr,
                 dispatch.layer,
                 {e: (x_TC[t], grad_TKC[t, s]) for e, (t, s) in experts.items()},
             )

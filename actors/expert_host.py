@@ -7,7 +7,7 @@ orders it expert-major so that range is contiguous). Trunk workers call it
 directly, each with only the tokens routed to its experts:
 
 - ``forward(attempt, step, layer, inputs)``: ``{expert: x}`` in, ``{expert: y}`` out;
-- ``backward(attempt, step, lr, layer, inputs)``: ``{expert: (x, dy)}`` in,
+- ``backward(attempt, step, layer, inputs)``: ``{expert: (x, dy)}`` in,
   ``{expert: dx}`` out; the expert's forward is recomputed (nothing is kept
   between calls, so a worker that never comes back costs nothing) and the
   parameter gradients are summed into the flat gradient.
@@ -17,16 +17,21 @@ every trunk worker has finished its backward of ``s`` — which it has when
 any call of a later step arrives, since a worker starts step ``s+1`` only
 after the trunk's all-reduce of step ``s``, and that waits for every
 worker's backward. So the host applies step ``s`` (per-expert clipping to
-``train.grad_clip``, then the optimizer) lazily, on the first call of a later
-step, or before a checkpoint. Calls carry the trunk's epoch ``attempt``: a
-step that a trunk failure cut short is re-run in a new attempt, and its
-partial gradients are dropped first. A call for an older step (a backward
-that arrives after its deadline) is dropped.
+``train.grad_clip``, then the optimizer at ``lr_at(s)``) lazily, on the first
+call of a later step, or before a checkpoint. Every step is applied, also one
+in which no token came to this host (a zero gradient, as the flat optimizer
+of the data-parallel strategies applies to every parameter): the host's
+experts then stay exactly where one-process training would put them. Calls
+carry the trunk's epoch ``attempt``: a step that a trunk failure cut short
+is re-run in a new attempt, and its partial gradients are dropped first. A
+backward for a step already applied (one that arrived after its deadline) is
+dropped.
 
 A replacement host in a slot restores its range from the newest committed
-checkpoint of the job (else from the seeded initialisation) and is behind by
-the steps since; the trunk trains on meanwhile (decentralized MoE tolerates
-such staleness, as Learning@home does).
+checkpoint of the job (else from the seeded initialisation), and takes up
+the trunk's step at its first call: the updates since the checkpoint are
+lost, not replayed, and the trunk trained on meanwhile (decentralized MoE
+tolerates such staleness, as Learning@home does).
 """
 
 from __future__ import annotations
@@ -44,9 +49,16 @@ from actors.memory import worker_available_bytes
 from actors.task import build_model
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
 from collectives.optim import FlatOptimizer, decay_ranges
+from orchestrator.schedule import lr_at
 from orchestrator.spec import JobSpec
-from storage.checkpoint import CheckpointReader, CorruptCheckpointError, Manifest, latest_manifest
-from storage.object_store import open_store
+from storage.checkpoint import (
+    CheckpointReader,
+    CorruptCheckpointError,
+    Manifest,
+    latest_manifest,
+    resolve,
+)
+from storage.object_store import StoreError, open_store
 
 EXPERTS_SPACE = "experts"
 
@@ -68,7 +80,9 @@ class ExpertHostRuntime:
         self.slot = -1
         torch.set_num_threads(max(1, int(spec.strategy.host_cpus)))
         self.applied = 0  # steps applied to the experts: their version
-        self._acc: tuple[int, int, float] | None = None  # (attempt, step, lr) being summed
+        self._acc: tuple[int, int] | None = None  # (attempt, step) whose gradients are summed
+        # Restored mid-run from an older checkpoint: skip to the trunk's step.
+        self._behind = False
         self._delay_s = 0.0
         self._served = 0
         self._busy_s = 0.0
@@ -141,7 +155,6 @@ class ExpertHostRuntime:
         self,
         attempt: int,
         step: int,
-        lr: float,
         layer: int,
         inputs: dict[int, tuple[torch.Tensor, torch.Tensor]],
     ) -> dict[int, torch.Tensor]:
@@ -149,7 +162,7 @@ class ExpertHostRuntime:
         start = self._serve_start()
         if not self._settle(attempt, step):
             return {}
-        self._acc = (attempt, step, lr)
+        self._acc = (attempt, step)
         grads = {}
         for e, (x, dy) in inputs.items():
             x = x.detach().float().requires_grad_(True)
@@ -170,24 +183,31 @@ class ExpertHostRuntime:
         self._busy_s += time.perf_counter() - start
 
     def _settle(self, attempt: int | None, step: int) -> bool:
-        """Apply or drop the summed gradients before serving ``step``; False: a stale call.
+        """Bring the experts to step ``step`` before serving it; False: a stale call.
 
-        Stale: a call of a step already applied (a backward that arrived after
-        its deadline). ``attempt`` None: not a trunk call (a checkpoint).
+        Applies every step before ``step`` not applied yet (the one with
+        summed gradients, the others with none); drops the partial sum of a
+        step that is being re-run. Stale: a call of a step already applied.
+        ``attempt`` None: not a trunk call (a checkpoint).
         """
-        if self._acc is None:
-            return step >= self.applied
-        acc_attempt, acc_step, lr = self._acc
-        if step > acc_step:
-            self._apply(acc_step, lr)
-        elif step < acc_step:
-            return False  # a call of a step already done (it arrived after its deadline)
-        elif attempt is not None and attempt != acc_attempt:
-            self._drop()  # the step is being re-run after a trunk failure
-        return True
+        if self._behind:
+            self._behind = False
+            self.applied = max(self.applied, step)
+        if self._acc is not None:
+            acc_attempt, acc_step = self._acc
+            if step < acc_step:
+                return False  # it arrived after its deadline
+            if step == acc_step:
+                if attempt is not None and attempt != acc_attempt:
+                    self._drop()  # the step is being re-run after a trunk failure
+                return True
+        while self.applied < step:
+            self._apply(self.applied)
+        return step >= self.applied
 
     @torch.no_grad()
-    def _apply(self, step: int, lr: float) -> None:
+    def _apply(self, step: int) -> None:
+        """Step ``step`` with the gradients summed for it (zero if none came)."""
         clip = self.spec.train.grad_clip
         if clip > 0:
             # Each expert is clipped by its own norm: an expert's update does
@@ -195,7 +215,7 @@ class ExpertHostRuntime:
             per_expert = self.flat_grad.view(-1, self.per_expert)
             norms = per_expert.norm(dim=1, keepdim=True)
             per_expert.mul_((clip / (norms + 1e-6)).clamp(max=1.0))
-        self.optimizer.step(lr)
+        self.optimizer.step(lr_at(step, self.spec.train))
         self.flat_grad.zero_()
         self.applied = step + 1
         self._acc = None
@@ -299,17 +319,29 @@ class ExpertHostRuntime:
         self.optimizer.load_state(state, manifest.optimizer["step_count"])
         self.flat_grad.zero_()
         self._acc = None
+        self._behind = False
         self.applied = manifest.step
         return reader.bytes_read
 
     def _restore_latest(self) -> None:
-        """A host (re)placed during a run: the newest committed experts of this job, if any."""
+        """A host (re)placed during a run: the newest committed experts of this job, if any.
+
+        The job's own checkpoints first; before its first one, the checkpoint
+        it resumed from (``resume=<URI>``); else the seeded initialisation.
+        """
         store = self._store()
         try:
             manifest = latest_manifest(store)
-        except Exception:  # noqa: BLE001 - nothing readable yet: start from the seeded init
+            resume = self.spec.resume
+            if manifest is None and resume not in (None, "latest"):
+                s = self.spec.storage
+                store, manifest = resolve(
+                    resume, endpoint_url=s.endpoint_url, region=s.region, path_style=s.path_style
+                )
+        except (StoreError, CorruptCheckpointError):  # nothing readable: the seeded init
             return
         if manifest is None or EXPERTS_SPACE not in manifest.spaces:
             return
         self._load(CheckpointReader(store, manifest), manifest)
         self.restored_from = f"{store.uri}/step-{manifest.step}"
+        self._behind = True

@@ -57,7 +57,7 @@ class MoEWorkerRuntime(DataParallelRuntime):
         attempt: int,
     ) -> MoEStepResult:
         """One step of the trunk, with this step's expert registry and the trunk's attempt."""
-        self.client.update(registry, attempt, step, lr)
+        self.client.update(registry, attempt, step)
         result = super().train_step(step, lr, batch_lo, batch_hi)
         return MoEStepResult(**asdict(result), experts=self.client.take_report())
 
@@ -83,6 +83,6 @@ class MoEWorkerRuntime(DataParallelRuntime):
     def _at_boundary(self, registry: list[HostEntry] | None, attempt: int) -> None:
         """Between steps: expert calls carry the number of steps done (hosts apply the last)."""
         if registry is not None:
-            self.client.update(registry, attempt, self._applied or 0, 0.0)
+            self.client.update(registry, attempt, self._applied or 0)
         else:
             self.client.step = self._applied or 0

@@ -44,12 +44,13 @@ class FlatLayout:
         return self.slots[-1].end if self.slots else 0
 
     @classmethod
-    def of(cls, model: nn.Module) -> FlatLayout:
+    def of(cls, model: nn.Module, exclude: frozenset[int] = frozenset()) -> FlatLayout:
+        """``model``'s trainable parameters but those whose ``id`` is in ``exclude``."""
         slots = []
         offset = 0
         # named_parameters() de-duplicates tied weights (e.g. embedding and lm head).
         for name, p in model.named_parameters():
-            if not p.requires_grad:
+            if not p.requires_grad or id(p) in exclude:
                 continue
             slots.append(ParamSlot(name, tuple(p.shape), offset, p.numel()))
             offset += p.numel()

@@ -246,7 +246,7 @@ class JobController:
         # first initializer call imports torch._dynamo: ~1 s worth hiding.
         with torch.device("meta"):
             model = build_model(self.spec.model, self._facts)
-            group.numel = self._program.trained_numel(model)
+            group.numel = self._program.trained_layout(model).numel
             self._tied = tied_aliases(model)
             # Training FLOPs per token, for the achieved TFLOP/s (and MFU) of each step.
             flops = getattr(model, "flops_per_token", None)

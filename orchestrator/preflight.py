@@ -175,13 +175,13 @@ def model_shape(spec: JobSpec, facts: DataFacts) -> ModelShape:
     import torch
 
     from actors.task import build_model
-    from collectives.flat import FlatLayout
+    from orchestrator.program import program_for
 
     target = getattr(spec.model, "_target_", None) or spec.model.get("_target_")
     try:
         with torch.device("meta"):
             model = build_model(spec.model, facts)
-            layout = FlatLayout.of(model)
+            layout = program_for(spec).trained_layout(model)
     except Exception as e:  # noqa: BLE001 - a user's model may raise anything
         cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
         raise ConfigError(f"model: cannot build {target!r}: {cause}") from None

@@ -174,15 +174,16 @@ class TrainingProgram(ABC):
         """
         return None
 
-    def trained_numel(self, model: Any) -> int:
-        """Size of the ``dp`` state the training role holds, for the model ``model`` (on meta).
+    def trained_layout(self, model: Any) -> Any:
+        """The ``FlatLayout`` of the ``dp`` state the training role holds, for ``model``.
 
-        The whole model's flat size by default; a program whose training role
-        holds only part of the model (the trunk, without the experts) says so.
+        The whole model's by default; a program whose training role holds
+        only part of the model (the trunk, without the experts) says so.
+        Checkpoints record it, and a resume must match it.
         """
         from collectives.flat import FlatLayout
 
-        return FlatLayout.of(model).numel
+        return FlatLayout.of(model)
 
     def replan_wanted(self) -> bool:
         """Whether the same members should start a new epoch with a fresh plan now.

@@ -25,6 +25,7 @@ from typing import Any
 
 from actors.expert_client import HostEntry
 from actors.expert_host import expert_range
+from collectives.flat import FlatLayout
 from orchestrator.program import Capacity, RoleSpec, WorkItem, training_role
 from orchestrator.programs.data_parallel import DataParallelPlan, DataParallelProgram
 
@@ -77,10 +78,10 @@ class MoEProgram(DataParallelProgram):
             row.update(alive=True, pid=m.pid, experts=f"{a}..{b - 1}" if b - a > 1 else str(a))
             row.setdefault("version", m.info.get("version", 0))
 
-    def trained_numel(self, model: Any) -> int:
+    def trained_layout(self, model: Any) -> FlatLayout:
         """The trunk: every parameter but the experts'."""
-        experts = sum(p.numel() for _, _, m in model.expert_slots() for p in m.parameters())
-        return super().trained_numel(model) - experts
+        experts = frozenset(id(p) for _, _, m in model.expert_slots() for p in m.parameters())
+        return FlatLayout.of(model, exclude=experts)
 
     def begin_epoch(self, plan: DataParallelPlan) -> None:
         super().begin_epoch(plan)
