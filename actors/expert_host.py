@@ -128,10 +128,13 @@ class ExpertHostRuntime:
         return self._describe()
 
     def _describe(self) -> dict[str, Any]:
+        import ray
+
         a, b = self.expert_ids
         return {
             "slot": self.slot,
             "pid": os.getpid(),
+            "node_ip": ray.util.get_node_ip_address(),
             "experts": [a, b],
             "expert_ids": [f"{layer}.{e}" for e in range(a, b) for layer in range(self.n_layer)],
             "version": self.applied,

@@ -48,8 +48,12 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
                                state, then the gradients, then the parameters
   strategy=pipeline            the layers cut into strategy.stages=N stages (schedule
                                gpipe|1f1b, partition auto|even); workers/stages replicas
-  model=gpt_tiny|gpt_small|mlp
+  strategy=moe                 with model=gpt_moe: experts on strategy.expert_hosts=N
+                               actors (strategy.k_min, strategy.grace_s: how long a
+                               dispatch waits), the rest data-parallel on the workers
+  model=gpt_tiny|gpt_small|gpt_moe|mlp
                                gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
+                               gpt_moe: + model.n_expert, model.top_k, model.capacity_factor;
                                mlp: model.hidden=[128,128] (sizes from the data)
   data=stdlib_text|text_file|digits|arrays
                                text_file: data.path=..., data.tokenizer=bytes|bpe,
@@ -73,6 +77,7 @@ examples:
   shoal run data=text_file data.path=~/book.txt model=gpt_small
   shoal run model=mlp data=digits train.eval_every=20
   shoal run strategy=pipeline strategy.stages=2 train.micro_batches=4
+  shoal run model=gpt_moe strategy=moe strategy.expert_hosts=2 cluster.workers=2
   shoal run data=text_file data.path=book.txt data.tokenizer=bpe data.vocab_size=4096
   shoal run run_dir=runs/a resume=latest        # continue runs/a from its last checkpoint
   shoal config train.lr=1e-3                    # print every field, resolved

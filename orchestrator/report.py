@@ -129,6 +129,9 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
                 lines.append(
                     f"  slot {w['rank']}      {w.get('role')} {w.get('worker_id', '?')}, "
                     f"pid {w['pid']} on {w.get('node_ip', '?')}"
+                    + (f", experts {w['experts']}" if "experts" in w else "")
+                    + (f", version {w['version']}" if "version" in w else "")
+                    + (f", {w['latency_ms']:.1f} ms per call" if w.get("latency_ms") else "")
                 )
                 continue
             lo, hi = w.get("shard", (0, 0))
