@@ -58,6 +58,10 @@ def check(c: Any) -> None:
             f"got {st.expert_hosts}"
         )
     top_k = getattr(c.model, "top_k", 1)
+    if not 1 <= top_k <= n_expert:
+        raise ConfigError(
+            f"model.top_k ({top_k}) must be between 1 and model.n_expert ({n_expert})"
+        )
     if not 1 <= st.k_min <= top_k:
         raise ConfigError(
             f"strategy.k_min: must be between 1 and model.top_k ({top_k}), got {st.k_min}"
