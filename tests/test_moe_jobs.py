@@ -119,9 +119,17 @@ def _events(spec: JobSpec) -> list[dict]:
     return [json.loads(line) for line in lines]
 
 
-def test_moe_matches_one_process_and_resumes_at_another_host_count(ray_session, tmp_path):
+def test_moe_matches_one_process_across_a_resume_and_a_lost_worker(ray_session, tmp_path):
     constant = ["train.lr_schedule=constant", "train.warmup_steps=0"]  # lr independent of steps
-    first = _spec(tmp_path, "a", *EXACT, *constant, "strategy.expert_hosts=2", "train.steps=4")
+    first = _spec(
+        tmp_path,
+        "a",
+        *EXACT,
+        *constant,
+        "strategy.expert_hosts=2",
+        "cluster.workers=1",
+        "train.steps=4",
+    )
     _, status = run_job(first)
     hosts = _hosts(status)
     assert [h["rank"] for h in hosts] == [0, 1] and all(h["pid"] for h in hosts)
@@ -131,20 +139,27 @@ def test_moe_matches_one_process_and_resumes_at_another_host_count(ray_session, 
     torch.testing.assert_close(got_trunk, trunk, atol=ATOL, rtol=0)
     torch.testing.assert_close(got_experts, experts, atol=ATOL, rtol=0)
 
-    # 3 hosts (experts split 2/1/1) and 1 worker pick up where 2 and 2 left off.
+    # 3 hosts (experts split 2/1/1) and 2 workers pick up where 2 and 1 left
+    # off; a worker killed mid-run costs no step, and the hosts drop the
+    # expert gradients of the step it cut short before it is re-run.
     second = _spec(
         tmp_path,
         "b",
         *EXACT,
         *constant,
         "strategy.expert_hosts=3",
-        "cluster.workers=1",
-        "train.steps=7",
+        "cluster.workers=2",
+        "train.steps=10",
         f"resume={first.checkpoint.uri}/step-4",
     )
-    _, status = run_job(second)
+    handle = submit(second)
+    _wait_for_step(handle, 6, time.time() + 120)
+    os.kill(handle.worker_pids()[1], signal.SIGKILL)
+    status = handle.wait(timeout=240)
+    assert status.state == JobState.SUCCEEDED, status.error
+    assert status.failures_survived == 1
     assert [h["experts"] for h in _hosts(status)] == ["0..1", "2", "3"]
-    trunk, experts, _ = moe_reference(second, 7)
+    trunk, experts, _ = moe_reference(second, 10)
     got_trunk, got_experts = _final_state(second)
     torch.testing.assert_close(got_trunk, trunk, atol=ATOL, rtol=0)
     torch.testing.assert_close(got_experts, experts, atol=ATOL, rtol=0)
