@@ -50,6 +50,7 @@ class HostStats:
     failed: int = 0  # the call raised (the host died, or errored)
     latency_s: float = 0.0  # summed over answered calls
     version: int = 0
+    restored_from: str | None = None  # where the host took its experts from, if restored
     tokens_per_s: float = 0.0  # throughput estimate (EMA), halved on a miss
 
 
@@ -117,8 +118,9 @@ class ExpertClient:
         dispatch = Dispatch(layer)
         rows, outs = [], []
         answered_TK = torch.zeros((T, K), dtype=torch.bool)
-        for slot, (outputs, version) in answers.items():
+        for slot, (outputs, (version, restored_from)) in answers.items():
             self.stats[slot].version = version
+            self.stats[slot].restored_from = restored_from
             dispatch.answered[slot] = sent[slot]
             for e, (tokens, slots) in sent[slot].items():
                 rows.append(tokens * K + slots)
@@ -243,6 +245,7 @@ class ExpertClient:
                 "failed": st.failed,
                 "latency_ms": round(1000 * st.latency_s / st.answered, 3) if st.answered else None,
                 "version": st.version,
+                "restored_from": st.restored_from,
                 "tokens_per_s": round(st.tokens_per_s, 1),
             }
             for slot, st in self.stats.items()

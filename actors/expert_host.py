@@ -27,11 +27,15 @@ is re-run in a new attempt, and its partial gradients are dropped first. A
 backward for a step already applied (one that arrived after its deadline) is
 dropped.
 
-A replacement host in a slot restores its range from the newest committed
-checkpoint of the job (else from the seeded initialisation), and takes up
-the trunk's step at its first call: the updates since the checkpoint are
-lost, not replayed, and the trunk trained on meanwhile (decentralized MoE
-tolerates such staleness, as Learning@home does).
+**Replicas.** Every ``elastic.replicate_every`` applied steps a host sends
+a copy of its state (parameters, optimizer state, version) to its *buddy*,
+the next live slot, which keeps it in memory (``keep_replica``, on the
+control thread: a busy buddy still takes it). A replacement host in a slot
+restores the slot's experts from the newest of: its buddy's replica
+(``replica_of``), the job's newest committed checkpoint, else the seeded
+initialisation; it takes up the trunk's step at its first call, so the
+updates since the copy are lost, not replayed, while the trunk trained on
+(decentralized MoE tolerates such staleness, as Learning@home does).
 """
 
 from __future__ import annotations
@@ -71,7 +75,7 @@ def expert_range(n_expert: int, hosts: int, slot: int) -> tuple[int, int]:
 class ExpertHostRuntime:
     """One expert host; see the module docstring. Set up alone (no process group)."""
 
-    CONTROL_METHODS = ("report", "inject_delay")
+    CONTROL_METHODS = ("report", "inject_delay", "keep_replica", "replica_of")
 
     def __init__(self, spec: JobSpec, worker_id: int, data: Any):
         self.spec = spec
@@ -84,6 +88,9 @@ class ExpertHostRuntime:
         # Restored mid-run from an older checkpoint: skip to the trunk's step.
         self._behind = False
         self._delay_s = 0.0
+        self._buddy: Any = None  # the RuntimeHandle that keeps this host's replica
+        self._replicas: dict[int, tuple[int, int, dict[str, torch.Tensor]]] = {}  # by slot
+        self._fresh = True  # no call served yet: a replica may still replace the state
         self._served = 0
         self._busy_s = 0.0
         self.restored_from: str | None = None
@@ -146,13 +153,13 @@ class ExpertHostRuntime:
     @torch.no_grad()
     def forward(
         self, attempt: int, step: int, layer: int, inputs: dict[int, torch.Tensor]
-    ) -> tuple[dict[int, torch.Tensor], int]:
-        """Each expert's output for its tokens; and this host's version (steps applied)."""
+    ) -> tuple[dict[int, torch.Tensor], tuple[int, str | None]]:
+        """Each expert's output for its tokens; this host's version and where it restored from."""
         start = self._serve_start()
         self._settle(attempt, step)  # a stale forward is still served: it changes nothing
         out = {e: self.experts[(layer, e)](x.float()).to(x.dtype) for e, x in inputs.items()}
         self._serve_end(start)
-        return out, self.applied
+        return out, (self.applied, self.restored_from)
 
     def backward(
         self,
@@ -177,6 +184,7 @@ class ExpertHostRuntime:
         return grads
 
     def _serve_start(self) -> float:
+        self._fresh = False
         if self._delay_s:
             time.sleep(self._delay_s)
         return time.perf_counter()
@@ -222,10 +230,62 @@ class ExpertHostRuntime:
         self.flat_grad.zero_()
         self.applied = step + 1
         self._acc = None
+        self._replicate()
 
     def _drop(self) -> None:
         self.flat_grad.zero_()
         self._acc = None
+
+    # -- replicas -------------------------------------------------------------
+
+    def peers(self, buddy: Any) -> None:
+        """The live host that keeps this host's replica (None: no other host is live).
+
+        Sent by the controller whenever the hosts change. A host that has not
+        served yet (a replacement) first takes its slot's state from the
+        buddy's replica, if that is newer than what it restored.
+        """
+        self._buddy = buddy
+        if buddy is None or not self._fresh:
+            return
+        import ray
+
+        try:
+            replica = ray.get(buddy.replica_of.remote(self.slot), timeout=60)
+        except ray.exceptions.RayError:
+            return  # the buddy is gone too: the checkpoint's state stands
+        if replica is not None and replica[0] > self.applied:
+            applied, step_count, tensors = replica
+            with torch.no_grad():
+                self.flat_param.copy_(tensors["param"])
+            self.optimizer.load_state(tensors, step_count)
+            self.flat_grad.zero_()
+            self._acc = None
+            self.applied = applied
+            self._behind = True
+            self.restored_from = f"replica at step {applied}"
+
+    def _replicate(self) -> None:
+        e = self.spec.elastic
+        every = e.replicate_every if e.enabled else 0
+        if self._buddy is None or not every or self.applied % every:
+            return
+        tensors = {"param": self.flat_param.clone()}
+        tensors.update({k: v.clone() for k, v in self.optimizer.state_tensors().items()})
+        # Not waited for: a lost copy only makes the next restore older.
+        self._buddy.keep_replica.remote(self.slot, self.applied, self.optimizer.step_count, tensors)
+
+    def keep_replica(
+        self, slot: int, applied: int, step_count: int, tensors: dict[str, torch.Tensor]
+    ) -> None:
+        """Keep host ``slot``'s state at version ``applied`` (the newest copy wins)."""
+        held = self._replicas.get(slot)
+        if held is None or held[0] <= applied:
+            self._replicas[slot] = (applied, step_count, tensors)
+
+    def replica_of(self, slot: int) -> tuple[int, int, dict[str, torch.Tensor]] | None:
+        """The newest copy of host ``slot``'s state this host keeps, or None."""
+        return self._replicas.get(slot)
 
     # -- control ------------------------------------------------------------
 

@@ -839,9 +839,13 @@ class JobController:
         self._standing.kill_all()
 
     def _standing_changed(self) -> None:
-        """Tell the program who its standing members are now (e.g. the live expert hosts)."""
+        """Tell the program who its standing members are now (e.g. the live expert hosts).
+
+        Then send them what the program asks of them after such a change.
+        """
         for g in self._standing.groups:
             self._program.standing_changed(g.role.name, list(g.members))
+        self._standing.call_items(self._program.standing_items())
 
     def _member_rows(self) -> list[dict[str, Any]]:
         """Every member's status row: the training role's in rank order, then standing roles'."""

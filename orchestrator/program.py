@@ -174,6 +174,15 @@ class TrainingProgram(ABC):
         """
         return None
 
+    def standing_items(self) -> list[tuple[str, int, WorkItem]]:
+        """Calls on standing members now, as ``(role, slot, item)``: asked after every change.
+
+        Fire-and-forget instructions between steps (e.g. telling expert hosts
+        which peer holds their replica); a member that dies meanwhile is
+        found by the liveness checks. None by default.
+        """
+        return []
+
     def trained_layout(self, model: Any) -> Any:
         """The ``FlatLayout`` of the ``dp`` state the training role holds, for ``model``.
 

@@ -106,6 +106,16 @@ class StandingRoles:
                 holders += g.members
         return holders
 
+    def call_items(self, items: list[tuple[str, int, Any]]) -> None:
+        """Send each ``(role, slot, WorkItem)`` to that member, without waiting for it."""
+        for role, slot, item in items:
+            for g in self.groups:
+                if g.role.name != role:
+                    continue
+                for m in g.members:
+                    if m.rank == slot:
+                        getattr(m.handle, item.method).remote(*item.args)
+
     def describe(self) -> list[dict[str, Any]]:
         """Status rows of every standing member, role by role."""
         return [row for g in self.groups for row in g.describe()]

@@ -217,10 +217,11 @@ def test_killed_and_slow_expert_hosts_cost_tokens_not_the_job(ray_session, tmp_p
     died = [e for e in _events(spec) if e["event"] == "died" and e.get("role") == "expert_host"]
     assert sorted(e["pid"] for e in died) == sorted(killed)
     hosts = _hosts(status)
-    # The replacements restored their experts from a checkpoint of this run.
+    # The replacements took their experts from their buddies' in-memory
+    # replicas (newer than the checkpoint every 3 steps), sent every step.
     restored = {h["rank"]: h.get("restored_from") for h in hosts if h.get("restored_from")}
     assert set(restored) == {1, 3}
-    assert all(uri.startswith(spec.checkpoint.uri) for uri in restored.values())
+    assert all(how.startswith("replica at step") for how in restored.values()), restored
     assert status.program["hosts"]["0"]["missed"] > 0  # the slow host was given up on
     assert status.program["hosts_live"] == 5
 

@@ -78,6 +78,18 @@ class MoEProgram(DataParallelProgram):
             row.update(alive=True, pid=m.pid, experts=f"{a}..{b - 1}" if b - a > 1 else str(a))
             row.setdefault("version", m.info.get("version", 0))
 
+    def standing_items(self) -> list[tuple[str, int, WorkItem]]:
+        """Each host's buddy: the next live slot, which keeps its replica."""
+        slots = sorted(h.slot for h in self.registry)
+        handle = {h.slot: h.handle for h in self.registry}
+        items = []
+        for i, slot in enumerate(slots):
+            buddy = slots[(i + 1) % len(slots)]
+            items.append(
+                (HOST_ROLE, slot, WorkItem("peers", (handle[buddy] if buddy != slot else None,)))
+            )
+        return items
+
     def trained_layout(self, model: Any) -> FlatLayout:
         """The trunk: every parameter but the experts'."""
         experts = frozenset(id(p) for _, _, m in model.expert_slots() for p in m.parameters())
@@ -110,6 +122,8 @@ class MoEProgram(DataParallelProgram):
             for slot, h in r.experts["hosts"].items():
                 row = self._hosts.setdefault(slot, {})
                 row["version"] = max(row.get("version", 0), h["version"])
+                if h.get("restored_from"):
+                    row["restored_from"] = h["restored_from"]
                 if h["latency_ms"] is not None:
                     row["latency_ms"] = h["latency_ms"]
                     row["tokens_per_s"] = h["tokens_per_s"]
@@ -149,6 +163,7 @@ class MoEProgram(DataParallelProgram):
                 f"version {row.get('version', 0)}, "
                 + (f"latency {latency:.1f} ms" if latency is not None else "no calls yet")
                 + f", missed {row.get('missed', 0)}, failed {row.get('failed', 0)}"
+                + (f"; restored from {row['restored_from']}" if row.get("restored_from") else "")
             )
         fields["summary"] = summary
         return {"program": fields}
