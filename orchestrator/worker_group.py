@@ -43,6 +43,9 @@ from orchestrator.program import Capacity, RoleSpec, TrainingProgram, WorkItem
 from orchestrator.recovery import Holding, StatePlan, plan_recovery_spaces
 from orchestrator.spec import JobSpec
 
+# (job id, role) -> the bundles that role wants, for the job's one autoscaler request.
+_WANTED: dict[tuple[str, str], list[dict[str, float]]] = {}
+
 
 @dataclass
 class Member:
@@ -178,14 +181,22 @@ class WorkerGroup:
         self._request_capacity()
 
     def _request_capacity(self) -> None:
-        """Tell Ray's autoscaler how many member-sized bundles the job wants."""
+        """Tell Ray's autoscaler how many member-sized bundles the job wants, all roles together.
+
+        ``request_resources`` replaces the previous request, so every role's
+        bundles go in each call.
+        """
         bundle = {"CPU": self.role.cpus}
         if self.role.gpus:
             bundle["GPU"] = self.role.gpus
+        _WANTED[(self.spec.job_id, self.role.name)] = [bundle] * self.target
+        bundles = [
+            b for (job, _), wanted in _WANTED.items() if job == self.spec.job_id for b in wanted
+        ]
         try:
             from ray.autoscaler.sdk import request_resources
 
-            request_resources(bundles=[bundle] * self.target)
+            request_resources(bundles=bundles)
         except Exception:  # noqa: BLE001 - no autoscaler (a local instance): nothing to ask
             pass
 
