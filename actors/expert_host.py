@@ -85,6 +85,7 @@ class ExpertHostRuntime:
         torch.set_num_threads(max(1, int(spec.strategy.host_cpus)))
         self.applied = 0  # steps applied to the experts: their version
         self._acc: tuple[int, int] | None = None  # (attempt, step) whose gradients are summed
+        self._attempt = 0  # the newest trunk attempt seen
         # Restored mid-run from an older checkpoint: skip to the trunk's step.
         self._behind = False
         self._delay_s = 0.0
@@ -198,12 +199,21 @@ class ExpertHostRuntime:
 
         Applies every step before ``step`` not applied yet (the one with
         summed gradients, the others with none); drops the partial sum of a
-        step that is being re-run. Stale: a call of a step already applied.
-        ``attempt`` None: not a trunk call (a checkpoint).
+        step that is being re-run. Stale: a call of a step already applied,
+        or of an older attempt than one already seen (a straggler from before
+        a trunk failure). ``attempt`` None: not a trunk call (a checkpoint).
         """
+        if attempt is not None:
+            if attempt < self._attempt:
+                return False
+            self._attempt = attempt
         if self._behind:
+            # Placed mid-run: take up the trunk's step; the optimizer counts
+            # as many steps as the version says, as every other host's does.
             self._behind = False
-            self.applied = max(self.applied, step)
+            if step > self.applied:
+                self.applied = step
+                self.optimizer.set_step_count(step)
         if self._acc is not None:
             acc_attempt, acc_step = self._acc
             if step < acc_step:

@@ -195,5 +195,9 @@ class FlatOptimizer:
             dst.copy_(tensors[key])
         self._steps = step_count
 
+    def set_step_count(self, steps: int) -> None:
+        """Count ``steps`` steps taken (Adam's bias correction follows the count)."""
+        self._steps = steps
+
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._state.values())
