@@ -668,6 +668,8 @@ class JobController:
         # upload can never overwrite, or be named by, this one's manifest.
         save_id = uuid.uuid4().hex[:12]
         holders = self._standing.state_holders()
+        if holders is None and step == self.spec.train.steps:
+            holders = self._wait_for_state_holders()  # the final state must be saved whole
         if holders is None:
             self._checkpoint_outcome(
                 step, None, "a standing member that holds state is being replaced"
@@ -837,6 +839,19 @@ class JobController:
         if self._group is not None:
             self._group.kill_all()
         self._standing.kill_all()
+
+    def _wait_for_state_holders(self) -> list[Member] | None:
+        """Replace dead standing members that hold state, for up to ``cluster.start_timeout_s``."""
+        deadline = time.monotonic() + self.spec.cluster.start_timeout_s
+        while time.monotonic() < deadline:
+            if self._standing.tend(force=True):
+                self._standing_changed()
+                self._set(workers=self._member_rows())
+            holders = self._standing.state_holders()
+            if holders is not None:
+                return holders
+            time.sleep(0.2)
+        return None
 
     def _standing_changed(self) -> None:
         """Tell the program who its standing members are now (e.g. the live expert hosts).
