@@ -6,4 +6,4 @@ bash infra/setup.sh
 . .venv/bin/activate
 ruff check .
 ruff format --check .
-pytest -q "$@"
+pytest -q --durations=15 "$@"

@@ -85,10 +85,11 @@ def _events(spec: JobSpec) -> list[str]:
 
 @pytest.mark.parametrize(
     "strategy, replication",
+    # zero1 and zero2 shard less than zero3 but keep, copy and restore their
+    # shard the same way (one dp range per rank, its buddy's copy): to keep
+    # the Ray tier lean it kills ddp, zero3, and zero2 with sync copies.
     [
         ("ddp", "async"),
-        ("zero1", "async"),
-        ("zero2", "async"),
         ("zero3", "async"),
         ("zero2", "sync"),
     ],
