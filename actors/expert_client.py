@@ -13,8 +13,8 @@ gate weights over the slots that did), and in backward gets no gradient.
 the controller sent with this step (slot, handle, expert range), per host
 the measured latency, version, misses and failures, and bans: a host whose
 call failed is skipped (its experts masked in the gate) for ``ban_s *
-2^(failures-1)`` seconds, and a missed deadline halves its throughput
-estimate.
+2^(failures-1)`` seconds — one whose actor died, until the registry drops or
+replaces it — and a missed deadline halves its throughput estimate.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ class HostEntry:
     slot: int
     handle: Any  # RuntimeHandle of its MemberActor
     experts: tuple[int, int]  # expert indices [a, b) it holds in every layer
+    worker_id: int = -1  # the member's id, new for a replacement in the same slot
 
 
 @dataclass
@@ -75,6 +76,10 @@ class ExpertClient:
         self.stats: dict[int, HostStats] = {}
         self._strikes: dict[int, int] = {}
         self._banned_until: dict[int, float] = {}
+        # Members whose actor died: masked until the registry no longer lists
+        # them (the controller notices a death only at its next liveness
+        # ping, and a step may already be on its way with the old registry).
+        self._dead: set[int] = set()
         self.attempt, self.step = 0, 0
         self.masked_slots = 0  # routed slots that got no answer, since the last report
         self.routed_slots = 0
@@ -82,6 +87,7 @@ class ExpertClient:
     def update(self, registry: list[HostEntry], attempt: int, step: int) -> None:
         """This step's registry and position (sent by the controller with every step)."""
         self.hosts = {h.slot: h for h in registry}
+        self._dead &= {h.worker_id for h in registry}
         self.attempt, self.step = attempt, step
 
     def live(self) -> torch.Tensor:
@@ -89,7 +95,7 @@ class ExpertClient:
         live_E = torch.zeros(self.n_expert, dtype=torch.bool)
         now = time.monotonic()
         for h in self.hosts.values():
-            if self._banned_until.get(h.slot, 0.0) <= now:
+            if h.worker_id not in self._dead and self._banned_until.get(h.slot, 0.0) <= now:
                 live_E[h.experts[0] : h.experts[1]] = True
         return live_E
 
@@ -187,9 +193,11 @@ class ExpertClient:
                 slot = order[i]
                 try:
                     answered[i] = ray.get(ref)
-                except ray.exceptions.RayError:
+                except ray.exceptions.RayError as e:
                     failed.add(i)
                     self._strike(slot)
+                    if isinstance(e, ray.exceptions.RayActorError):
+                        self._dead.add(self.hosts[slot].worker_id)
                     continue
                 self._record(slot, time.monotonic() - start, sent[slot])
             if satisfied_at is None and self._satisfied(need_TH, answered, failed):

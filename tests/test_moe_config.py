@@ -48,3 +48,19 @@ def test_the_trunk_is_what_workers_hold_and_hosts_are_a_state_saving_role():
     plan = program.plan([None, None], trunk.numel)
     assert plan.bounds is None  # replicated, as ddp
     assert [s.bounds for s in program.state_spaces(plan, trunk.numel)] == [((0, trunk.numel),)]
+
+
+def test_a_dead_host_stays_masked_until_the_registry_replaces_it():
+    from actors.expert_client import ExpertClient, HostEntry
+
+    spec = JobSpec.from_overrides([*MOE, "strategy.ban_s=0"])  # a timed ban ends at once
+    client = ExpertClient(4, spec.strategy)
+    client.update([HostEntry(0, None, (0, 2), 7), HostEntry(1, None, (2, 4), 8)], 1, 0)
+    assert client.live().tolist() == [True] * 4
+    client._strike(1)  # a failed call: banned for ban_s, i.e. not at all here
+    assert client.live().tolist() == [True] * 4
+    client._dead.add(8)  # the call failed because the actor died
+    client.update([HostEntry(0, None, (0, 2), 7), HostEntry(1, None, (2, 4), 8)], 1, 1)
+    assert client.live().tolist() == [True, True, False, False]  # the old registry: still out
+    client.update([HostEntry(0, None, (0, 2), 7), HostEntry(1, None, (2, 4), 9)], 1, 2)
+    assert client.live().tolist() == [True] * 4  # its replacement is live

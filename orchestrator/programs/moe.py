@@ -64,7 +64,8 @@ class MoEProgram(DataParallelProgram):
     def standing_changed(self, role: str, members: Sequence[Any]) -> None:
         n_expert, hosts = self.spec.model.n_expert, self.spec.strategy.expert_hosts
         self.registry = [
-            HostEntry(m.rank, m.handle, expert_range(n_expert, hosts, m.rank)) for m in members
+            HostEntry(m.rank, m.handle, expert_range(n_expert, hosts, m.rank), m.worker_id)
+            for m in members
         ]
         live = {m.rank: m for m in members}
         for slot in list(self._hosts):
