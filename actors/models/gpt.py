@@ -100,7 +100,7 @@ class GPT(nn.Module):
         self.wte = nn.Embedding(vocab_size, d_model)
         self.wpe = nn.Embedding(seq_len, d_model)
         self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(Block(d_model, n_head, dropout) for _ in range(n_layer))
+        self.blocks = nn.ModuleList(self._block(d_model, n_head, dropout) for _ in range(n_layer))
         self.ln_f = nn.LayerNorm(d_model)
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         # Weight tying: fewer parameters and better small-model perplexity.
@@ -111,6 +111,10 @@ class GPT(nn.Module):
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
                 nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+
+    def _block(self, d_model: int, n_head: int, dropout: float) -> nn.Module:
+        """One transformer block (a subclass may put something else in the MLP's place)."""
+        return Block(d_model, n_head, dropout)
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

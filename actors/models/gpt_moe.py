@@ -16,8 +16,6 @@ of every layer" — what one expert host holds — is one contiguous range.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,33 +131,16 @@ class GPTMoE(GPT):
             raise ValueError(
                 f"model.top_k ({top_k}) must be between 1 and model.n_expert ({n_expert})"
             )
-        nn.Module.__init__(self)
-        if d_model % n_head != 0:
-            raise ValueError(
-                f"model.d_model ({d_model}) must be divisible by model.n_head ({n_head})"
-            )
-        d_hidden = d_expert or 4 * d_model
-        self.seq_len = seq_len
+        # Read by _block while GPT's constructor builds the blocks.
         self.n_expert, self.top_k, self.aux_loss_weight = n_expert, top_k, aux_loss_weight
-        self.wte = nn.Embedding(vocab_size, d_model)
-        self.wpe = nn.Embedding(seq_len, d_model)
-        self.drop = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            MoEBlock(
-                d_model,
-                n_head,
-                dropout,
-                MoEFeedForward(d_model, n_expert, top_k, d_hidden, capacity_factor, dropout),
-            )
-            for _ in range(n_layer)
+        self._d_hidden, self._capacity_factor = d_expert or 4 * d_model, capacity_factor
+        super().__init__(vocab_size, n_layer, n_head, d_model, seq_len, dropout)
+
+    def _block(self, d_model: int, n_head: int, dropout: float) -> nn.Module:
+        moe = MoEFeedForward(
+            d_model, self.n_expert, self.top_k, self._d_hidden, self._capacity_factor, dropout
         )
-        self.ln_f = nn.LayerNorm(d_model)
-        self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
-        self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
-        for name, p in self.named_parameters():
-            if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+        return MoEBlock(d_model, n_head, dropout, moe)
 
     def moe_layers(self) -> list[MoEFeedForward]:
         return [block.moe for block in self.blocks]
