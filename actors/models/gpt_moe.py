@@ -171,8 +171,3 @@ class GPTMoE(GPT):
         active = trunk + expert_params * self.top_k // self.n_expert
         L, d, T = len(self.blocks), self.wte.embedding_dim, self.seq_len
         return 6 * active + 12 * L * d * T
-
-
-def experts_per_layer_numel(model: GPTMoE) -> int:
-    """Parameters of one expert (every expert has the same shape)."""
-    return sum(p.numel() for p in model.expert_slots()[0][2].parameters())
