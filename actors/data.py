@@ -27,10 +27,10 @@ def decode_bytes(ids: list[int]) -> str:
     return bytes(ids).decode("utf-8", errors="replace")
 
 
-def byte_corpus(data: bytes, source: str) -> TokenDataset:
+def byte_corpus(data: bytes, source: str, doc_starts: np.ndarray | None = None) -> TokenDataset:
     """A text as byte tokens (vocabulary 256), decodable back to text."""
     tokens = np.frombuffer(data, dtype=np.uint8).copy()
-    return TokenDataset(tokens, VOCAB_SIZE, source, decode_bytes, encode_bytes)
+    return TokenDataset(tokens, VOCAB_SIZE, source, decode_bytes, encode_bytes, doc_starts)
 
 
 def stdlib_text(max_bytes: int = 4_000_000) -> TokenDataset:
@@ -58,7 +58,8 @@ def stdlib_text(max_bytes: int = 4_000_000) -> TokenDataset:
     if not chunks:
         raise FileNotFoundError(f"no Python source files found under {root}")
     source = f"Python {sysconfig.get_python_version()} stdlib ({root})"
-    return byte_corpus(b"".join(chunks)[:max_bytes], source)
+    starts = np.cumsum([0] + [len(c) for c in chunks[:-1]], dtype=np.int64)  # one per file
+    return byte_corpus(b"".join(chunks)[:max_bytes], source, starts)
 
 
 def text_file(

@@ -22,6 +22,7 @@ Two kinds, one per built-in task (``actors/task.py``):
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -78,6 +79,9 @@ class TokenDataset:
     # bound methods: the dataset travels to workers by pickle); None: no text.
     decoder: Callable[[list[int]], str] | None = field(default=None, compare=False)
     encoder: Callable[[str], list[int]] | None = field(default=None, compare=False)
+    # Where each source document starts (a corpus of files), if known:
+    # federated clients then hold whole documents (actors/client_data.py).
+    doc_starts: np.ndarray | None = field(default=None, compare=False)
     kind = "tokens"
 
     @property
@@ -167,6 +171,9 @@ class ArrayDataset:
     test_rows: np.ndarray
     num_classes: int
     source: str
+    # Label skew among federated clients: Dirichlet(alpha) class shares per
+    # client (actors/client_data.py); None: an IID split. data.alpha.
+    alpha: float | None = None
     kind = "labelled"
 
     @staticmethod
@@ -242,18 +249,26 @@ class ArrayDataset:
         return None
 
 
-def digits(test_fraction: float = 0.2, seed: int = 0) -> ArrayDataset:
-    """scikit-learn's bundled 8x8 digit images (1,797 of them, 10 classes), scaled to [0, 1]."""
+def digits(test_fraction: float = 0.2, seed: int = 0, alpha: float | None = None) -> ArrayDataset:
+    """scikit-learn's bundled 8x8 digit images (1,797 of them, 10 classes), scaled to [0, 1].
+
+    ``alpha``: label skew among federated clients (``ArrayDataset.alpha``).
+    """
     from sklearn.datasets import load_digits
 
     bunch = load_digits()
-    return ArrayDataset.split(
+    data = ArrayDataset.split(
         bunch.data / 16.0, bunch.target, "scikit-learn digits", test_fraction, seed
     )
+    return dataclasses.replace(data, alpha=alpha)
 
 
 def arrays(
-    path: str, x_key: str = "x", y_key: str = "y", test_fraction: float = 0.2
+    path: str,
+    x_key: str = "x",
+    y_key: str = "y",
+    test_fraction: float = 0.2,
+    alpha: float | None = None,
 ) -> ArrayDataset:
     """Features and labels from a ``.npz`` or ``.safetensors`` file (keys ``x_key``, ``y_key``).
 
@@ -283,4 +298,6 @@ def arrays(
         x, y = tensors[x_key], tensors[y_key]
     else:
         raise DataError(f"data.path: {p} is neither a .npz nor a .safetensors file")
-    return ArrayDataset.split(x, y, str(p.resolve()), test_fraction)
+    return dataclasses.replace(
+        ArrayDataset.split(x, y, str(p.resolve()), test_fraction), alpha=alpha
+    )

@@ -129,8 +129,8 @@ class DataParallelRuntime(ElasticState):
         self.engine = build_engine(
             self._engine_strategy,
             model,
-            optimizer_spec(self.spec),
-            grad_clip=self.spec.train.grad_clip,
+            self._optimizer_spec(),
+            grad_clip=self._grad_clip,
             bucket_mb=self.spec.strategy.bucket_mb,
             shard_bounds=shard_bounds,
         )
@@ -144,6 +144,15 @@ class DataParallelRuntime(ElasticState):
     def _engine_strategy(self) -> str:
         """How the engine holds the state: ``ddp`` or a ZeRO stage."""
         return self.spec.strategy.name
+
+    def _optimizer_spec(self) -> OptimizerSpec:
+        """The optimizer the engine steps with (``train.optimizer`` and its settings)."""
+        return optimizer_spec(self.spec)
+
+    @property
+    def _grad_clip(self) -> float:
+        """The engine's global-norm clip (0: none)."""
+        return self.spec.train.grad_clip
 
     def _ready_to_train(self) -> WorkerInfo:
         """The end of every epoch set-up: a per-rank random stream, and who this rank is."""
@@ -287,6 +296,7 @@ class DataParallelRuntime(ElasticState):
         ``checkpoint_done(step)``. Never raises for a store error.
         """
         lo, hi, tensors = self.engine.checkpoint_slice()
+        tensors = {**tensors, **self._extra_state(lo, hi)}
         ticket = self._saver().save(
             step, self.rank, lo, hi, tensors, torch.get_rng_state(), save_id=save_id
         )
@@ -322,6 +332,7 @@ class DataParallelRuntime(ElasticState):
         world = self.engine.world_size
         try:
             self.engine.load_state(reader.read, manifest.optimizer["step_count"])
+            self._load_extra_state(reader.read, manifest.step)
             # Old ranks' RNG states are read (and so verified) even when unused
             # at another world size: the ranks together then check every byte.
             rngs = {
@@ -338,6 +349,18 @@ class DataParallelRuntime(ElasticState):
             "bytes_read": reader.bytes_read,
             "seconds": time.perf_counter() - start,
         }
+
+    def _extra_state(self, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """More flat state of this rank's range ``[lo, hi)`` to checkpoint (none by default).
+
+        Each tensor is the ``[lo, hi)`` slice of a flat tensor the size of
+        the parameters, saved beside them (e.g. a federated server's control
+        variate).
+        """
+        return {}
+
+    def _load_extra_state(self, read: Any, step: int) -> None:
+        """Restore what ``_extra_state`` saved (``read(key, lo, hi)``), at checkpoint ``step``."""
 
     # -- reporting ----------------------------------------------------------
 

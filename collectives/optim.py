@@ -1,6 +1,6 @@
 """An optimizer over one flat tensor (the whole model for DDP, a rank's shard for ZeRO).
 
-AdamW and SGD are element-wise, so one update over a flat tensor is exactly
+AdamW, SGD and Yogi are element-wise, so one update over a flat tensor is exactly
 the per-parameter update, and a sharded run can be compared with a plain
 one-process ``torch.optim`` reference (``OptimizerSpec.build``). The flat
 update is written out here rather than run through ``torch.optim``: the
@@ -8,6 +8,11 @@ first ``torch.optim.Optimizer`` built in a process imports ``torch._dynamo``
 (1.4 s of a worker's start-up, measured), and the flat state is then plain
 tensors a checkpoint can slice. The arithmetic follows torch's single-tensor
 code path operation for operation, so both round identically.
+
+Yogi (Zaheer et al. 2018, "Adaptive methods for nonconvex optimization"),
+which FedYogi runs on the server (Reddi et al. 2021, "Adaptive federated
+optimization"), has no torch optimizer: ``OptimizerSpec.build`` refuses it,
+and its flat update is checked against an element-wise reference instead.
 
 Weight decay applies to matrices only (parameters with ``>= 2`` dims:
 linear weights and embeddings), never to biases or norm weights, as in
@@ -80,21 +85,35 @@ def _split_sizes(ranges: Sequence[tuple[int, int]], n: int) -> list[int]:
     return sizes
 
 
+# The optimizers FlatOptimizer implements.
+OPTIMIZER_NAMES = ("adamw", "sgd", "yogi")
+
+
+def _unknown(name: str) -> ValueError:
+    return ValueError(f"optimizer name must be 'adamw', 'sgd' or 'yogi', got {name!r}")
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
-    name: str = "adamw"  # adamw | sgd
+    name: str = "adamw"  # adamw | sgd | yogi
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.95
-    eps: float = 1e-8
+    eps: float = 1e-8  # adamw, yogi (FedYogi's adaptivity tau)
     momentum: float = 0.0  # sgd only
 
     def build(self, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
         """The torch optimizer this spec describes (also used by one-process references).
 
         Two parameter groups, as nanoGPT's ``configure_optimizers``: matrices
-        (``>= 2`` dims) with ``weight_decay``, the rest with none.
+        (``>= 2`` dims) with ``weight_decay``, the rest with none. Yogi raises
+        ``ValueError``: torch has no Yogi optimizer.
         """
+        if self.name == "yogi":
+            raise ValueError(
+                "optimizer 'yogi' has no torch.optim equivalent to build; "
+                "use FlatOptimizer (collectives/optim.py)"
+            )
         groups = decay_groups(params, self.weight_decay)
         # foreach=False: the single-tensor code path is the one a CPU
         # reference uses by default, so both sides round identically.
@@ -104,23 +123,34 @@ class OptimizerSpec:
             )
         if self.name == "sgd":
             return torch.optim.SGD(groups, lr=lr, momentum=self.momentum, foreach=False)
-        raise ValueError(f"optimizer name must be 'adamw' or 'sgd', got {self.name!r}")
+        raise _unknown(self.name)
 
     def state_keys(self) -> tuple[str, ...]:
         """Names of the per-element state tensors this optimizer keeps."""
-        if self.name == "adamw":
+        if self.name in ("adamw", "yogi"):
             return ("exp_avg", "exp_avg_sq")
         return ("momentum_buffer",) if self.momentum > 0 else ()
 
 
 class FlatOptimizer:
-    """AdamW or SGD over one flat fp32 tensor whose gradient is another flat tensor.
+    """AdamW, SGD or Yogi over one flat fp32 tensor whose gradient is another flat tensor.
 
     ``flat_param`` is updated in place, so views into it (model parameters)
     see every step; ``flat_grad`` is read, never written. ``decayed`` lists
     the ranges of ``flat_param`` (offsets into it) that weight decay applies
     to: ``decay_ranges(layout, lo, hi)`` for the shard ``[lo, hi)`` of a
     layout.
+
+    Yogi is the update as both papers write it (Zaheer et al. 2018 and
+    FedYogi in Reddi et al. 2021, Algorithm 2): no bias correction, and the
+    second moment starts at ``eps ** 2`` rather than 0 (FedYogi asks for
+    ``v_{-1} >= tau ** 2``, ``tau`` being ``eps`` here). Adam's bias
+    correction assumes a zero start, so it is left out rather than
+    half-applied. TFF's and TF Addons' Yogi differ on both counts (bias
+    correction, ``v`` starting at 1e-6): over the first ~``1 / (1 - beta2)``
+    steps their step sizes differ from these. As a server optimizer, pass
+    the negated average client update as the gradient (the step then moves
+    *along* the update). Weight decay is decoupled, as in AdamW.
     """
 
     def __init__(
@@ -131,8 +161,8 @@ class FlatOptimizer:
         *,
         decayed: Sequence[tuple[int, int]],
     ):
-        if spec.name not in ("adamw", "sgd"):
-            raise ValueError(f"optimizer name must be 'adamw' or 'sgd', got {spec.name!r}")
+        if spec.name not in OPTIMIZER_NAMES:
+            raise _unknown(spec.name)
         self.spec = spec
         self.param = flat_param
         self.grad = flat_grad
@@ -143,6 +173,12 @@ class FlatOptimizer:
         # Zeros from the start: torch's SGD starts its momentum buffer as a
         # copy of the first gradient, which 0 * momentum + grad equals exactly.
         self._state = {key: torch.zeros_like(flat_param) for key in spec.state_keys()}
+        if spec.name == "yogi":
+            # v_{-1} = tau^2, the least FedYogi's Algorithm 2 allows. Zero would
+            # be safe too (Yogi keeps v >= 0 from any start); the difference is
+            # a denominator near 2 tau instead of tau for coordinates whose
+            # updates stay far below tau.
+            self._state["exp_avg_sq"].fill_(spec.eps**2)
         self._steps = 0
 
     @property
@@ -154,6 +190,8 @@ class FlatOptimizer:
         self._steps += 1
         if self.spec.name == "adamw":
             self._adamw_step(lr)
+        elif self.spec.name == "yogi":
+            self._yogi_step(lr)
         else:
             self._sgd_step(lr)
 
@@ -170,6 +208,21 @@ class FlatOptimizer:
         bias_correction2_sqrt = (1 - s.beta2**step) ** 0.5
         denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(s.eps)
         param.addcdiv_(exp_avg, denom, value=-step_size)
+
+    def _yogi_step(self, lr: float) -> None:
+        s, param, grad = self.spec, self.param, self.grad
+        exp_avg, exp_avg_sq = self._state["exp_avg"], self._state["exp_avg_sq"]
+        if s.weight_decay != 0 and self._decayed_param:
+            torch._foreach_mul_(self._decayed_param, 1 - lr * s.weight_decay)
+        exp_avg.lerp_(grad, 1 - s.beta1)
+        # v -= (1 - beta2) * g^2 * sign(v - g^2): Adam's v moves a fraction of
+        # the way to g^2; Yogi's moves by a fixed share of g^2 towards it, so a
+        # run of small gradients shrinks v slowly instead of geometrically.
+        grad_sq = grad.square()
+        change = torch.sub(exp_avg_sq, grad_sq).sign_().mul_(grad_sq)
+        exp_avg_sq.sub_(change, alpha=1 - s.beta2)
+        denom = exp_avg_sq.sqrt().add_(s.eps)
+        param.addcdiv_(exp_avg, denom, value=-lr)
 
     def _sgd_step(self, lr: float) -> None:
         s, param, grad = self.spec, self.param, self.grad

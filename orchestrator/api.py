@@ -50,9 +50,9 @@ def ensure_ray(spec: JobSpec) -> None:
         # The program's standing roles (expert hosts, ...) count too.
         from orchestrator.program import program_for
 
-        _, *standing = program_for(spec).roles()
+        training, *standing = program_for(spec).roles()
         needed = int(
-            np.ceil(cl.max_workers * cl.cpus_per_worker + sum(r.count * r.cpus for r in standing))
+            np.ceil(training.maximum * training.cpus + sum(r.count * r.cpus for r in standing))
         )
         # address="local": always a new instance of our own, never a cluster
         # that happens to run on this machine.

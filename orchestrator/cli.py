@@ -51,6 +51,10 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
   strategy=moe                 with model=gpt_moe: experts on strategy.expert_hosts=N
                                actors (strategy.k_min, strategy.grace_s: how long a
                                dispatch waits), the rest data-parallel on the workers
+  strategy=federated           clients keep their data: strategy.clients=N on cluster.workers
+                               actors, strategy.per_round=K a round (one step), a server
+                               aggregates (strategy.aggregator=fedavg|fedadam|median|...);
+                               strategy.dp.noise_multiplier, strategy.secure_aggregation=true
   model=gpt_tiny|gpt_small|gpt_moe|mlp
                                gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
                                gpt_moe: + model.n_expert, model.top_k, model.capacity_factor;
@@ -78,6 +82,7 @@ examples:
   shoal run model=mlp data=digits train.eval_every=20
   shoal run strategy=pipeline strategy.stages=2 train.micro_batches=4
   shoal run model=gpt_moe strategy=moe strategy.expert_hosts=2 cluster.workers=2
+  shoal run strategy=federated model=mlp data=digits data.alpha=0.5 train.steps=30
   shoal run data=text_file data.path=book.txt data.tokenizer=bpe data.vocab_size=4096
   shoal run run_dir=runs/a resume=latest        # continue runs/a from its last checkpoint
   shoal config train.lr=1e-3                    # print every field, resolved

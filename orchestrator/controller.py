@@ -165,10 +165,11 @@ class JobController:
         return self._events.all()
 
     def scale(self, workers: int) -> int:
-        """Ask for ``workers`` workers (clamped to [min_workers, max_workers]); applied at the
-        next step boundary. Returns the new target."""
-        cl = self.spec.cluster
-        decision = decide_target(workers, cl.min_workers, cl.max_workers)
+        """Ask for ``workers`` workers (clamped to the training role's [minimum, maximum]:
+        cluster.min_workers..max_workers); applied at the next step boundary. Returns the new
+        target."""
+        role = self._program.roles()[0]
+        decision = decide_target(workers, role.minimum, role.maximum)
         self._scale_to = decision.target
         return decision.target
 
@@ -254,7 +255,7 @@ class JobController:
         members = group.admit_ready(timeout=min(START_GRACE_S, cl.start_timeout_s))
         members = group.wait_for_members(
             members,
-            cl.min_workers,
+            training.minimum,
             cl.start_timeout_s,
             on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
         )
@@ -490,7 +491,7 @@ class JobController:
             g.spawn(missing)
         members = g.wait_for_members(
             members,
-            self.spec.cluster.min_workers,
+            g.role.minimum,
             e.wait_timeout_s,
             on_wait=lambda: self._set(state=JobState.WAITING_FOR_WORKERS),
         )
@@ -567,7 +568,7 @@ class JobController:
             missing = g.target - staying - len(g.pending) - admitted
             if missing > 0:
                 g.spawn(missing)
-        return plan_drain(g.members, draining, joining, self.spec.cluster.min_workers)
+        return plan_drain(g.members, draining, joining, g.role.minimum)
 
     def _rebalance_membership(self, done: int) -> bool:
         """At a quiescent step boundary: admit placed joiners, drain workers that must go.

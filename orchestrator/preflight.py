@@ -151,15 +151,18 @@ def worker_bytes_lower_bound(numel: int, spec: JobSpec) -> int:
 
 def check_memory(numel: int, spec: JobSpec, available: int) -> None:
     """Refuse a model whose workers on this machine cannot hold even their training state."""
+    from orchestrator.program import program_for
+
     per_worker = worker_bytes_lower_bound(numel, spec)
-    needed = per_worker * spec.cluster.workers
+    workers = program_for(spec).roles()[0].count  # the training role's members
+    needed = per_worker * workers
     if needed > available:
         from orchestrator.report import human_bytes
 
         raise ConfigError(
             f"model: {numel:,} parameters need at least {human_bytes(per_worker)} per worker "
             f"(parameters, gradients and {spec.train.optimizer} state, strategy="
-            f"{spec.strategy.name}), {human_bytes(needed)} for {spec.cluster.workers} workers "
+            f"{spec.strategy.name}), {human_bytes(needed)} for {workers} workers "
             f"on this machine, but {human_bytes(available)} is available. Use a smaller model, "
             "strategy=zero3, or more machines (cluster.address)"
         )

@@ -55,6 +55,9 @@ class RoleSpec:
     # The fewest members the job runs with (None: ``count``). A standing role
     # below it waits for replacements before the job starts.
     min_count: int | None = None
+    # The most members it may grow to (None: ``count``): ``shoal scale`` and
+    # joins stay within [minimum, maximum].
+    max_count: int | None = None
     # A standing role whose members each own a range of a state space (an
     # expert host's experts): they save it with every checkpoint and load it
     # on resume, beside the training role's members.
@@ -64,11 +67,18 @@ class RoleSpec:
     def minimum(self) -> int:
         return self.count if self.min_count is None else self.min_count
 
+    @property
+    def maximum(self) -> int:
+        return self.count if self.max_count is None else self.max_count
+
 
 def training_role(
     spec: JobSpec, name: str, runtime: str, env_vars: tuple[tuple[str, str], ...] = ()
 ) -> RoleSpec:
-    """The job's training role: ``cluster.workers`` members with the cluster's resources each."""
+    """The job's training role: ``cluster.workers`` members with the cluster's resources each.
+
+    Between ``cluster.min_workers`` and ``cluster.max_workers`` as the job scales.
+    """
     cl = spec.cluster
     return RoleSpec(
         name=name,
@@ -77,6 +87,8 @@ def training_role(
         cpus=cl.cpus_per_worker,
         gpus=cl.gpus_per_worker,
         env_vars=env_vars,
+        min_count=cl.min_workers,
+        max_count=cl.max_workers,
     )
 
 

@@ -123,6 +123,9 @@ class DigitsConfig:
     # Share of the rows held out for evaluation (the same rows on every run).
     test_fraction: float = 0.2
     seed: int = 0
+    # strategy=federated: label skew among clients, Dirichlet(alpha) class
+    # shares each (0.1: a few classes per client; 100: nearly IID); null: IID.
+    alpha: float | None = None
 
 
 @dataclass
@@ -134,6 +137,8 @@ class ArraysConfig:
     x_key: str = "x"
     y_key: str = "y"
     test_fraction: float = 0.2
+    # strategy=federated: label skew among clients (as data=digits); null: IID.
+    alpha: float | None = None
 
 
 @dataclass

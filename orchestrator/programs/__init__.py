@@ -13,6 +13,7 @@ PROGRAMS = {
     "zero3": "orchestrator.programs.data_parallel:DataParallelProgram",
     "pipeline": "orchestrator.programs.pipeline:PipelineProgram",
     "moe": "orchestrator.programs.moe:MoEProgram",
+    "federated": "orchestrator.programs.federated:FederatedProgram",
 }
 
 # strategy.name -> a module with the program's own strategy fields: a
@@ -25,4 +26,5 @@ PROGRAMS = {
 CONFIGS = {
     "pipeline": "orchestrator.programs.pipeline_config",
     "moe": "orchestrator.programs.moe_config",
+    "federated": "orchestrator.programs.federated_config",
 }
