@@ -106,22 +106,22 @@ def token_windows(
 
 
 def _span_cuts(n_train: int, doc_starts: np.ndarray | None, n_clients: int) -> list[int]:
-    """``n_clients + 1`` cut points in ``[0, n_train]``: near-equal spans, at documents if any."""
+    """``n_clients + 1`` cut points in ``[0, n_train]``: near-equal spans, at documents if any.
+
+    Each inner cut moves to the document start nearest its even position if
+    one lies within half a span of it (and after the previous cut); else a
+    document longer than that is cut inside.
+    """
     even = [n_train * i // n_clients for i in range(n_clients + 1)]
     if doc_starts is None:
         return even
-    starts = np.asarray(doc_starts)
+    starts = np.asarray(doc_starts, dtype=np.int64)
     starts = starts[(starts > 0) & (starts < n_train)]
-    if len(starts) < n_clients - 1:
-        return even  # fewer documents than clients: cut inside them
-    # Each inner cut at the document start nearest the even cut, kept increasing.
+    half = n_train // (2 * n_clients)
     cuts = [0]
     for target in even[1:-1]:
-        i = int(np.clip(np.searchsorted(starts, target), 0, len(starts) - 1))
-        nearest = min(
-            (starts[j] for j in (i - 1, i) if 0 <= j < len(starts)),
-            key=lambda s: abs(int(s) - target),
-        )
-        cuts.append(max(int(nearest), cuts[-1] + 1))
+        near = starts[(np.abs(starts - target) <= half) & (starts > cuts[-1])]
+        cut = int(near[np.argmin(np.abs(near - target))]) if len(near) else target
+        cuts.append(max(cut, cuts[-1] + 1))
     cuts.append(n_train)
     return cuts

@@ -65,6 +65,9 @@ def test_token_clients_hold_whole_documents_when_the_corpus_has_them():
     assert [lo for lo, _ in spans] == [0, 150, 260]  # each span begins at a document
     for lo_hi, w in zip(spans, windows, strict=True):
         assert np.all(np.diff(w) == 8) and lo_hi[1] <= 400
+    # A document longer than a span is cut inside, rather than leaving a client nothing.
+    windows = token_windows(400, np.array([0, 90, 380]), 4, seq_len=8)
+    assert [int(w[0]) for w in windows] == [0, 90, 200, 300]
 
 
 def test_a_dataset_may_split_itself():
@@ -171,3 +174,44 @@ def test_the_server_optimizer_follows_the_aggregator():
     assert server_optimizer(_spec("strategy.aggregator=fedadam")).name == "adamw"
     assert server_optimizer(_spec("strategy.aggregator=fedyogi")).name == "yogi"
     assert server_optimizer(_spec()).weight_decay == 0.0
+
+
+# -- the server's checks and rules ----------------------------------------------
+
+
+def _server(*extra: str, numel: int = 4):
+    from types import SimpleNamespace
+
+    from actors.fed_server import FederatedServerRuntime
+
+    server = FederatedServerRuntime(_spec(*extra), 0, digits())
+    server.engine = SimpleNamespace(layout=SimpleNamespace(numel=numel))  # only its size is read
+    server.center = torch.zeros(numel)
+    return server
+
+
+def test_the_server_rejects_malformed_updates_before_they_are_used():
+    from actors.fed_clients import ClientResults
+    from actors.fed_server import RoundOutcome
+
+    server = _server("strategy.aggregator=median", "strategy.max_update_norm=10")
+    result = ClientResults(slot=0, clients=[0, 1, 2, 3, 4], samples=[5] * 5)
+    result.updates = torch.stack(
+        [
+            torch.ones(4),
+            torch.full((4,), float("nan")),
+            torch.full((4,), 100.0),  # norm 200 > 10
+            torch.ones(4) * 2,
+            torch.ones(4) * 3,
+        ]
+    )
+    partial = ClientResults(slot=1, clients=[5], samples=[5], weighted_sum=torch.ones(3))
+    out = RoundOutcome(sampled=list(range(6)))
+    for r in (result, partial):
+        server._validate(r, out)
+        out.results.append(r)
+    assert set(out.rejected) == {1, 2, 5}
+    assert "shape" in out.rejected[5] and "finite" in out.rejected[1]
+    assert out.finished == [0, 3, 4]
+    # The median of what was accepted: the bad rows never reach the rule.
+    torch.testing.assert_close(server._aggregate(out), torch.full((4,), 2.0))
