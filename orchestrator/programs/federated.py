@@ -158,8 +158,6 @@ class FederatedProgram(TrainingProgram):
             f"{last.get('clients_sampled', 0)} finished"
         )
         summary = [line]
-        if "accuracy" in last:
-            summary.append(f"  accuracy    {last['accuracy']:.4f} (held-out)")
         if "epsilon" in last:
             summary.append(
                 f"  privacy     (epsilon {last['epsilon']:.3f}, delta {last['delta']:g}), "
@@ -170,5 +168,9 @@ class FederatedProgram(TrainingProgram):
             f"  so far      {t['dropped']} dropped, {t['late']} late, {t['rejected']} rejected, "
             f"{t['errors']} client errors, {t['retries']} round retries"
         )
+        for slot in range(self.spec.cluster.workers):
+            pid = self._pids.get(slot) if slot in self.actors else None
+            state = f"pid {pid}" if pid else "down (being replaced)"
+            summary.append(f"  actor {slot}     {self._hosted(slot)} clients, {state}")
         fields["summary"] = summary
         return {"program": fields}
