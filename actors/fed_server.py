@@ -58,6 +58,8 @@ from collectives.fed_aggregation import (
 from collectives.optim import OptimizerSpec
 from orchestrator.programs.federated_config import ROBUST, min_results
 
+VOLUNTEERS = -1  # the "slot" of the volunteers' results in a round
+
 
 class RoundFailedError(RuntimeError):
     """A round that got too few results after every retry."""
@@ -116,6 +118,7 @@ class FederatedServerRuntime(DataParallelRuntime):
     def __init__(self, spec, worker_id: int, data: Any):
         super().__init__(spec, worker_id, data)
         self._client_errors = 0
+        self._gateway: Any = None
         self.control: torch.Tensor | None = None  # scaffold's server control variate c
         self.center: torch.Tensor | None = None  # centered_clip's centre: the last aggregate
         self.accountant = None
@@ -170,8 +173,12 @@ class FederatedServerRuntime(DataParallelRuntime):
 
     # -- a round ------------------------------------------------------------
 
-    def train_round(self, step: int, lr: float, actors: dict[int, Any]) -> RoundResult:
-        """Round ``step`` with the live client actors ``{slot: handle}``."""
+    def train_round(
+        self, step: int, lr: float, actors: dict[int, Any], gateway: Any = None
+    ) -> RoundResult:
+        """Round ``step`` with the live client actors ``{slot: handle}`` (and the volunteer
+        gateway's handle, if the job has one)."""
+        self._gateway = gateway
         st = self.spec.strategy
         start = time.perf_counter()
         need = min_results(st)
@@ -228,6 +235,8 @@ class FederatedServerRuntime(DataParallelRuntime):
         if st.secure_aggregation:
             return "secure"
         each = st.aggregator in ROBUST or st.dp.noise_multiplier > 0 or st.max_update_norm
+        # Volunteers' updates are judged one by one, so everyone's are.
+        each = each or self.spec.gateway.enabled
         return "each" if each else "sum"
 
     def _attempt(
@@ -238,7 +247,10 @@ class FederatedServerRuntime(DataParallelRuntime):
         out = RoundOutcome(sampled=sampled)
         n_actors = self.spec.cluster.workers
         by_slot: dict[int, list[int]] = {}
+        to_volunteers = self._volunteer_work(step, sampled)
         for c in sampled:
+            if c in to_volunteers.values():
+                continue
             if c % n_actors in live:
                 by_slot.setdefault(c % n_actors, []).append(c)
             else:
@@ -256,6 +268,12 @@ class FederatedServerRuntime(DataParallelRuntime):
                 step, params, clients, lr, mode, control, shares.get(slot)
             )
             refs[ref] = slot
+        if to_volunteers:
+            ref = self._gateway.train_clients.remote(
+                step, params, to_volunteers, lr, st.max_update_norm
+            )
+            refs[ref] = VOLUNTEERS
+            by_slot[VOLUNTEERS] = list(to_volunteers.values())
         deadline = time.monotonic() + (st.round_deadline_s or self.spec.elastic.step_timeout_s)
         pending = list(refs)
         while pending:
@@ -266,6 +284,10 @@ class FederatedServerRuntime(DataParallelRuntime):
             slot = refs[ready[0]]
             try:
                 result: ClientResults = ray.get(ready[0])
+                if slot == VOLUNTEERS:
+                    result = self._spot_check(step, lr, params, control, live, *result)
+                    answered = set(result.clients) | set(result.rejected)
+                    out.dropped += [c for c in to_volunteers.values() if c not in answered]
             except ray.exceptions.RayTaskError as e:  # our client runtime itself failed
                 out.errors.update({c: str(e)[-2000:] for c in by_slot[slot]})
                 continue
@@ -285,6 +307,69 @@ class FederatedServerRuntime(DataParallelRuntime):
         if secure is not None:
             self._secure_finish(secure, out, live)
         return out
+
+    # -- volunteers ----------------------------------------------------------
+
+    def _volunteer_work(self, step: int, sampled: list[int]) -> dict[str, int]:
+        """``{volunteer: client}``: sampled clients whose work the ready volunteers take over.
+
+        A volunteer computes exactly what the client's actor would (the same
+        rows, seed and global model), so the round's result does not depend
+        on who computed it, and a trusted actor can check it.
+        """
+        if self._gateway is None:
+            return {}
+        try:
+            ready = ray.get(self._gateway.ready.remote(), timeout=10)
+        except ray.exceptions.RayError:
+            return {}  # the gateway is being replaced: this round runs without volunteers
+        order = np.random.default_rng([self.spec.train.seed, step, 0x7E]).permutation(sampled)
+        return {v: int(c) for v, c in zip(ready, order, strict=False)}
+
+    def _spot_check(
+        self,
+        step: int,
+        lr: float,
+        params: Any,
+        control: Any,
+        live: dict[int, Any],
+        result: ClientResults,
+        by_client: dict[int, str],
+    ) -> ClientResults:
+        """Recompute a share of the volunteers' updates on trusted client actors.
+
+        The share of volunteer ``v`` falls as it passes checks (the gateway's
+        ``spot_check_share``). A mismatch bans the volunteer, and the trusted
+        update replaces its result. Honest results earn credit.
+        """
+        import random
+
+        g = self.spec.gateway
+        rng = random.SystemRandom()  # unpredictable: a volunteer must not know when it is checked
+        n_actors = self.spec.cluster.workers
+        for i, client in enumerate(result.clients):
+            volunteer = by_client[client]
+            share = ray.get(self._gateway.spot_check_share.remote(volunteer))
+            slot = client % n_actors
+            if slot not in live or rng.random() >= share:
+                self._gateway.credit.remote(volunteer, 1.0)
+                continue
+            trusted: ClientResults = ray.get(
+                live[slot].train.remote(step, params, [client], lr, "each", control)
+            )
+            if trusted.updates is None:  # the trusted side failed: no verdict
+                continue
+            mine, truth = result.updates[i], trusted.updates[0]
+            diff = float(torch.linalg.vector_norm(mine - truth))
+            rel = diff / (float(torch.linalg.vector_norm(truth)) + 1e-12)
+            passed = rel <= g.spot_check_rtol
+            reason = f"round {step}, client {client}: relative difference {rel:.3g}"
+            self._gateway.record_check.remote(volunteer, passed, reason)
+            if passed:
+                self._gateway.credit.remote(volunteer, 1.0)
+            else:
+                result.updates[i] = truth  # the trusted update counts instead
+        return result
 
     def _validate(self, result: ClientResults, out: RoundOutcome) -> None:
         """Check every update before it can touch the model; reject what fails."""
@@ -380,6 +465,13 @@ class FederatedServerRuntime(DataParallelRuntime):
         if self.accountant is not None:
             fields["epsilon"] = round(self.accountant.epsilon(), 4)
             fields["delta"] = self.accountant.delta
+        volunteers = [r for r in out.results if r.slot == VOLUNTEERS]
+        if self._gateway is not None:
+            fields["volunteer_results"] = sum(len(r.clients) for r in volunteers)
+            try:
+                fields["volunteers"] = ray.get(self._gateway.volunteers.remote(), timeout=10)
+            except ray.exceptions.RayError:
+                pass  # being replaced: the status keeps the last list
         last = step + 1 == t.steps
         if t.eval_every == 0 or (step + 1) % t.eval_every == 0 or last:
             fields["eval"] = eval_metrics([self.evaluate([(0, t.global_batch)])])

@@ -48,9 +48,9 @@ def ensure_ray(spec: JobSpec) -> None:
         # workers then share cores (slower) rather than wait forever, and
         # `shoal scale` can grow the job up to its maximum.
         # The program's standing roles (expert hosts, ...) count too.
-        from orchestrator.program import program_for
+        from orchestrator.program import job_roles, program_for
 
-        training, *standing = program_for(spec).roles()
+        training, *standing = job_roles(program_for(spec))
         needed = int(
             np.ceil(training.maximum * training.cpus + sum(r.count * r.cpus for r in standing))
         )

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import checkpoints_cli
+from orchestrator import checkpoints_cli, volunteer_cli
 
 if TYPE_CHECKING:
     import psutil
@@ -141,6 +141,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("workers", type=int, help="the new number of workers")
     sc.add_argument("--address", default="auto", help="the job's Ray cluster (default: auto)")
     checkpoints_cli.add_parser(sub)
+    volunteer_cli.add_parser(sub)
     return p
 
 
@@ -169,6 +170,8 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return cmd_status(args.run_dir, Path(args.runs))
     if args.command == "checkpoints":
         return checkpoints_cli.run(args)
+    if args.command == "volunteer":
+        return volunteer_cli.main(args)
     if args.command == "scale":
         return cmd_scale(args.job, args.workers, args.address)
     parser.print_help()

@@ -50,7 +50,7 @@ from orchestrator.policies import (
     transition,
 )
 from orchestrator.preflight import fresh_root_problem, nothing_left, resume_mismatch
-from orchestrator.program import TrainingProgram, program_for
+from orchestrator.program import TrainingProgram, job_roles, program_for
 from orchestrator.reporter import RunReporter
 from orchestrator.schedule import lr_at
 from orchestrator.spec import ConfigError, JobSpec
@@ -228,7 +228,7 @@ class JobController:
         (``orchestrator/standing_roles.py``), seated before the first epoch.
         """
         cl = self.spec.cluster
-        training, *standing = self._program.roles()
+        training, *standing = job_roles(self._program)
         make = self._group_factory
         group = make(self.spec, self._program, training, self._data_ref, 0, self._events)
         self._group = group

@@ -246,6 +246,25 @@ class TrainingProgram(ABC):
         return {}
 
 
+GATEWAY_ROLE = "gateway"
+GATEWAY_RUNTIME = "actors.gateway_actor:GatewayRuntime"
+
+
+def job_roles(program: TrainingProgram) -> list[RoleSpec]:
+    """Every role of a job: the program's, then (``gateway.enabled``) the volunteer gateway.
+
+    The gateway is a standing role of any program: one actor serving
+    volunteers over gRPC. The program learns of it through
+    ``standing_changed`` and decides what volunteers do.
+    """
+    roles = program.roles()
+    if program.spec.gateway.enabled:
+        roles.append(
+            RoleSpec(name=GATEWAY_ROLE, runtime=GATEWAY_RUNTIME, count=1, cpus=0.5, gpus=0)
+        )
+    return roles
+
+
 def common_record(
     step: int, lr: float, losses: Sequence[Any], results: Sequence[Any], step_time_s: float
 ) -> dict[str, Any]:

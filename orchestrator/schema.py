@@ -283,6 +283,33 @@ class ElasticConfig:
 
 
 @dataclass
+class GatewayJobConfig:
+    """Volunteers outside the Ray cluster, over gRPC (``actors/gateway_actor.py``)."""
+
+    enabled: bool = False
+    # Where the gateway listens; volunteers connect out to it (TLS, a token each).
+    host: str = "0.0.0.0"
+    port: int = 7443
+    # The gateway's certificate, key and the CA volunteers verify it with;
+    # null: a CA made for this run under <run_dir>/gateway (ca.pem to hand out).
+    cert: str | None = None
+    key: str | None = None
+    ca: str | None = None
+    # A volunteer silent this long is lost (its work is a dropout).
+    heartbeat_timeout_s: float = 5.0
+    # How long a volunteer's work item may take before it is given up on.
+    work_deadline_s: float = 30.0
+    # Spot checks: a share of each volunteer's results is recomputed on a
+    # trusted actor; the share falls as 1 / (1 + its valid results), never
+    # below spot_check_min (BOINC's adaptive replication). A mismatch bans it.
+    spot_check_min: float = 0.1
+    # Relative L2 difference a recomputed result may have (other hardware
+    # rounds differently), past which the volunteer's result is wrong.
+    spot_check_rtol: float = 1e-3
+    max_volunteers: int = 64
+
+
+@dataclass
 class JobConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -295,6 +322,7 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     storage: StorageConfig = field(default_factory=StorageConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
+    gateway: GatewayJobConfig = field(default_factory=GatewayJobConfig)
     # null: ./runs/<job-id>
     run_dir: str | None = None
     # null: start fresh. "latest": the newest committed checkpoint under

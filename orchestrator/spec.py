@@ -50,6 +50,8 @@ class JobSpec:
 
     config: JobConfig
     job_id: str
+    # What it was composed from: how `submit(spec, address=...)` sends it to a cluster.
+    overrides: list[str] = dataclasses.field(default_factory=list)
 
     # -- construction -------------------------------------------------------
 
@@ -59,7 +61,7 @@ class JobSpec:
     ) -> JobSpec:
         """Compose ``configs/job.yaml`` with Hydra-style ``overrides`` and validate the result."""
         cfg = compose(list(overrides or []))
-        spec = cls(config=cfg, job_id=job_id or new_job_id())
+        spec = cls(config=cfg, job_id=job_id or new_job_id(), overrides=list(overrides or []))
         spec._resolve_paths()
         validate(spec.config)
         return spec
@@ -84,7 +86,7 @@ class JobSpec:
 
     def __getattr__(self, name: str) -> Any:
         # spec.train.steps reads as spec.config.train.steps.
-        if name.startswith("_") or name in ("config", "job_id"):
+        if name.startswith("_") or name in ("config", "job_id", "overrides"):
             raise AttributeError(name)
         return getattr(self.config, name)
 
@@ -280,6 +282,8 @@ def validate(c: JobConfig) -> None:
     _check(e.wait_timeout_s > 0, "elastic.wait_timeout_s", "> 0", e.wait_timeout_s)
     _check(e.max_failures >= 0, "elastic.max_failures", ">= 0", e.max_failures)
 
+    _validate_gateway(c)
+
     ck = c.checkpoint
     _check(ck.every >= 0, "checkpoint.every", ">= 0 (0: only at the end)", ck.every)
     _check(ck.keep >= 1, "checkpoint.keep", ">= 1", ck.keep)
@@ -296,6 +300,31 @@ def validate(c: JobConfig) -> None:
         c.resume,
     )
     _validate_targets(c)
+
+
+def _validate_gateway(c: JobConfig) -> None:
+    g = c.gateway
+    if not g.enabled:
+        return
+    _check(
+        c.strategy.name == "federated",
+        "gateway.enabled",
+        "used with strategy=federated (volunteers train as clients); volunteers hosting experts "
+        "for strategy=moe are not built yet",
+        c.strategy.name,
+    )
+    _check(0 <= g.port <= 65535, "gateway.port", "a TCP port (0: any free one)", g.port)
+    given = [x is not None for x in (g.cert, g.key, g.ca)]
+    _check(
+        all(given) or not any(given),
+        "gateway.cert / gateway.key / gateway.ca",
+        "all three paths or none (none: a CA made for this run)",
+        [g.cert, g.key, g.ca],
+    )
+    for name in ("heartbeat_timeout_s", "work_deadline_s", "spot_check_rtol"):
+        _check(getattr(g, name) > 0, f"gateway.{name}", "> 0", getattr(g, name))
+    _check(0 <= g.spot_check_min <= 1, "gateway.spot_check_min", "in [0, 1]", g.spot_check_min)
+    _check(g.max_volunteers >= 1, "gateway.max_volunteers", ">= 1", g.max_volunteers)
 
 
 def _check_finite(node: Any, path: str = "") -> None:

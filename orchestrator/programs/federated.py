@@ -17,10 +17,12 @@ every later round's work item carries the new actor.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from typing import Any
 
 from orchestrator.program import (
+    GATEWAY_ROLE,
     Capacity,
     RoleSpec,
     StateSpace,
@@ -47,6 +49,7 @@ _ROUND_FIELDS = (
     "rejected",
     "epsilon",
     "delta",
+    "volunteer_results",
 )
 
 
@@ -56,7 +59,9 @@ class FederatedProgram(TrainingProgram):
     def __init__(self, spec):
         super().__init__(spec)
         self.actors: dict[int, Any] = {}  # slot -> the live client actor's handle
+        self.gateway: Any = None  # the volunteer gateway's handle (gateway.enabled)
         self._pids: dict[int, int] = {}
+        self._volunteers: list[dict[str, Any]] = []  # as the gateway last reported them
         self._last: dict[str, Any] = {}
         self._totals = {"dropped": 0, "late": 0, "rejected": 0, "errors": 0, "retries": 0}
 
@@ -83,6 +88,9 @@ class FederatedProgram(TrainingProgram):
         return (index, self.spec.cluster.workers)
 
     def standing_changed(self, role: str, members: Sequence[Any]) -> None:
+        if role == GATEWAY_ROLE:
+            self.gateway = members[0].handle if members else None
+            return
         self.actors = {m.rank: m.handle for m in members}
         self._pids = {m.rank: m.pid for m in members}
 
@@ -101,7 +109,7 @@ class FederatedProgram(TrainingProgram):
     def work_items(self, step: int, lr: float) -> list[WorkItem]:
         # Clients train at strategy.client_lr; the controller's lr (train.lr's schedule) is unused.
         lr = self.spec.strategy.client_lr
-        return [WorkItem("train_round", (step, lr, dict(self.actors)))]
+        return [WorkItem("train_round", (step, lr, dict(self.actors), self.gateway))]
 
     def observe(self, results: list[Any]) -> None:
         return None
@@ -114,6 +122,8 @@ class FederatedProgram(TrainingProgram):
         record.update({k: fed[k] for k in _ROUND_FIELDS if k in fed})
         record.update(fed.get("eval", {}))
         self._last = {**fed, **fed.get("eval", {})}
+        if "volunteers" in fed:
+            self._volunteers = fed["volunteers"]
         for key, field in (
             ("dropped", "clients_dropped"),
             ("late", "clients_late"),
@@ -172,5 +182,21 @@ class FederatedProgram(TrainingProgram):
             pid = self._pids.get(slot) if slot in self.actors else None
             state = f"pid {pid}" if pid else "down (being replaced)"
             summary.append(f"  actor {slot}     {self._hosted(slot)} clients, {state}")
+        if self.spec.gateway.enabled:
+            fields["volunteers"] = self._volunteers
+            summary.append(f"  volunteers  {len(self._volunteers)} seen (gateway)")
+            for v in self._volunteers:
+                state = (
+                    f"banned ({v['banned']})"
+                    if v["banned"]
+                    else ("connected" if v["connected"] else "gone")
+                )
+                since = v.get("connected_since")
+                since_text = time.strftime("%H:%M:%S", time.localtime(since)) if since else "-"
+                summary.append(
+                    f"    {v['name']:<12} {v['role'] or '-'}, {state} since {since_text}, "
+                    f"work done {v['work_done']}, rejected {v['work_rejected']}, "
+                    f"credit {v['credit']:g}"
+                )
         fields["summary"] = summary
         return {"program": fields}

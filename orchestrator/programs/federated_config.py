@@ -165,6 +165,11 @@ def check(c: Any) -> None:
                 "strategy.min_results: secure aggregation needs at least 2 results per round "
                 "(a sum of one is that client's update)"
             )
+    if c.gateway.enabled and st.secure_aggregation:
+        raise ConfigError(
+            "strategy.secure_aggregation: volunteers' updates are each validated and "
+            "spot-checked, which masking would hide; turn one of them off (gateway.enabled)"
+        )
     cl = c.cluster
     if cl.min_workers not in (None, cl.workers) or cl.max_workers not in (None, cl.workers):
         raise ConfigError(
