@@ -55,6 +55,8 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
                                actors, strategy.per_round=K a round (one step), a server
                                aggregates (strategy.aggregator=fedavg|fedadam|median|...);
                                strategy.dp.noise_multiplier, strategy.secure_aggregation=true
+  gateway.enabled=true         volunteers outside the cluster join over gRPC (TLS, tokens:
+                               shoal volunteer token create --run runs/JOB --name alice)
   model=gpt_tiny|gpt_small|gpt_moe|mlp
                                gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
                                gpt_moe: + model.n_expert, model.top_k, model.capacity_factor;
