@@ -231,8 +231,14 @@ def load_data(spec: JobSpec):
     return data
 
 
-def submit(spec: JobSpec) -> JobHandle:
+def submit(spec: JobSpec, address: str | None = None) -> JobHandle:
     """Start ``spec`` in the background and return its handle.
+
+    With ``address`` (a Ray cluster's dashboard, ``http://HEAD:8265``) the job
+    is submitted to that cluster's job service instead, as ``shoal submit``
+    does, and the handle answers through it (``orchestrator/remote_jobs.py``);
+    ``spec`` must then come from ``JobSpec.from_overrides``, whose overrides
+    are what is sent.
 
     Raises ``ConfigError`` (before Ray starts, where the information
     allows) if the run folder is owned by another live run, the checkpoint
@@ -241,6 +247,10 @@ def submit(spec: JobSpec) -> JobHandle:
     changes nothing in the run folder. Everything that goes wrong after the
     job has started is reported by ``JobHandle.status()``.
     """
+    if address is not None:
+        from orchestrator.remote_jobs import submit_remote
+
+        return submit_remote(spec, address)
     submitted_at = time.time()
     lock = RunFolderLock(spec.run_dir, spec.job_id)
     lock.acquire()
@@ -274,7 +284,11 @@ def submit(spec: JobSpec) -> JobHandle:
     except BaseException:
         lock.release()
         raise
-    return JobHandle(spec, controller, run_ref, lock)
+    handle = JobHandle(spec, controller, run_ref, lock)
+    # Owned here for as long as the handle lives: a controller that Ray restarts
+    # (orchestrator/restart.py) gets the same reference again, and only the owner keeps it.
+    handle.data_ref = data_ref
+    return handle
 
 
 def run(spec: JobSpec, poll_s: float = 1.0) -> JobStatus:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from orchestrator import checkpoints_cli, volunteer_cli
+from orchestrator import checkpoints_cli, jobs_cli, volunteer_cli
 
 if TYPE_CHECKING:
     import psutil
@@ -126,9 +126,14 @@ def _parser() -> argparse.ArgumentParser:
     st = sub.add_parser(
         "status",
         help="show the state of runs (from their run folders)",
-        description="Without arguments, list the runs under ./runs; with a run folder, show it.",
+        description=(
+            "Without arguments, list the runs under ./runs; with a run folder (or the id of a "
+            "run under ./runs), show it; with the id of a job submitted by `shoal submit`, ask "
+            "its cluster's job service (--address)."
+        ),
     )
-    st.add_argument("run_dir", nargs="?", help="a run folder (default: list ./runs)")
+    st.add_argument("run_dir", nargs="?", help="a run folder, or a job id (default: list ./runs)")
+    st.add_argument("--address", help="for a submitted job: " + jobs_cli.ADDRESS_HELP)
     st.add_argument("--runs", default="runs", help="where to look for runs (default ./runs)")
     sc = sub.add_parser(
         "scale",
@@ -143,6 +148,7 @@ def _parser() -> argparse.ArgumentParser:
     sc.add_argument("workers", type=int, help="the new number of workers")
     sc.add_argument("--address", default="auto", help="the job's Ray cluster (default: auto)")
     checkpoints_cli.add_parser(sub)
+    jobs_cli.add_parsers(sub)
     volunteer_cli.add_parser(sub)
     return p
 
@@ -169,9 +175,11 @@ def _dispatch(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if args.command == "config":
         return cmd_config(args.overrides)
     if args.command == "status":
-        return cmd_status(args.run_dir, Path(args.runs))
+        return cmd_status(args.run_dir, Path(args.runs), args.address)
     if args.command == "checkpoints":
         return checkpoints_cli.run(args)
+    if args.command in ("submit", "jobs"):
+        return jobs_cli.run(args)
     if args.command == "volunteer":
         return volunteer_cli.main(args)
     if args.command == "scale":
@@ -544,15 +552,25 @@ def scale_message(job_id: str, asked: int, target: int) -> str:
     )
 
 
-def cmd_status(run_dir: str | None, runs_root: Path) -> int:
+def cmd_status(run_dir: str | None, runs_root: Path, address: str | None = None) -> int:
     """One run folder in full, or a table of the newest runs under ``runs_root``.
 
     A folder whose ``status.json`` cannot be used is one line naming the
     path and the problem (exit 1 for a single folder); in the table, the
-    other runs are still shown.
+    other runs are still shown. A name that is no folder here (nor under
+    ``runs_root``), and no path, is a submitted job's id: its cluster's job service answers.
     """
     from orchestrator.status import StatusError, load_status
 
+    if run_dir and not Path(run_dir).exists() and "/" not in run_dir:
+        if (runs_root / run_dir).is_dir():
+            run_dir = str(runs_root / run_dir)
+        else:
+            return jobs_cli.run(
+                argparse.Namespace(
+                    command="jobs", jobs_command="status", job=run_dir, address=address
+                )
+            )
     if run_dir:
         try:
             print(_status_text(load_status(Path(run_dir)), Path(run_dir) / "status.json"))

@@ -36,6 +36,7 @@ from collectives.flat import tied_aliases
 from orchestrator.checkpoint_committer import CheckpointCommitter
 from orchestrator.constants import CHECKPOINT_CALL_S, PIPELINE_DEPTH, START_GRACE_S
 from orchestrator.events import EventLog
+from orchestrator.metrics_export import MetricsExporter
 from orchestrator.node_drain import DrainDecision, DrainingNodes, on_draining_nodes, plan_drain
 from orchestrator.policies import (
     RecoverySource,
@@ -52,6 +53,7 @@ from orchestrator.policies import (
 from orchestrator.preflight import fresh_root_problem, nothing_left, resume_mismatch
 from orchestrator.program import TrainingProgram, job_roles, program_for
 from orchestrator.reporter import RunReporter
+from orchestrator.restart import after_restart
 from orchestrator.schedule import lr_at
 from orchestrator.spec import ConfigError, JobSpec
 from orchestrator.standing_roles import StandingRoles
@@ -95,6 +97,9 @@ class JobController:
         program: TrainingProgram | None = None,
         data_fingerprint: str | None = None,
     ):
+        # Restarted by Ray (its process or node lost): continue from the last committed step.
+        restart = after_restart(spec)
+        spec = restart.spec if restart is not None else spec
         self.spec = spec
         # Wrapped in a list so Ray passes the reference, not the array, to us:
         # the controller never holds the data, it hands the reference to workers.
@@ -141,6 +146,9 @@ class JobController:
         self._submitted_at = submitted_at or self._started
         if ray_ready_s is not None:
             self._status.startup_s["ray"] = round(ray_ready_s, 3)
+        if restart is not None:
+            restart.carry_over(self._status, self._events)
+        self._metrics = MetricsExporter(spec.job_id)  # ray.util.metrics, tagged by job_id
         self._phase("controller")
         self._write_status()
 
@@ -705,6 +713,7 @@ class JobController:
                 )
             fields["checkpoint_drain_s"] = round(time.perf_counter() - drain_start, 5)
         self._reporter.amend_last(step, fields)
+        self._metrics.checkpoint(fields)
         self._reporter.plot_soon()
 
     def _checkpoint_committer(self, store: ObjectStore) -> CheckpointCommitter:
@@ -887,6 +896,7 @@ class JobController:
             for key in ("eval_loss", "accuracy", "perplexity"):
                 if key in record:
                     setattr(self._status, key, record[key])
+            self._metrics.step(record, self._status)
         if done % self.spec.train.log_every == 0 or done == self.spec.train.steps:
             self._write_status()
 
@@ -935,6 +945,20 @@ class JobController:
         return f"{type(e).__name__}: {first} (traceback in {path})"
 
 
+# How often Ray restarts a lost controller (and re-sends its pending ``run()``), per job.
+CONTROLLER_RESTARTS = 3
+
+
 def controller_actor_class():
-    """The Ray actor class, created lazily so importing this module does not need Ray started."""
-    return ray.remote(num_cpus=0, max_concurrency=8, max_restarts=0)(JobController)
+    """The Ray actor class, created lazily so importing this module does not need Ray started.
+
+    Restartable: a controller lost with its process or node takes its members
+    with it (it owns them), and Ray starts it again; ``orchestrator/restart.py``
+    says how the new one continues, and why this beats re-submitting the job.
+    """
+    return ray.remote(
+        num_cpus=0,
+        max_concurrency=8,
+        max_restarts=CONTROLLER_RESTARTS,
+        max_task_retries=CONTROLLER_RESTARTS,
+    )(JobController)

@@ -231,11 +231,12 @@ def test_rayjob_spec(rayjob):
 def test_rayjob_entrypoint_runs_shoal_on_the_cluster(rayjob):
     spec = rayjob["spec"]
     entrypoint = spec["entrypoint"]
-    assert entrypoint.startswith("shoal run ")
+    # What `shoal submit` packages: the job driver, which runs on the cluster it is in.
+    assert entrypoint.startswith("python -m orchestrator.job_driver ")
     # The entrypoint runs in a shell: a placeholder like <bucket> would be a redirection.
     assert not set("<>|;&`$") & set(entrypoint), entrypoint
-    overrides = dict(arg.split("=", 1) for arg in shlex.split(entrypoint)[2:] if "=" in arg)
-    assert overrides.get("cluster.address") == "auto"
+    overrides = dict(arg.split("=", 1) for arg in shlex.split(entrypoint)[3:] if "=" in arg)
+    assert "cluster.address" not in overrides
     assert overrides.get("checkpoint.uri", "").startswith("s3://")
 
     lo, hi = int(overrides["cluster.min_workers"]), int(overrides["cluster.max_workers"])
