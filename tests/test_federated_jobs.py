@@ -16,12 +16,13 @@ import os
 import signal
 import time
 
+import pytest
 import torch
 
 from actors.datasets import digits
 from actors.task import build_model, make_task
 from orchestrator import JobSpec, JobState, submit
-from tests.reference import final_params, flat_params, run_job
+from tests.reference import JobRun, final_params, flat_params, run_job, run_jobs, succeeded
 
 ATOL = 1e-5
 FED_JOB = [
@@ -66,11 +67,51 @@ def gradient_descent_reference(spec: JobSpec, rounds: int) -> torch.Tensor:
     return flat_params(model)
 
 
-def test_fedavg_is_gradient_descent_on_the_union_across_a_resume(ray_session, tmp_path):
-    first = _spec(tmp_path, "a", *EXACT, "train.steps=2", "cluster.workers=2")
-    run_job(first)
+FAULTY = [
+    "data._target_=tests.fed_faults.digits_with_faulty_clients",
+    "+data.clients=6",
+    "+data.nan_client=1",
+    "+data.raising_client=4",
+    "strategy.clients=6",
+    "strategy.per_round=6",
+    "strategy.min_results=3",
+    "train.steps=2",
+    "cluster.workers=2",
+]
+
+
+@pytest.fixture(scope="module")
+def independent_jobs(ray_session, tmp_path_factory) -> dict[str, JobRun]:
+    """This module's jobs that need no other job, run ``AT_ONCE`` at a time; each test below
+    checks its own."""
+    tmp_path = tmp_path_factory.mktemp("federated")
+    specs = {
+        "first": _spec(tmp_path, "a", *EXACT, "train.steps=2", "cluster.workers=2"),
+        "secure": _spec(
+            tmp_path, "secure", *EXACT, "train.steps=3", "strategy.secure_aggregation=true"
+        ),
+        # Client 4 raises: by default the job fails, and says which client and why.
+        "raise": _spec(tmp_path, "raise", *FAULTY),
+        # Tolerated: the raising client is dropped, the NaN client's update rejected.
+        "tolerate": _spec(tmp_path, "tolerate", *FAULTY, "strategy.max_client_errors=10"),
+        "deadline": _spec(
+            tmp_path,
+            "deadline",
+            "strategy.clients=4",
+            "strategy.per_round=4",
+            "strategy.round_deadline_s=0.001",
+            "strategy.round_retries=1",
+            "strategy.local_epochs=20",
+            "train.steps=3",
+        ),
+    }
+    return dict(zip(specs, run_jobs(*specs.values(), check=False), strict=True))
+
+
+def test_fedavg_is_gradient_descent_on_the_union_across_a_resume(independent_jobs):
+    first = succeeded(independent_jobs["first"]).spec
     resumed = _spec(
-        tmp_path,
+        first.run_dir.parent,
         "a",
         *EXACT,
         "train.steps=5",
@@ -87,11 +128,10 @@ def test_fedavg_is_gradient_descent_on_the_union_across_a_resume(ray_session, tm
     assert all("accuracy" in r for r in records)
 
 
-def test_secure_aggregation_sums_what_plain_averaging_sums(ray_session, tmp_path):
+def test_secure_aggregation_sums_what_plain_averaging_sums(independent_jobs):
     """The same rounds through pairwise masks: the server only ever unmasks the sum, which
     decodes to the plain weighted sum up to the fixed-point step (2^-24 per summand)."""
-    spec = _spec(tmp_path, "secure", *EXACT, "train.steps=3", "strategy.secure_aggregation=true")
-    run_job(spec)
+    spec = succeeded(independent_jobs["secure"]).spec
     expected = gradient_descent_reference(spec, 3)
     torch.testing.assert_close(final_params(spec), expected, atol=1e-4, rtol=0)
 
@@ -144,26 +184,11 @@ def test_a_killed_client_actor_is_a_dropout(ray_session, tmp_path):
     assert records[-1]["clients_finished"] == 9  # the replacement serves its clients again
 
 
-def test_faulty_clients_are_rejected_or_fail_the_job(ray_session, tmp_path):
-    faulty = [
-        "data._target_=tests.fed_faults.digits_with_faulty_clients",
-        "+data.clients=6",
-        "+data.nan_client=1",
-        "+data.raising_client=4",
-        "strategy.clients=6",
-        "strategy.per_round=6",
-        "strategy.min_results=3",
-        "train.steps=2",
-        "cluster.workers=2",
-    ]
-    # Client 4 raises: by default the job fails, and says which client and why.
-    spec = _spec(tmp_path, "raise", *faulty)
-    status = submit(spec).wait(timeout=200)
+def test_faulty_clients_are_rejected_or_fail_the_job(independent_jobs):
+    status = independent_jobs["raise"].status
     assert status.state == JobState.FAILED
     assert "client 4 raised" in status.error and "out of bounds" in status.error, status.error
-    # Tolerated: the raising client is dropped, the NaN client's update rejected.
-    spec = _spec(tmp_path, "tolerate", *faulty, "strategy.max_client_errors=10")
-    _, status = run_job(spec)
+    spec = succeeded(independent_jobs["tolerate"]).spec
     records = _metrics(spec)
     assert all(r["clients_rejected"] == 1 and r["client_errors"] == 1 for r in records)
     assert all(r["clients_finished"] == 4 for r in records)
@@ -171,18 +196,8 @@ def test_faulty_clients_are_rejected_or_fail_the_job(ray_session, tmp_path):
     assert torch.isfinite(final_params(spec)).all()
 
 
-def test_a_round_that_keeps_missing_its_deadline_fails_the_job(ray_session, tmp_path):
-    spec = _spec(
-        tmp_path,
-        "deadline",
-        "strategy.clients=4",
-        "strategy.per_round=4",
-        "strategy.round_deadline_s=0.001",
-        "strategy.round_retries=1",
-        "strategy.local_epochs=20",
-        "train.steps=3",
-    )
-    status = submit(spec).wait(timeout=200)
+def test_a_round_that_keeps_missing_its_deadline_fails_the_job(independent_jobs):
+    status = independent_jobs["deadline"].status
     assert status.state == JobState.FAILED
     assert "round 0: too few results after 2 attempts" in status.error, status.error
     assert "late" in status.error

@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import time
-from typing import NamedTuple
 
 import pytest
 import torch
 
 from actors.data import stdlib_text
 from orchestrator import JobSpec, JobState, submit
-from orchestrator.api import JobHandle
-from orchestrator.status import JobStatus
-from tests.reference import final_params, run_job, train_reference
+from tests.reference import (
+    JobRun,
+    final_params,
+    run_job,
+    run_jobs,
+    succeeded,
+    train_reference,
+)
 
 # Parameters of an N-worker run and of the one-process reference agree within
 # ATOL: they differ only in the order in which gradient sums are added
@@ -20,61 +24,10 @@ from tests.reference import final_params, run_job, train_reference
 ATOL = 2e-5
 TINY = ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=16"]
 CORPUS_BYTES = 200_000
-# run_jobs runs this many jobs at a time: a job's start-up is mostly one process at a
-# time (its controller, then its workers), so a second job uses the core the first
-# leaves idle. Any two jobs of up to 3 workers fit in the 4 CPUs of tests/conftest.py's
-# Ray instance at HALF_CPU a worker (a request to Ray's placement only: each worker
-# still runs torch on one thread).
-AT_ONCE = 2
+# run_jobs (tests/reference.py) runs AT_ONCE jobs at a time. Any two jobs of up to 3
+# workers fit in the 4 CPUs of tests/conftest.py's Ray instance at HALF_CPU a worker
+# (a request to Ray's placement only: each worker still runs torch on one thread).
 HALF_CPU = "cluster.cpus_per_worker=0.5"
-
-
-class JobRun(NamedTuple):
-    """A finished job: its spec, final status and per-step records (``handle.metrics()``)."""
-
-    spec: JobSpec
-    status: JobStatus
-    metrics: list[dict]
-
-
-def run_jobs(*specs: JobSpec, check: bool = True, timeout: float = 240) -> list[JobRun]:
-    """Run independent jobs, ``AT_ONCE`` at a time; returns their runs in order.
-
-    ``check``: require that each succeeds (else each caller checks, see ``succeeded``).
-    ``timeout``: for each job, from its submission. The handles are not kept, so each
-    controller ends once its job has (as when a test that ran one job returns).
-    """
-    queue = list(enumerate(specs))
-    running: list[tuple[int, JobHandle, float]] = []
-    runs: dict[int, JobRun] = {}
-    try:
-        while queue or running:
-            while queue and len(running) < AT_ONCE:
-                i, spec = queue.pop(0)
-                running.append((i, submit(spec), time.monotonic()))
-            time.sleep(0.1)
-            for entry in list(running):
-                i, handle, submitted = entry
-                if handle.done() or time.monotonic() - submitted > timeout:
-                    running.remove(entry)
-                    status = handle.wait(timeout=0)
-                    if not handle.done():  # timed out
-                        handle.cancel()
-                    runs[i] = JobRun(specs[i], status, handle.metrics())
-                    if check:
-                        succeeded(runs[i])
-    finally:
-        for _, handle, _ in running:  # after a failure: leave nothing running
-            handle.cancel()
-    return [runs[i] for i in range(len(specs))]
-
-
-def succeeded(run: JobRun) -> JobRun:
-    status = run.status
-    assert status.state == JobState.SUCCEEDED, (
-        f"{run.spec.run_dir.name}: {status.state.value}: {status.error}"
-    )
-    return run
 
 
 def _spec(tmp_path, name: str, *extra: str) -> JobSpec:

@@ -23,7 +23,6 @@ from actors.gateway_actor import read_address
 from orchestrator import JobSpec, JobState, submit
 from storage.gateway_trust import create_token, gateway_dir
 from tests.conftest import REPO_ROOT
-from tests.reference import run_job
 
 JOB = [
     "strategy=federated",
@@ -55,7 +54,7 @@ def _join(address: str, token: str, ca: str, name: str) -> subprocess.Popen:
 
 def test_volunteers_join_a_liar_is_banned_and_a_killed_one_is_a_dropout(ray_session, tmp_path):
     baseline = JobSpec.from_overrides([*JOB, f"run_dir={tmp_path / 'alone'}"])
-    _, alone = run_job(baseline)
+    alone_handle = submit(baseline)  # the same run without volunteers, meanwhile
 
     spec = JobSpec.from_overrides(
         [
@@ -94,6 +93,8 @@ def test_volunteers_join_a_liar_is_banned_and_a_killed_one_is_a_dropout(ray_sess
             except subprocess.TimeoutExpired:
                 p.kill()
     assert status.state == JobState.SUCCEEDED, status.error
+    alone = alone_handle.wait(timeout=200)
+    assert alone.state == JobState.SUCCEEDED, alone.error
     events = _events(spec)
     banned = [e for e in events if e["event"] == "volunteer-banned"]
     assert [e.get("volunteer_id") or e.get("name") for e in banned] == ["mallory"], banned
