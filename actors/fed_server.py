@@ -364,10 +364,8 @@ class FederatedServerRuntime(DataParallelRuntime):
             rel = diff / (float(torch.linalg.vector_norm(truth)) + 1e-12)
             passed = rel <= g.spot_check_rtol
             reason = f"round {step}, client {client}: relative difference {rel:.3g}"
-            self._gateway.record_check.remote(volunteer, passed, reason)
-            if passed:
-                self._gateway.credit.remote(volunteer, 1.0)
-            else:
+            self._gateway.record_check.remote(volunteer, passed, reason)  # credits a match
+            if not passed:
                 result.updates[i] = truth  # the trusted update counts instead
         return result
 
