@@ -111,8 +111,10 @@ class GatewayRuntime:
         return {"pid": os.getpid(), "address": address}
 
     def shutdown(self) -> None:
+        """The job is over: volunteers are told so (they stop instead of reconnecting)."""
         if self.gateway is not None:
-            self.gateway.stop()
+            self.gateway.stop(final=True)
+            self.gateway = None
 
     # -- what programs ask --------------------------------------------------
 

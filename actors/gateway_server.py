@@ -487,8 +487,12 @@ class VolunteerGateway:
         log.info("volunteer gateway for job %s on %s:%d (TLS)", cfg.job_id, cfg.host, port)
         return port
 
-    def stop(self, grace_s: float | None = None) -> None:
-        """Say goodbye to every volunteer (they may reconnect later), fail all work, stop."""
+    def stop(self, grace_s: float | None = None, final: bool = False) -> None:
+        """Say goodbye to every volunteer, fail all work, stop.
+
+        ``final``: the job is over, so volunteers are told not to reconnect;
+        otherwise (a gateway restarting) they may.
+        """
         if self._server is None:
             return
         self._stopping.set()
@@ -496,8 +500,8 @@ class VolunteerGateway:
         with self._lock:
             for vol in self._volunteers.values():
                 if vol.stream is not None:
-                    why = "the gateway is stopping"
-                    self._detach(vol, vol.stream, "disconnected", why, fx, retry=True)
+                    why = "the job has ended" if final else "the gateway is stopping"
+                    self._detach(vol, vol.stream, "disconnected", why, fx, retry=not final)
                 vol.session_key = b""
         self._run(fx)
         grace = self.config.stop_grace_s if grace_s is None else grace_s

@@ -47,6 +47,14 @@ class MemberActor:
         return True
 
     @ray.method(concurrency_group="control")
+    def goodbye(self) -> None:
+        """The job is ending: the runtime's ``shutdown()``, if it has one (e.g. a gateway telling
+        its volunteers), beside any call still running."""
+        shutdown = getattr(self.runtime, "shutdown", None)
+        if callable(shutdown):
+            shutdown()
+
+    @ray.method(concurrency_group="control")
     def control(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method not in self._control:
             raise ValueError(f"{method!r} is not a control method of {type(self.runtime)}")

@@ -27,6 +27,8 @@ from orchestrator.worker_group import Member, WorkerGroup
 # How often the step loop looks for dead standing members (each look sends
 # one tiny call to each member whose previous one has been answered).
 CHECK_EVERY_S = 1.0
+# How long the job's end waits for standing members' ``shutdown`` before killing them.
+SHUTDOWN_S = 5.0
 
 
 class StandingRoles:
@@ -121,5 +123,13 @@ class StandingRoles:
         return [row for g in self.groups for row in g.describe()]
 
     def kill_all(self) -> None:
+        """Let every member say goodbye (a gateway tells its volunteers the job is over), then
+        kill them all. A member without a ``shutdown``, or one that does not answer within
+        ``SHUTDOWN_S``, is simply killed."""
+        refs = [m.actor.goodbye.remote() for g in self.groups for m in g.members]
+        if refs:
+            import ray
+
+            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_S)
         for g in self.groups:
             g.kill_all()

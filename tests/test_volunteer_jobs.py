@@ -84,6 +84,9 @@ def test_volunteers_join_a_liar_is_banned_and_a_killed_one_is_a_dropout(ray_sess
             time.sleep(0.1)
         os.kill(procs["cy"].pid, signal.SIGKILL)
         status = handle.wait(timeout=200)
+        # The job's end tells volunteers it is over: the honest ones still connected leave.
+        for name in ("ann", "bob"):
+            assert procs[name].wait(timeout=60) == 0
     finally:
         for p in [*procs.values(), liar]:
             p.send_signal(signal.SIGINT)  # Ctrl-C: leave cleanly
