@@ -24,6 +24,7 @@ from actors.memory import worker_available_bytes
 from actors.task import build_model, make_task
 from collectives.ddp import DDPEngine
 from collectives.errors import PeerLostError, classify_peer_loss
+from collectives.offloaded_optim import OffloadSpec
 from collectives.optim import OptimizerSpec
 from collectives.process_group import Rendezvous, host_store, join_group, leave_group
 from collectives.zero import ZeroEngine, build_engine
@@ -65,6 +66,20 @@ def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
         beta1=t.beta1,
         beta2=t.beta2,
         momentum=t.momentum,
+    )
+
+
+def offload_spec(spec: JobSpec) -> OffloadSpec:
+    """The engine's offload settings from the job's ``offload`` section."""
+    o = spec.offload
+    return OffloadSpec(
+        optimizer=o.optimizer,
+        nvme_path=o.nvme_path,
+        job_id=spec.job_id,
+        host_bytes=o.host_bytes,
+        nvme_bytes=o.nvme_bytes,
+        chunk_mb=o.chunk_mb,
+        prefetch=o.prefetch,
     )
 
 
@@ -126,6 +141,12 @@ class DataParallelRuntime(ElasticState):
         self._start_epoch(rdzv.world_size)
         torch.manual_seed(self.spec.train.seed)
         model = self._build_model().to(self.device)
+        if self.spec.offload.params == "host" and self.device.type != "cpu":
+            # validate() refuses this for GPU jobs; a worker that got a GPU anyway says so.
+            raise ValueError(
+                "offload.params=host: moving parameters off a GPU is not implemented yet"
+            )
+        self._close_engine()  # the last epoch's offloaded state (its files) goes first
         self.engine = build_engine(
             self._engine_strategy,
             model,
@@ -133,6 +154,7 @@ class DataParallelRuntime(ElasticState):
             grad_clip=self._grad_clip,
             bucket_mb=self.spec.strategy.bucket_mb,
             shard_bounds=shard_bounds,
+            offload=offload_spec(self.spec),
         )
         return self._ready_to_train()
 
@@ -170,7 +192,15 @@ class DataParallelRuntime(ElasticState):
         )
 
     def shutdown(self) -> None:
+        self._close_engine()
         leave_group()
+
+    def _close_engine(self) -> None:
+        if self.engine is not None:
+            close = getattr(self.engine, "close", None)  # subclasses' engines may have none
+            if close is not None:
+                close()
+            self.engine = None
 
     def probe(self) -> dict[str, Any]:
         """What the planner needs before the group forms: pid, node, this worker's memory budget."""

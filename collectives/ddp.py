@@ -35,7 +35,8 @@ import torch.distributed as dist
 from torch import nn
 
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
-from collectives.optim import FlatOptimizer, OptimizerSpec, decay_ranges
+from collectives.offloaded_optim import OffloadSpec, build_optimizer, optimizer_bytes
+from collectives.optim import OptimizerSpec, decay_ranges
 
 # read(key, lo, hi) -> the flat range [lo, hi) of checkpointed tensor `key`
 FlatReader = Callable[[str, int, int], torch.Tensor]
@@ -122,6 +123,7 @@ class DDPEngine:
         grad_clip: float = 0.0,
         bucket_mb: float = 25.0,
         group: dist.ProcessGroup | None = None,
+        offload: OffloadSpec | None = None,
     ):
         self.model = model
         self.group = group
@@ -132,8 +134,14 @@ class DDPEngine:
         self.flat_param = flatten_into(model, self.layout, torch.float32)
         self.flat_grad = torch.zeros_like(self.flat_param)
         attach_grad_views(model, self.layout, self.flat_grad)
-        self.optimizer = FlatOptimizer(
-            optimizer, self.flat_param, self.flat_grad, decayed=decay_ranges(self.layout)
+        # offload: the optimizer state in host memory or NVMe files, streamed in chunks.
+        self.optimizer = build_optimizer(
+            optimizer,
+            self.flat_param,
+            self.flat_grad,
+            decayed=decay_ranges(self.layout),
+            offload=offload,
+            rank=self.rank,
         )
 
         bucket_numel = max(1, int(bucket_mb * 2**20) // self.flat_param.element_size())
@@ -236,7 +244,8 @@ class DDPEngine:
 
         Every rank holds everything, so the ranks split the writing evenly;
         ``tensors`` maps ``param`` and each optimizer-state name to its
-        ``[lo, hi)`` slice (views: copy them before training goes on).
+        ``[lo, hi)`` slice (views: copy them before training goes on; offloaded
+        state on NVMe is a ``TierFlat``, copied with ``storage.tiers.copy_flat``).
         """
         lo, hi = split_evenly(self.layout.numel, self.world_size)[self.rank]
         out = {"param": self.flat_param[lo:hi]}
@@ -249,8 +258,7 @@ class DDPEngine:
         n = self.layout.numel
         with torch.no_grad():
             self.flat_param.copy_(read("param", 0, n))
-        state = {key: read(key, 0, n) for key in self.optimizer.spec.state_keys()}
-        self.optimizer.load_state(state, step_count)
+        self.optimizer.load_from(read, 0, step_count)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's parameters by name (a collective for sharded engines)."""
@@ -260,5 +268,9 @@ class DDPEngine:
         return {
             "params": self.flat_param.numel() * self.flat_param.element_size(),
             "grads": self.flat_grad.numel() * self.flat_grad.element_size(),
-            "optimizer": self.optimizer.state_bytes(),
+            **optimizer_bytes(self.optimizer),
         }
+
+    def close(self) -> None:
+        """Release offloaded state (its files); the engine is not used afterwards."""
+        self.optimizer.close()

@@ -26,7 +26,7 @@ eight, for the same result.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -85,6 +85,9 @@ def _split_sizes(ranges: Sequence[tuple[int, int]], n: int) -> list[int]:
     return sizes
 
 
+# read(key, lo, hi) -> elements [lo, hi) of the flat tensor ``key`` (a checkpoint, a peer's copy)
+FlatRead = Callable[[str, int, int], torch.Tensor]
+
 # The optimizers FlatOptimizer implements.
 OPTIMIZER_NAMES = ("adamw", "sgd", "yogi")
 
@@ -132,6 +135,111 @@ class OptimizerSpec:
         return ("momentum_buffer",) if self.momentum > 0 else ()
 
 
+def initial_state(spec: OptimizerSpec) -> dict[str, float]:
+    """Each per-element state tensor's starting value (every element the same)."""
+    # Zeros: torch's SGD starts its momentum buffer as a copy of the first
+    # gradient, which 0 * momentum + grad equals exactly. Yogi: v_{-1} = tau^2,
+    # the least FedYogi's Algorithm 2 allows. Zero would be safe too (Yogi keeps
+    # v >= 0 from any start); the difference is a denominator near 2 tau instead
+    # of tau for coordinates whose updates stay far below tau.
+    start = {key: 0.0 for key in spec.state_keys()}
+    if spec.name == "yogi":
+        start["exp_avg_sq"] = spec.eps**2
+    return start
+
+
+@torch.no_grad()
+def flat_update(
+    spec: OptimizerSpec,
+    step: int,
+    lr: float,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    decayed_param: list[torch.Tensor],
+    split: list[int],
+) -> None:
+    """One optimizer step (the ``step``-th) over a flat range: the whole tensor, or a chunk.
+
+    Every operation is element-wise, so running this over consecutive chunks of
+    a flat tensor gives the same elements as one call over all of it: the
+    offloaded optimizer (``collectives/offloaded_optim.py``) streams its state
+    through this function chunk by chunk. ``decayed_param`` are the views of
+    ``param`` that weight decay applies to, ``split`` the kept / decayed piece
+    sizes of ``[0, param.numel())`` (:func:`_split_sizes`).
+    """
+    if spec.name == "adamw":
+        _adamw_update(spec, step, lr, param, grad, state, decayed_param)
+    elif spec.name == "yogi":
+        _yogi_update(spec, lr, param, grad, state, decayed_param)
+    else:
+        _sgd_update(spec, lr, param, grad, state, decayed_param, split)
+
+
+def _adamw_update(
+    s: OptimizerSpec,
+    step: int,
+    lr: float,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    decayed_param: list[torch.Tensor],
+) -> None:
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if s.weight_decay != 0 and decayed_param:
+        # Decoupled, as AdamW: each decayed piece times the same scalar as torch's.
+        torch._foreach_mul_(decayed_param, 1 - lr * s.weight_decay)
+    exp_avg.lerp_(grad, 1 - s.beta1)
+    exp_avg_sq.mul_(s.beta2).addcmul_(grad, grad, value=1 - s.beta2)
+    step_f = float(step)
+    step_size = lr / (1 - s.beta1**step_f)
+    bias_correction2_sqrt = (1 - s.beta2**step_f) ** 0.5
+    denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(s.eps)
+    param.addcdiv_(exp_avg, denom, value=-step_size)
+
+
+def _yogi_update(
+    s: OptimizerSpec,
+    lr: float,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    decayed_param: list[torch.Tensor],
+) -> None:
+    exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+    if s.weight_decay != 0 and decayed_param:
+        torch._foreach_mul_(decayed_param, 1 - lr * s.weight_decay)
+    exp_avg.lerp_(grad, 1 - s.beta1)
+    # v -= (1 - beta2) * g^2 * sign(v - g^2): Adam's v moves a fraction of
+    # the way to g^2; Yogi's moves by a fixed share of g^2 towards it, so a
+    # run of small gradients shrinks v slowly instead of geometrically.
+    grad_sq = grad.square()
+    change = torch.sub(exp_avg_sq, grad_sq).sign_().mul_(grad_sq)
+    exp_avg_sq.sub_(change, alpha=1 - s.beta2)
+    denom = exp_avg_sq.sqrt().add_(s.eps)
+    param.addcdiv_(exp_avg, denom, value=-lr)
+
+
+def _sgd_update(
+    s: OptimizerSpec,
+    lr: float,
+    param: torch.Tensor,
+    grad: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    decayed_param: list[torch.Tensor],
+    split: list[int],
+) -> None:
+    if s.weight_decay != 0 and decayed_param:
+        grad = grad.clone()  # grad + weight_decay * param, on the decayed pieces only
+        decayed_grad = list(grad.split(split)[1::2])
+        torch._foreach_add_(decayed_grad, decayed_param, alpha=s.weight_decay)
+    if s.momentum != 0:
+        buf = state["momentum_buffer"]
+        buf.mul_(s.momentum).add_(grad)
+        grad = buf
+    param.add_(grad, alpha=-lr)
+
+
 class FlatOptimizer:
     """AdamW, SGD or Yogi over one flat fp32 tensor whose gradient is another flat tensor.
 
@@ -170,15 +278,9 @@ class FlatOptimizer:
         # parameter are views made once (it is updated in place, never replaced).
         self._split = _split_sizes(decayed, flat_param.numel())
         self._decayed_param = list(flat_param.split(self._split)[1::2])
-        # Zeros from the start: torch's SGD starts its momentum buffer as a
-        # copy of the first gradient, which 0 * momentum + grad equals exactly.
-        self._state = {key: torch.zeros_like(flat_param) for key in spec.state_keys()}
-        if spec.name == "yogi":
-            # v_{-1} = tau^2, the least FedYogi's Algorithm 2 allows. Zero would
-            # be safe too (Yogi keeps v >= 0 from any start); the difference is
-            # a denominator near 2 tau instead of tau for coordinates whose
-            # updates stay far below tau.
-            self._state["exp_avg_sq"].fill_(spec.eps**2)
+        self._state = {
+            key: torch.full_like(flat_param, value) for key, value in initial_state(spec).items()
+        }
         self._steps = 0
 
     @property
@@ -188,53 +290,16 @@ class FlatOptimizer:
     @torch.no_grad()
     def step(self, lr: float) -> None:
         self._steps += 1
-        if self.spec.name == "adamw":
-            self._adamw_step(lr)
-        elif self.spec.name == "yogi":
-            self._yogi_step(lr)
-        else:
-            self._sgd_step(lr)
-
-    def _adamw_step(self, lr: float) -> None:
-        s, param, grad = self.spec, self.param, self.grad
-        exp_avg, exp_avg_sq = self._state["exp_avg"], self._state["exp_avg_sq"]
-        if s.weight_decay != 0 and self._decayed_param:
-            # Decoupled, as AdamW: each decayed piece times the same scalar as torch's.
-            torch._foreach_mul_(self._decayed_param, 1 - lr * s.weight_decay)
-        exp_avg.lerp_(grad, 1 - s.beta1)
-        exp_avg_sq.mul_(s.beta2).addcmul_(grad, grad, value=1 - s.beta2)
-        step = float(self._steps)
-        step_size = lr / (1 - s.beta1**step)
-        bias_correction2_sqrt = (1 - s.beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(s.eps)
-        param.addcdiv_(exp_avg, denom, value=-step_size)
-
-    def _yogi_step(self, lr: float) -> None:
-        s, param, grad = self.spec, self.param, self.grad
-        exp_avg, exp_avg_sq = self._state["exp_avg"], self._state["exp_avg_sq"]
-        if s.weight_decay != 0 and self._decayed_param:
-            torch._foreach_mul_(self._decayed_param, 1 - lr * s.weight_decay)
-        exp_avg.lerp_(grad, 1 - s.beta1)
-        # v -= (1 - beta2) * g^2 * sign(v - g^2): Adam's v moves a fraction of
-        # the way to g^2; Yogi's moves by a fixed share of g^2 towards it, so a
-        # run of small gradients shrinks v slowly instead of geometrically.
-        grad_sq = grad.square()
-        change = torch.sub(exp_avg_sq, grad_sq).sign_().mul_(grad_sq)
-        exp_avg_sq.sub_(change, alpha=1 - s.beta2)
-        denom = exp_avg_sq.sqrt().add_(s.eps)
-        param.addcdiv_(exp_avg, denom, value=-lr)
-
-    def _sgd_step(self, lr: float) -> None:
-        s, param, grad = self.spec, self.param, self.grad
-        if s.weight_decay != 0 and self._decayed_param:
-            grad = grad.clone()  # grad + weight_decay * param, on the decayed pieces only
-            decayed_grad = list(grad.split(self._split)[1::2])
-            torch._foreach_add_(decayed_grad, self._decayed_param, alpha=s.weight_decay)
-        if s.momentum != 0:
-            buf = self._state["momentum_buffer"]
-            buf.mul_(s.momentum).add_(grad)
-            grad = buf
-        param.add_(grad, alpha=-lr)
+        flat_update(
+            self.spec,
+            self._steps,
+            lr,
+            self.param,
+            self.grad,
+            self._state,
+            self._decayed_param,
+            self._split,
+        )
 
     def state_tensors(self) -> dict[str, torch.Tensor]:
         """The flat per-element state (e.g. Adam moments)."""
@@ -248,9 +313,18 @@ class FlatOptimizer:
             dst.copy_(tensors[key])
         self._steps = step_count
 
+    def load_from(self, read: FlatRead, offset: int, step_count: int) -> None:
+        """Restore state from ``read(key, lo, hi)``, this optimizer's element 0 being ``offset``."""
+        n = self.param.numel()
+        keys = self.spec.state_keys()
+        self.load_state({key: read(key, offset, offset + n) for key in keys}, step_count)
+
     def set_step_count(self, steps: int) -> None:
         """Count ``steps`` steps taken (Adam's bias correction follows the count)."""
         self._steps = steps
 
     def state_bytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self._state.values())
+
+    def close(self) -> None:
+        """Nothing to release: the state is plain tensors (see ``OffloadedOptimizer.close``)."""

@@ -59,6 +59,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from storage.tiers import copy_flat
+
 # Point-to-point tag for replica traffic, apart from anything else on the group.
 _TAG = 7_000
 REPLICA_BUFFERS = 2
@@ -109,7 +111,7 @@ def _wait_all(works: list, deadline: float | None) -> RuntimeError | None:
 
 def _copy_into(copy: ShardCopy, tensors: dict[str, torch.Tensor], step: int) -> None:
     for k, t in tensors.items():
-        copy.tensors[k].copy_(t)
+        copy_flat(copy.tensors[k], t)  # offloaded state (TierFlat): read chunk by chunk
     copy.step = step  # complete: a valid copy whatever happens to the exchange
 
 
@@ -222,7 +224,10 @@ class BuddyReplicator:
                 if self.world_size > 1:
                     of = space if source_space is None else source_space
                     replica = self._replicas.take(self.source, of, *source_range, dtypes)
-            on_host = all(t.device.type == "cpu" for t in tensors.values())
+            # State offloaded to NVMe (a TierFlat) is no tensor gloo can send from.
+            on_host = all(
+                isinstance(t, torch.Tensor) and t.device.type == "cpu" for t in tensors.values()
+            )
             if not self.overlap or not on_host:
                 # Device tensors go out from the host snapshot: gloo sends host memory.
                 _copy_into(own, tensors, step)

@@ -64,7 +64,8 @@ from torch.utils._pytree import tree_flatten
 
 from collectives.ddp import DDPEngine, FlatReader, StepStats, params_reached, plan_buckets
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
-from collectives.optim import FlatOptimizer, OptimizerSpec, decay_ranges
+from collectives.offloaded_optim import OffloadSpec, build_optimizer, optimizer_bytes
+from collectives.optim import OptimizerSpec, decay_ranges
 
 STAGE_OF_STRATEGY = {"zero1": 1, "zero2": 2, "zero3": 3}
 
@@ -196,6 +197,7 @@ class ZeroEngine:
         bucket_mb: float = 25.0,
         group: dist.ProcessGroup | None = None,
         prefetch: bool = True,
+        offload: OffloadSpec | None = None,
     ):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
@@ -259,11 +261,14 @@ class ZeroEngine:
         else:
             self.flat_grad = None
             self.shard_grad = self._zeros(self.hi - self.lo)
-        self.optimizer = FlatOptimizer(
+        # offload: the shard's optimizer state in host memory or NVMe files, in chunks.
+        self.optimizer = build_optimizer(
             optimizer,
             self.shard_param,
             self.shard_grad,
             decayed=decay_ranges(self.layout, self.lo, self.hi),
+            offload=offload,
+            rank=self.rank,
         )
 
         if stage == 3:
@@ -680,8 +685,7 @@ class ZeroEngine:
                 self.flat_param.copy_(read("param", 0, self.layout.numel))
             else:
                 self.shard_param.copy_(read("param", self.lo, self.hi))
-        state = {k: read(k, self.lo, self.hi) for k in self.optimizer.spec.state_keys()}
-        self.optimizer.load_state(state, step_count)
+        self.optimizer.load_from(read, self.lo, step_count)
 
     def full_state_dict(self) -> dict[str, torch.Tensor]:
         """The whole model's state by name. For stage 3 a collective: every rank must call it."""
@@ -704,7 +708,11 @@ class ZeroEngine:
             params = nbytes(self.shard_param)
             params += sum(u.buf.untyped_storage().nbytes() for u in self.units)
         grads = nbytes(self.flat_grad) if self.stage == 1 else nbytes(self.shard_grad)
-        return {"params": params, "grads": grads, "optimizer": self.optimizer.state_bytes()}
+        return {"params": params, "grads": grads, **optimizer_bytes(self.optimizer)}
+
+    def close(self) -> None:
+        """Release offloaded state (its files); the engine is not used afterwards."""
+        self.optimizer.close()
 
 
 def build_engine(
@@ -717,16 +725,25 @@ def build_engine(
     shard_bounds: list[tuple[int, int]] | None = None,
     group: dist.ProcessGroup | None = None,
     prefetch: bool = True,
+    offload: OffloadSpec | None = None,
 ) -> DDPEngine | ZeroEngine:
     """The engine for ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``).
 
     ``shard_bounds`` (rank ``r`` owns flat range ``shard_bounds[r]``; made by
     the planner, ``orchestrator.shard_plan.shard_bounds``) may be uneven;
     ``None`` splits evenly. DDP has no shards and ignores it. ``prefetch``
-    only affects ``zero3`` (see :class:`ZeroEngine`).
+    only affects ``zero3`` (see :class:`ZeroEngine`). ``offload`` places the
+    optimizer state (``collectives/offloaded_optim.py``; None: beside the parameters).
     """
     if strategy == "ddp":
-        return DDPEngine(model, optimizer, grad_clip=grad_clip, bucket_mb=bucket_mb, group=group)
+        return DDPEngine(
+            model,
+            optimizer,
+            grad_clip=grad_clip,
+            bucket_mb=bucket_mb,
+            group=group,
+            offload=offload,
+        )
     if strategy not in STAGE_OF_STRATEGY:
         raise ValueError(f"strategy must be one of ddp, zero1, zero2, zero3; got {strategy!r}")
     return ZeroEngine(
@@ -738,4 +755,5 @@ def build_engine(
         bucket_mb=bucket_mb,
         group=group,
         prefetch=prefetch,
+        offload=offload,
     )

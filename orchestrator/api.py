@@ -85,6 +85,8 @@ def ensure_ray(spec: JobSpec) -> None:
 class JobHandle:
     """A submitted job. Methods are cheap calls to the job's controller actor."""
 
+    offload_plan: Any = None  # orchestrator.offload_plan.OffloadPlan when offload is configured
+
     def __init__(
         self,
         spec: JobSpec,
@@ -259,13 +261,15 @@ def submit(spec: JobSpec, address: str | None = None) -> JobHandle:
         # shape), so the data is read first; both before Ray starts.
         data = load_data(spec)
         fingerprint = fingerprint_of(data)
-        run_preflight(
+        shape = run_preflight(
             spec, local=spec.cluster.address is None, facts=data.facts, fingerprint=fingerprint
         )
         ensure_ray(spec)
         ray_ready_s = time.time() - submitted_at
         # Written only once every check passed: a refused run leaves the folder as it was.
         (spec.run_dir / "config.yaml").write_text(spec.to_yaml())
+        if shape.offload is not None:
+            (spec.run_dir / "offload_plan.txt").write_text("\n".join(shape.offload.lines()) + "\n")
         data_ref = ray.put(data)  # every worker maps it from Ray's object store
         controller = (
             controller_actor_class()
@@ -285,6 +289,9 @@ def submit(spec: JobSpec, address: str | None = None) -> JobHandle:
         lock.release()
         raise
     handle = JobHandle(spec, controller, run_ref, lock)
+    handle.offload_plan = (
+        shape.offload
+    )  # where the state lives (None: no offload); printed by the CLI
     # Owned here for as long as the handle lives: a controller that Ray restarts
     # (orchestrator/restart.py) gets the same reference again, and only the owner keeps it.
     handle.data_ref = data_ref

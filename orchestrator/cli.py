@@ -57,6 +57,9 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
                                strategy.dp.noise_multiplier, strategy.secure_aggregation=true
   gateway.enabled=true         volunteers outside the cluster join over gRPC (TLS, tokens:
                                shoal volunteer token create --run runs/JOB --name alice)
+  offload.optimizer=host|nvme  ddp/zero1-3: optimizer state in host memory or NVMe files
+                               (offload.nvme_path=DIR), streamed in offload.chunk_mb chunks,
+                               offload.prefetch ahead; budgets offload.host_bytes/nvme_bytes
   model=gpt_tiny|gpt_small|gpt_moe|mlp
                                gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
                                gpt_moe: + model.n_expert, model.top_k, model.capacity_factor;
@@ -258,6 +261,9 @@ def cmd_run(overrides: list[str], quiet: bool = False) -> int:
         with CtrlC():  # a further Ctrl-C must not cut the clean-up short
             _leave_ray(embedded)
         return EXIT_CANCELLED
+    plan = getattr(handle, "offload_plan", None)
+    for line in plan.lines() if plan is not None else []:
+        print(f"shoal: {line}", file=sys.stderr)  # before training starts: where state lives
     with CtrlC() as ctrl_c:
         final = _follow(handle, quiet, t0, ctrl_c)
         if final is None:

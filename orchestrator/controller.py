@@ -849,6 +849,13 @@ class JobController:
         if self._group is not None:
             self._group.kill_all()
         self._standing.kill_all()
+        o = self.spec.offload
+        if o.optimizer == "nvme":
+            from storage.tiers import remove_job_files
+
+            # Killed workers leave their offload files; this node's go now, others' at the
+            # next start of a tier there (storage/tiers.py).
+            remove_job_files(o.nvme_path, self.spec.job_id)
 
     def _wait_for_state_holders(self) -> list[Member] | None:
         """Replace dead standing members that hold state, for up to ``cluster.start_timeout_s``."""

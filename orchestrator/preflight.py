@@ -9,6 +9,7 @@ job submitted from elsewhere is held to the same rules.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from storage.object_store import ObjectStore, StoreError, open_store
 
 if TYPE_CHECKING:
     from actors.datasets import DataFacts
+    from orchestrator.offload_plan import Budgets, OffloadPlan
 
 
 @dataclass(frozen=True)
@@ -34,6 +36,7 @@ class ModelShape:
 
     layout: list[dict]
     numel: int
+    offload: OffloadPlan | None = None  # where the state lives, when offload is configured
 
 
 def store_options(spec: JobSpec) -> dict[str, object]:
@@ -236,5 +239,39 @@ def run_preflight(
     shape = model_shape(spec, facts)
     if local:
         check_memory(shape.numel, spec, node_available_bytes())
+    plan = check_offload(spec, shape.numel, local_offload_budgets(spec) if local else None)
+    if local:
         check_checkpoints(spec, shape, fingerprint)
-    return shape
+    return dataclasses.replace(shape, offload=plan)
+
+
+def check_offload(spec: JobSpec, numel: int, budgets: Budgets | None) -> OffloadPlan | None:
+    """The offload plan (None: no offload configured); ``OffloadPlanError`` if it cannot fit."""
+    from orchestrator.offload_plan import offload_enabled, plan_for_job
+
+    if not offload_enabled(spec):
+        return None
+    return plan_for_job(spec, numel, budgets)
+
+
+def local_offload_budgets(spec: JobSpec) -> Budgets:
+    """One worker's share of this machine: its memory and the free space at offload.nvme_path.
+
+    Every worker of a local job runs here, so each gets an even share. The
+    GPU's memory is measured by the worker itself (its tier budgets).
+    """
+    import shutil
+    from pathlib import Path
+
+    from actors.memory import node_available_bytes
+    from orchestrator.offload_plan import Budgets
+
+    workers = spec.cluster.workers
+    memory = node_available_bytes() // workers
+    disk = None
+    if spec.offload.optimizer == "nvme":
+        path = Path(spec.offload.nvme_path)
+        existing = next(p for p in (path, *path.parents) if p.exists())
+        disk = shutil.disk_usage(existing).free // workers
+    on_gpu = spec.cluster.gpus_per_worker > 0
+    return Budgets(memory=None if on_gpu else memory, host=memory, disk=disk)

@@ -25,6 +25,9 @@ PRECISIONS = ("fp32", "bf16")
 LR_SCHEDULES = ("cosine", "constant")
 REPLICATION_MODES = ("async", "sync")
 TASK_TYPES = ("auto", "lm", "classification")
+OFFLOAD_OPTIMIZER = ("none", "host", "nvme")
+OFFLOAD_PARAMS = ("none", "host")
+OFFLOAD_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
 @dataclass
@@ -310,6 +313,33 @@ class GatewayJobConfig:
 
 
 @dataclass
+class OffloadConfig:
+    """Training state kept off the training device (``collectives/offloaded_optim.py``).
+
+    Data-parallel strategies (ddp, zero1-3) only. Before training starts the
+    run prints where each kind of state lives and the bytes each tier holds.
+    """
+
+    # none: beside the parameters. host: host memory (pinned on GPU workers).
+    # nvme: files under offload.nvme_path, streamed through the step in chunks.
+    optimizer: str = "none"
+    # none, or host: parameters in host memory. On CPU workers they are there
+    # already (reported so); moving them off a GPU is not built yet (refused).
+    params: str = "none"
+    # A local disk (NVMe/SSD) directory for offload.optimizer=nvme; each run
+    # uses <nvme_path>/<job-id>/, removed at exit (and when stale, on start).
+    nvme_path: str | None = None
+    # Budgets per worker, in bytes: the most each tier may hold (0: what the
+    # machine has: available memory, free disk space).
+    host_bytes: int = 0
+    nvme_bytes: int = 0
+    # State moves in chunks of this many MiB (whole pages).
+    chunk_mb: float = 16.0
+    # Chunks read ahead of the one being updated (0: none, every read waits).
+    prefetch: int = 2
+
+
+@dataclass
 class JobConfig:
     strategy: StrategyConfig = field(default_factory=StrategyConfig)
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
@@ -323,6 +353,7 @@ class JobConfig:
     storage: StorageConfig = field(default_factory=StorageConfig)
     elastic: ElasticConfig = field(default_factory=ElasticConfig)
     gateway: GatewayJobConfig = field(default_factory=GatewayJobConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
     # null: ./runs/<job-id>
     run_dir: str | None = None
     # null: start fresh. "latest": the newest committed checkpoint under

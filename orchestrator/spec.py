@@ -25,6 +25,9 @@ from orchestrator.programs import CONFIGS
 from orchestrator.schema import (
     BALANCE,
     LR_SCHEDULES,
+    OFFLOAD_OPTIMIZER,
+    OFFLOAD_PARAMS,
+    OFFLOAD_STRATEGIES,
     OPTIMIZERS,
     PRECISIONS,
     REPLICATION_MODES,
@@ -283,6 +286,7 @@ def validate(c: JobConfig) -> None:
     _check(e.max_failures >= 0, "elastic.max_failures", ">= 0", e.max_failures)
 
     _validate_gateway(c)
+    _validate_offload(c)
 
     ck = c.checkpoint
     _check(ck.every >= 0, "checkpoint.every", ">= 0 (0: only at the end)", ck.every)
@@ -325,6 +329,63 @@ def _validate_gateway(c: JobConfig) -> None:
         _check(getattr(g, name) > 0, f"gateway.{name}", "> 0", getattr(g, name))
     _check(0 <= g.spot_check_min <= 1, "gateway.spot_check_min", "in [0, 1]", g.spot_check_min)
     _check(g.max_volunteers >= 1, "gateway.max_volunteers", ">= 1", g.max_volunteers)
+
+
+def _validate_offload(c: JobConfig) -> None:
+    o = c.offload
+    _check(
+        o.optimizer in OFFLOAD_OPTIMIZER,
+        "offload.optimizer",
+        f"one of {list(OFFLOAD_OPTIMIZER)}",
+        o.optimizer,
+    )
+    _check(o.params in OFFLOAD_PARAMS, "offload.params", f"one of {list(OFFLOAD_PARAMS)}", o.params)
+    _check(o.host_bytes >= 0, "offload.host_bytes", ">= 0 (0: available memory)", o.host_bytes)
+    _check(o.nvme_bytes >= 0, "offload.nvme_bytes", ">= 0 (0: free disk space)", o.nvme_bytes)
+    _check(o.chunk_mb > 0, "offload.chunk_mb", "> 0", o.chunk_mb)
+    _check(o.prefetch >= 0, "offload.prefetch", ">= 0 (0: no read-ahead)", o.prefetch)
+    _check(
+        o.optimizer == "nvme" or (o.nvme_path is None and not o.nvme_bytes),
+        "offload.optimizer",
+        "nvme when offload.nvme_path or offload.nvme_bytes is set (nothing else uses them)",
+        o.optimizer,
+    )
+    if o.optimizer == "none" and o.params == "none":
+        return
+    used = [
+        f"offload.{k}={getattr(o, k)}" for k in ("optimizer", "params") if getattr(o, k) != "none"
+    ]
+    _check(
+        c.strategy.name in OFFLOAD_STRATEGIES,
+        "strategy.name",
+        f"one of {list(OFFLOAD_STRATEGIES)} with {' '.join(used)} (offload is built for the "
+        "data-parallel strategies only)",
+        c.strategy.name,
+    )
+    _check(
+        o.params == "none" or c.cluster.gpus_per_worker == 0,
+        "offload.params",
+        "none with cluster.gpus_per_worker > 0 (moving parameters off a GPU is not built yet; "
+        "on CPU workers offload.params=host is where they are already)",
+        o.params,
+    )
+    if o.optimizer == "nvme":
+        _check(
+            bool(o.nvme_path),
+            "offload.nvme_path",
+            "a directory on a local disk with offload.optimizer=nvme (e.g. "
+            "offload.nvme_path=/tmp/shoal-nvme)",
+            o.nvme_path,
+        )
+        path = Path(str(o.nvme_path)).expanduser()
+        o.nvme_path = str(path.resolve())
+        existing = next((p for p in (path, *path.parents) if p.exists()), None)
+        _check(
+            existing is not None and existing.is_dir() and os.access(existing, os.W_OK | os.X_OK),
+            "offload.nvme_path",
+            "a directory you can write (or one that can be created)",
+            str(path),
+        )
 
 
 def _check_finite(node: Any, path: str = "") -> None:

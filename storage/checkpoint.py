@@ -65,6 +65,7 @@ from typing import Any
 import torch
 
 from storage.object_store import ObjectStore, StoreError, open_store
+from storage.tiers import TierFlat, copy_flat
 
 FORMAT = "shoal-flat-v2"
 MANIFEST = "manifest.json"
@@ -449,7 +450,9 @@ def snapshot_shard(
     time, no pinned device-to-host copy); for 64-256 MiB shards on a CPU it
     took 5-15x the time of this writer with its reused buffer, 1.4-2.5x
     with a fresh one (``bench/snapshot_writer.py``). The objects are plain
-    safetensors: ``safetensors.torch.load`` reads them.
+    safetensors: ``safetensors.torch.load`` reads them. A tensor may also be
+    a ``storage.tiers.TierFlat`` (optimizer state offloaded to NVMe), which is
+    copied in one chunk at a time rather than loaded whole first.
     """
     shard_key(rank, space, save_id)  # refuse a bad space or save id before copying
     payload = {}
@@ -467,7 +470,9 @@ def snapshot_shard(
     out[: len(header)].copy_(torch.frombuffer(bytearray(header), dtype=torch.uint8))
     for name, t in payload.items():
         _, _, begin, end = spans[name]
-        out[begin:end].view(t.dtype).copy_(t.reshape(-1), non_blocking=on_gpu)
+        # Offloaded state (a TierFlat) is read chunk by chunk straight into its place.
+        dst = out[begin:end].view(t.dtype)
+        copy_flat(dst, t if isinstance(t, TierFlat) else t.reshape(-1), non_blocking=on_gpu)
     if on_gpu:
         torch.cuda.synchronize()  # the snapshot must be complete before training goes on
     return ShardSnapshot(rank, lo, hi, out, len(header), spans, space, save_id)

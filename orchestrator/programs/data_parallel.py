@@ -151,13 +151,18 @@ class DataParallelProgram(TrainingProgram):
         return {"batch_shares": list(self.balancer.shares)}
 
     def min_worker_bytes(self, numel: int) -> int:
-        """Parameters, gradients and optimizer state in fp32, each sharded as the stage says."""
+        """Parameters, gradients and optimizer state in fp32, each sharded as the stage says.
+
+        Optimizer state offloaded to NVMe (``offload.optimizer=nvme``) is not memory.
+        """
         stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[self.spec.strategy.name]
         world = self.spec.cluster.workers
         states = len(self._optimizer_spec.state_keys())
         params = numel if stage < 3 else numel / world
         grads = numel if stage < 2 else numel / world
         optimizer = states * (numel if stage < 1 else numel / world)
+        if self.spec.offload.optimizer == "nvme":
+            optimizer = 0  # in files (orchestrator/offload_plan.py checks the disk's budget)
         return int(4 * (params + grads + optimizer))
 
     def member_row(self, plan: DataParallelPlan, rank: int, numel: int) -> dict[str, Any]:
