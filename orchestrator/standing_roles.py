@@ -123,13 +123,7 @@ class StandingRoles:
         return [row for g in self.groups for row in g.describe()]
 
     def kill_all(self) -> None:
-        """Let every member say goodbye (a gateway tells its volunteers the job is over), then
-        kill them all. A member without a ``shutdown``, or one that does not answer within
-        ``SHUTDOWN_S``, is simply killed."""
-        refs = [m.actor.goodbye.remote() for g in self.groups for m in g.members]
-        if refs:
-            import ray
-
-            ray.wait(refs, num_returns=len(refs), timeout=SHUTDOWN_S)
+        """Let every member say goodbye (a gateway tells its volunteers the job is over),
+        for up to ``SHUTDOWN_S``, then kill them all."""
         for g in self.groups:
-            g.kill_all()
+            g.kill_all(goodbye_s=SHUTDOWN_S)

@@ -577,7 +577,12 @@ class WorkerGroup:
             timeout=CONTROL_S,
         )
 
-    def kill_all(self) -> None:
+    def kill_all(self, goodbye_s: float = 0.0) -> None:
+        """Kill every member; with ``goodbye_s``, first let the seated ones run their runtime's
+        ``shutdown`` (``MemberActor.goodbye``) for up to that long."""
+        if goodbye_s > 0 and self.members:
+            refs = [m.actor.goodbye.remote() for m in self.members]
+            ray.wait(refs, num_returns=len(refs), timeout=goodbye_s)
         for m in self.members + [m for m, _ in self.pending]:
             ray.kill(m.actor, no_restart=True)
         self.members, self.pending = [], []

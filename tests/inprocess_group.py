@@ -265,7 +265,7 @@ class InProcessGroup:
     def remove(self, members: list[ScriptedMember]) -> None:
         self.removed += [m.worker_id for m in members]
 
-    def kill_all(self) -> None:
+    def kill_all(self, goodbye_s: float = 0.0) -> None:
         self.remove(self.members + [m for m, _ in self.pending])
         self.members, self.pending = [], []
 
