@@ -38,3 +38,19 @@ def ray_session():
     )
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture
+def default_sigint():
+    """Python's default SIGINT handler in this process while the test runs.
+
+    Children of a pytest started in the background (``pytest &``) inherit
+    SIGINT ignored, and ``shoal run`` / ``shoal volunteer join`` rightly leave
+    an ignored SIGINT alone; tests that Ctrl-C the processes they start need
+    a terminal's disposition, which a handled signal becomes again in a child.
+    """
+    import signal
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)

@@ -60,14 +60,8 @@ def _has_a_line(path: Path) -> bool:
         return False
 
 
-@pytest.fixture(autouse=True)
-def _sigint_not_ignored():
-    """Children of a pytest started in the background (``pytest &``) inherit SIGINT
-    ignored, and ``shoal run`` rightly leaves an ignored SIGINT alone; these tests need a
-    terminal's disposition, so the runs they start get Python's default handler back."""
-    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
-    yield
-    signal.signal(signal.SIGINT, previous)
+# The runs these tests start must react to SIGINT as under a terminal.
+pytestmark = pytest.mark.usefixtures("default_sigint")
 
 
 def _start(

@@ -62,6 +62,10 @@ WAIT_S = 20.0  # generous: every wait below ends as soon as its condition holds
 PROCESS_START_S = 90.0  # a volunteer process imports torch: slow on a busy 2-core machine
 
 
+# Volunteer processes are Ctrl-C'd: they must react to SIGINT as under a terminal.
+pytestmark = pytest.mark.usefixtures("default_sigint")
+
+
 def wait_for(cond: Callable[[], Any], what: str, timeout_s: float = WAIT_S) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:

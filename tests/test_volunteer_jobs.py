@@ -19,10 +19,15 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 from actors.gateway_actor import read_address
 from orchestrator import JobSpec, JobState, submit
 from storage.gateway_trust import create_token, gateway_dir
 from tests.conftest import REPO_ROOT
+
+# Volunteers are Ctrl-C'd at the end: they must react to SIGINT as under a terminal.
+pytestmark = pytest.mark.usefixtures("default_sigint")
 
 JOB = [
     "strategy=federated",
