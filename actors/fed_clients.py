@@ -197,9 +197,12 @@ class ClientGroupRuntime:
         if control is not None:
             correction = control - self.control.get(client, torch.zeros_like(control))
         loss_sum, units, steps = 0.0, 0, 0
+        cap = st.local_steps if st.local_steps is not None else float("inf")
         for _ in range(st.local_epochs):
             order = torch.randperm(n, generator=gen)
             for lo in range(0, n, st.batch_size):
+                if steps >= cap:
+                    break
                 rows = order[lo : lo + st.batch_size]
                 part = {k: v[rows] for k, v in batch.items()}
                 self.grad.zero_()

@@ -496,6 +496,7 @@ def shoal_overrides(
         f"strategy.clients={cfg.clients}",
         f"strategy.per_round={cfg.per_round}",
         f"strategy.local_epochs={LOCAL_EPOCHS}",
+        "strategy.local_steps=null",  # whole epochs, as the floor and Flower train
         f"strategy.batch_size={BATCH}",
         f"strategy.client_lr={CLIENT_LR}",
         f"train.steps={ROUNDS}",

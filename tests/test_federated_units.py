@@ -215,3 +215,14 @@ def test_the_server_rejects_malformed_updates_before_they_are_used():
     assert out.finished == [0, 3, 4]
     # The median of what was accepted: the bad rows never reach the rule.
     torch.testing.assert_close(server._aggregate(out), torch.full((4,), 2.0))
+
+
+def test_local_steps_caps_a_clients_round():
+    runtime, start = _clients("strategy.local_epochs=3", "strategy.batch_size=8")
+    *_, steps = runtime._train_client(0, 1, start, 0.1, None)
+    assert steps == 3 * -(-len(runtime.rows[1]["y"]) // 8)  # every batch of every epoch
+    capped, _ = _clients(
+        "strategy.local_epochs=3", "strategy.batch_size=8", "strategy.local_steps=2"
+    )
+    *_, steps = capped._train_client(0, 1, start, 0.1, None)
+    assert steps == 2

@@ -68,6 +68,10 @@ class FederatedStrategyConfig(StrategyConfig):
     # of batch_size, plain SGD at client_lr (train.lr, its schedule and
     # train.optimizer are not used: the server's step is server_lr).
     local_epochs: int = 1
+    # ... but at most this many SGD steps per client and round (null: no
+    # cap): a client with many rows (a text corpus' share) then costs a
+    # bounded round, the usual "K local steps" of FedAvg.
+    local_steps: int | None = None
     batch_size: int = 32
     client_lr: float = 0.3
     aggregator: str = "fedavg"
@@ -127,6 +131,8 @@ def check(c: Any) -> None:
         raise ConfigError(
             f"strategy.aggregator: must be one of {list(AGGREGATORS)}, got {st.aggregator!r}"
         )
+    if st.local_steps is not None and st.local_steps < 1:
+        raise ConfigError(f"strategy.local_steps: must be >= 1 or null, got {st.local_steps}")
     positive = ("batch_size", "local_epochs")
     for name in positive:
         if getattr(st, name) < 1:
