@@ -118,9 +118,6 @@ class ClientGroupRuntime:
             "rows": sum(len(b["y"]) for b in self.rows.values()),
         }
 
-    def report(self) -> dict[str, Any]:
-        return {"slot": self.slot, "clients": len(self.rows)}
-
     # -- training -----------------------------------------------------------
 
     def train(

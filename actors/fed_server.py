@@ -339,7 +339,7 @@ class FederatedServerRuntime(DataParallelRuntime):
         """Recompute a share of the volunteers' updates on trusted client actors.
 
         The share of volunteer ``v`` falls as it passes checks (the gateway's
-        ``spot_check_share``). A mismatch bans the volunteer, and the trusted
+        ``spot_check_shares``). A mismatch bans the volunteer, and the trusted
         update replaces its result. Honest results earn credit.
         """
         import random
@@ -347,16 +347,18 @@ class FederatedServerRuntime(DataParallelRuntime):
         g = self.spec.gateway
         rng = random.SystemRandom()  # unpredictable: a volunteer must not know when it is checked
         n_actors = self.spec.cluster.workers
+        volunteers = [by_client[c] for c in result.clients]
+        shares = ray.get(self._gateway.spot_check_shares.remote(volunteers))
+        checks: dict[int, ray.ObjectRef] = {}  # index in result -> the trusted recomputation
         for i, client in enumerate(result.clients):
-            volunteer = by_client[client]
-            share = ray.get(self._gateway.spot_check_share.remote(volunteer))
             slot = client % n_actors
-            if slot not in live or rng.random() >= share:
-                self._gateway.credit.remote(volunteer, 1.0)
-                continue
-            trusted: ClientResults = ray.get(
-                live[slot].train.remote(step, params, [client], lr, "each", control)
-            )
+            if slot in live and rng.random() < shares[volunteers[i]]:
+                checks[i] = live[slot].train.remote(step, params, [client], lr, "each", control)
+            else:
+                self._gateway.credit.remote(volunteers[i], 1.0)
+        for i, ref in checks.items():  # all recomputed at once, compared in turn
+            client, volunteer = result.clients[i], volunteers[i]
+            trusted: ClientResults = ray.get(ref)
             if trusted.updates is None:  # the trusted side failed: no verdict
                 continue
             mine, truth = result.updates[i], trusted.updates[0]

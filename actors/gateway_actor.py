@@ -145,9 +145,10 @@ class GatewayRuntime:
             v.volunteer_id for v in self.gateway.volunteers() if v.connected and not v.banned
         )
 
-    def spot_check_share(self, volunteer: str) -> float:
-        """The chance this volunteer's next result is recomputed: ``1 / (1 + valid)``, floored."""
-        return max(self.spec.gateway.spot_check_min, 1.0 / (1 + self._valid.get(volunteer, 0)))
+    def spot_check_shares(self, volunteers: list[str]) -> dict[str, float]:
+        """The chance each volunteer's next result is recomputed: ``1 / (1 + valid)``, floored."""
+        floor = self.spec.gateway.spot_check_min
+        return {v: max(floor, 1.0 / (1 + self._valid.get(v, 0))) for v in volunteers}
 
     def train_clients(
         self,
