@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import os
 import socket
 import sys
 import tempfile
@@ -182,4 +183,7 @@ def _join(args: argparse.Namespace) -> int:
         stop.set()
     st = client.status()
     print(f"left: work done {st.work_done}, credit {st.credit:g}", flush=True)
-    return 0
+    sys.stderr.flush()
+    # Done and left: exit now. Interpreter teardown with gRPC's threads still
+    # unwinding has aborted the process (SIGABRT) after a clean leave.
+    os._exit(0)
