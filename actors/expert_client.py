@@ -15,6 +15,11 @@ the measured latency, version, misses and failures, and bans: a host whose
 call failed is skipped (its experts masked in the gate) for ``ban_s *
 2^(failures-1)`` seconds — one whose actor died, until the registry drops or
 replaces it — and a missed deadline halves its throughput estimate.
+
+A slot may also have volunteers' replicas in the registry
+(``actors/expert_relay.py``): an expert's tokens then go to one of the
+slot's live entries, taken in turn by step, layer and expert, so the
+replicas share the slot's work.
 """
 
 from __future__ import annotations
@@ -33,12 +38,19 @@ from collectives.moe_routing import slots_of
 
 @dataclass(frozen=True)
 class HostEntry:
-    """One live expert host, as the registry names it."""
+    """One live expert host, or a volunteer's replica of one, as the registry names it."""
 
     slot: int
-    handle: Any  # RuntimeHandle of its MemberActor
+    handle: Any  # RuntimeHandle of its MemberActor (a replica: a VolunteerReplica)
     experts: tuple[int, int]  # expert indices [a, b) it holds in every layer
     worker_id: int = -1  # the member's id, new for a replacement in the same slot
+    volunteer: str | None = None  # a replica: the volunteer's id (its calls go via the gateway)
+
+    @property
+    def key(self) -> int | str:
+        """How workers tell entries apart: the slot for a host, ``"slot/volunteer"`` for a
+        replica."""
+        return self.slot if self.volunteer is None else f"{self.slot}/{self.volunteer}"
 
 
 @dataclass
@@ -72,10 +84,10 @@ class ExpertClient:
         self.k_min, self.grace_s = strategy.k_min, strategy.grace_s
         self.timeout_s = strategy.timeout_s
         self.ban_s, self.ban_max_s = strategy.ban_s, strategy.ban_max_s
-        self.hosts: dict[int, HostEntry] = {}
-        self.stats: dict[int, HostStats] = {}
-        self._strikes: dict[int, int] = {}
-        self._banned_until: dict[int, float] = {}
+        self.hosts: dict[int | str, HostEntry] = {}  # by HostEntry.key
+        self.stats: dict[int | str, HostStats] = {}
+        self._strikes: dict[int | str, int] = {}
+        self._banned_until: dict[int | str, float] = {}
         # Members whose actor died: masked until the registry no longer lists
         # them (the controller notices a death only at its next liveness
         # ping, and a step may already be on its way with the old registry).
@@ -86,21 +98,40 @@ class ExpertClient:
 
     def update(self, registry: list[HostEntry], attempt: int, step: int) -> None:
         """This step's registry and position (sent by the controller with every step)."""
-        self.hosts = {h.slot: h for h in registry}
+        self.hosts = {h.key: h for h in registry}
         self._dead &= {h.worker_id for h in registry}
         self.attempt, self.step = attempt, step
+
+    def _usable(self, h: HostEntry, now: float) -> bool:
+        return h.worker_id not in self._dead and self._banned_until.get(h.key, 0.0) <= now
 
     def live(self) -> torch.Tensor:
         """``[E]`` bool: experts on a registered host that is not banned now."""
         live_E = torch.zeros(self.n_expert, dtype=torch.bool)
         now = time.monotonic()
         for h in self.hosts.values():
-            if h.worker_id not in self._dead and self._banned_until.get(h.slot, 0.0) <= now:
+            if self._usable(h, now):
                 live_E[h.experts[0] : h.experts[1]] = True
         return live_E
 
-    def _host_of(self) -> dict[int, int]:
-        return {e: h.slot for h in self.hosts.values() for e in range(*h.experts)}
+    def _entry_for(self, layer: int) -> dict[int, int | str]:
+        """Expert -> the entry its tokens go to: a usable one holding it, taken in turn.
+
+        (An expert the gate routed to has a usable entry, unless a ban began
+        since: then any entry holding it, which answers or is masked.)
+        """
+        now = time.monotonic()
+        usable: dict[int, list[int | str]] = {}
+        holding: dict[int, list[int | str]] = {}
+        for key, h in sorted(self.hosts.items(), key=lambda kv: str(kv[0])):
+            for e in range(*h.experts):
+                holding.setdefault(e, []).append(key)
+                if self._usable(h, now):
+                    usable.setdefault(e, []).append(key)
+        return {
+            e: (usable.get(e) or keys)[(self.step + layer + e) % len(usable.get(e) or keys)]
+            for e, keys in holding.items()
+        }
 
     # -- forward and backward -------------------------------------------------
 
@@ -109,26 +140,26 @@ class ExpertClient:
     ) -> tuple[torch.Tensor, torch.Tensor, Dispatch]:
         """Outputs ``[T, K, C]`` (0 where unanswered), answered mask ``[T, K]``, the dispatch."""
         T, K = experts_TK.shape
-        host_of = self._host_of()
-        sent: dict[int, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
+        entry_for = self._entry_for(layer)
+        sent: dict[int | str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {}
         for e in torch.unique(experts_TK[experts_TK >= 0]).tolist():
             tokens, slots = slots_of(experts_TK, e)
-            sent.setdefault(host_of[e], {})[e] = (tokens, slots)
+            sent.setdefault(entry_for[e], {})[e] = (tokens, slots)
         refs = {
-            slot: self.hosts[slot].handle.forward.remote(
+            key: self.hosts[key].handle.forward.remote(
                 self.attempt, self.step, layer, {e: x_TC[t] for e, (t, _) in experts.items()}
             )
-            for slot, experts in sent.items()
+            for key, experts in sent.items()
         }
         answers = self._wait(refs, sent, T)
         dispatch = Dispatch(layer)
         rows, outs = [], []
         answered_TK = torch.zeros((T, K), dtype=torch.bool)
-        for slot, (outputs, (version, restored_from)) in answers.items():
-            self.stats[slot].version = version
-            self.stats[slot].restored_from = restored_from
-            dispatch.answered[slot] = sent[slot]
-            for e, (tokens, slots) in sent[slot].items():
+        for key, (outputs, (version, restored_from)) in answers.items():
+            self.stats[key].version = version
+            self.stats[key].restored_from = restored_from
+            dispatch.answered[key] = sent[key]
+            for e, (tokens, slots) in sent[key].items():
                 rows.append(tokens * K + slots)
                 outs.append(outputs[e])
                 answered_TK[tokens, slots] = True
@@ -142,19 +173,19 @@ class ExpertClient:
         """``dL/dx`` from the hosts that answered the forward; 0 from any that do not answer now."""
         T = x_TC.shape[0]
         refs = {
-            slot: self.hosts[slot].handle.backward.remote(
+            key: self.hosts[key].handle.backward.remote(
                 self.attempt,
                 self.step,
                 dispatch.layer,
                 {e: (x_TC[t], grad_TKC[t, s]) for e, (t, s) in experts.items()},
             )
-            for slot, experts in dispatch.answered.items()
-            if slot in self.hosts
+            for key, experts in dispatch.answered.items()
+            if key in self.hosts
         }
         answers = self._wait(refs, dispatch.answered, T)
         grad_TC = torch.zeros_like(x_TC)
-        for slot, grads in answers.items():
-            for e, (tokens, _) in dispatch.answered[slot].items():
+        for key, grads in answers.items():
+            for e, (tokens, _) in dispatch.answered[key].items():
                 if e in grads:
                     grad_TC.index_add_(0, tokens, grads[e].to(grad_TC.dtype))
         return grad_TC
@@ -171,8 +202,8 @@ class ExpertClient:
         # need_TH[t, i]: token t was sent to the i-th host of `order`.
         order = list(refs)
         need_TH = torch.zeros((T, len(order)), dtype=torch.bool)
-        for i, slot in enumerate(order):
-            for tokens, _ in sent[slot].values():
+        for i, key in enumerate(order):
+            for tokens, _ in sent[key].values():
                 need_TH[tokens, i] = True
         start = time.monotonic()
         satisfied_at: float | None = None
@@ -190,16 +221,16 @@ class ExpertClient:
             ready, _ = ray.wait(list(pending), num_returns=1, timeout=left)
             for ref in ready:
                 i = pending.pop(ref)
-                slot = order[i]
+                key = order[i]
                 try:
                     answered[i] = ray.get(ref)
                 except ray.exceptions.RayError as e:
                     failed.add(i)
-                    self._strike(slot)
+                    self._strike(key)
                     if isinstance(e, ray.exceptions.RayActorError):
-                        self._dead.add(self.hosts[slot].worker_id)
+                        self._dead.add(self.hosts[key].worker_id)
                     continue
-                self._record(slot, time.monotonic() - start, sent[slot])
+                self._record(key, time.monotonic() - start, sent[key])
             if satisfied_at is None and self._satisfied(need_TH, answered, failed):
                 satisfied_at = time.monotonic()
         for ref, i in pending.items():  # past the deadline: given up on
@@ -216,38 +247,38 @@ class ExpertClient:
 
     # -- host health ----------------------------------------------------------
 
-    def _stats(self, slot: int) -> HostStats:
-        return self.stats.setdefault(slot, HostStats())
+    def _stats(self, key: int | str) -> HostStats:
+        return self.stats.setdefault(key, HostStats())
 
-    def _record(self, slot: int, seconds: float, experts: dict) -> None:
-        st = self._stats(slot)
+    def _record(self, key: int | str, seconds: float, experts: dict) -> None:
+        st = self._stats(key)
         st.calls += 1
         st.answered += 1
         st.latency_s += seconds
         tokens = sum(len(t) for t, _ in experts.values())
         rate = tokens / max(seconds, 1e-6)
         st.tokens_per_s = rate if st.tokens_per_s == 0 else 0.8 * st.tokens_per_s + 0.2 * rate
-        self._strikes.pop(slot, None)
+        self._strikes.pop(key, None)
 
-    def _miss(self, slot: int) -> None:
-        st = self._stats(slot)
+    def _miss(self, key: int | str) -> None:
+        st = self._stats(key)
         st.calls += 1
         st.missed += 1
         st.tokens_per_s /= 2
 
-    def _strike(self, slot: int) -> None:
-        st = self._stats(slot)
+    def _strike(self, key: int | str) -> None:
+        st = self._stats(key)
         st.calls += 1
         st.failed += 1
-        strikes = self._strikes.get(slot, 0) + 1
-        self._strikes[slot] = strikes
+        strikes = self._strikes.get(key, 0) + 1
+        self._strikes[key] = strikes
         ban = min(self.ban_max_s, self.ban_s * 2 ** (strikes - 1))
-        self._banned_until[slot] = time.monotonic() + ban
+        self._banned_until[key] = time.monotonic() + ban
 
     def take_report(self) -> dict[str, Any]:
-        """Per host (by slot) what was measured since the last report; then start afresh."""
+        """Per entry (by ``HostEntry.key``) what was measured since the last report; then reset."""
         hosts = {
-            slot: {
+            key: {
                 "calls": st.calls,
                 "missed": st.missed,
                 "failed": st.failed,
@@ -256,7 +287,7 @@ class ExpertClient:
                 "restored_from": st.restored_from,
                 "tokens_per_s": round(st.tokens_per_s, 1),
             }
-            for slot, st in self.stats.items()
+            for key, st in self.stats.items()
         }
         report = {
             "hosts": hosts,

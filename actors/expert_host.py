@@ -46,12 +46,11 @@ from dataclasses import asdict
 from typing import Any
 
 import torch
-from torch import nn
 
 from actors.dp_runtime import optimizer_spec, peak_rss_bytes
+from actors.expert_slot import SlotExperts
 from actors.memory import worker_available_bytes
 from actors.task import build_model
-from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
 from collectives.optim import FlatOptimizer, decay_ranges
 from orchestrator.schedule import lr_at
 from orchestrator.spec import JobSpec
@@ -65,11 +64,6 @@ from storage.checkpoint import (
 from storage.object_store import StoreError, open_store
 
 EXPERTS_SPACE = "experts"
-
-
-def expert_range(n_expert: int, hosts: int, slot: int) -> tuple[int, int]:
-    """The expert indices ``[a, b)`` that host ``slot`` of ``hosts`` holds, in every layer."""
-    return split_evenly(n_expert, hosts)[slot]
 
 
 class ExpertHostRuntime:
@@ -95,6 +89,8 @@ class ExpertHostRuntime:
         self._served = 0
         self._busy_s = 0.0
         self.restored_from: str | None = None
+        # Volunteer -> the gradients it added to the step being summed (see add_grads).
+        self._contributed: dict[str, list[tuple[int, int, torch.Tensor]]] = {}
 
     def probe(self) -> dict[str, Any]:
         import ray
@@ -110,26 +106,16 @@ class ExpertHostRuntime:
         self.slot = slot
         torch.manual_seed(self.spec.train.seed)
         model = build_model(self.spec.model, self.data.facts)
-        slots = model.expert_slots()
-        a, b = expert_range(model.n_expert, hosts, slot)
-        self.expert_ids = (a, b)
-        self.n_layer = len(model.moe_layers())
-        mine = [(layer, e, m) for layer, e, m in slots if a <= e < b]
-        self.experts: dict[tuple[int, int], nn.Module] = {(l_, e): m for l_, e, m in mine}
-        holder = nn.ModuleList(m for _, _, m in mine)
-        self.layout = FlatLayout.of(holder)
-        per = sum(p.numel() for p in mine[0][2].parameters())
-        self.per_expert = per
-        self.space_size = per * len(slots)
-        self.lo, self.hi = a * self.n_layer * per, b * self.n_layer * per
-        self.flat_param = flatten_into(holder, self.layout, torch.float32)
-        self.flat_grad = torch.zeros_like(self.flat_param)
-        attach_grad_views(holder, self.layout, self.flat_grad)
+        self.held = SlotExperts.of(model, slot, hosts)
+        h = self.held
+        self.expert_ids, self.n_layer, self.per_expert = h.expert_ids, h.n_layer, h.per_expert
+        self.space_size, self.lo, self.hi = h.space_size, h.lo, h.hi
+        self.flat_param, self.flat_grad = h.flat_param, h.flat_grad
         self.optimizer = FlatOptimizer(
             optimizer_spec(self.spec),
             self.flat_param,
             self.flat_grad,
-            decayed=decay_ranges(self.layout),
+            decayed=decay_ranges(h.layout),
         )
         del model
         self._restore_latest()
@@ -151,14 +137,13 @@ class ExpertHostRuntime:
 
     # -- serving ------------------------------------------------------------
 
-    @torch.no_grad()
     def forward(
         self, attempt: int, step: int, layer: int, inputs: dict[int, torch.Tensor]
     ) -> tuple[dict[int, torch.Tensor], tuple[int, str | None]]:
         """Each expert's output for its tokens; this host's version and where it restored from."""
         start = self._serve_start()
         self._settle(attempt, step)  # a stale forward is still served: it changes nothing
-        out = {e: self.experts[(layer, e)](x.float()).to(x.dtype) for e, x in inputs.items()}
+        out = self.held.forward(layer, inputs)
         self._serve_end(start)
         return out, (self.applied, self.restored_from)
 
@@ -176,13 +161,54 @@ class ExpertHostRuntime:
         self._acc = (attempt, step)
         grads = {}
         for e, (x, dy) in inputs.items():
-            x = x.detach().float().requires_grad_(True)
-            with torch.enable_grad():
-                y = self.experts[(layer, e)](x)
-            torch.autograd.backward(y, dy.float())
-            grads[e] = x.grad.to(dy.dtype)
+            grads[e], dtheta = self.held.gradients(layer, e, x, dy)
+            self.held.accumulate(layer, e, dtheta)
         self._serve_end(start)
         return grads
+
+    # -- volunteer replicas (through the gateway, actors/gateway_actor.py) -----
+
+    def params_at(self, attempt: int, step: int) -> tuple[int, torch.Tensor, int]:
+        """The parameters a call of ``step`` is served with: (version, a copy, per expert)."""
+        self._settle(attempt, step)
+        return self.applied, self.flat_param.clone(), self.per_expert
+
+    def check_backward(
+        self, attempt: int, step: int, layer: int, inputs: dict[int, tuple[torch.Tensor, ...]]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """``{expert: (dx, dθ)}`` as ``backward`` computes them, accumulating nothing: the
+        trusted answer a volunteer's backward is spot-checked against."""
+        self._settle(attempt, step)
+        return {e: self.held.gradients(layer, e, x, dy) for e, (x, dy) in inputs.items()}
+
+    def add_grads(
+        self,
+        attempt: int,
+        step: int,
+        layer: int,
+        grads: dict[int, torch.Tensor],
+        source: str,
+    ) -> bool:
+        """Sum a volunteer's (validated) parameter gradients into step ``step``'s; False: stale.
+
+        What each volunteer added to the step not applied yet is kept, so a
+        volunteer banned before the step is applied can be discounted.
+        """
+        if not self._settle(attempt, step):
+            return False
+        self._acc = (attempt, step)
+        for e, g in grads.items():
+            self.held.accumulate(layer, e, g)
+            self._contributed.setdefault(source, []).append((layer, e, g))
+        return True
+
+    def discount(self, source: str) -> int:
+        """Take back what ``source`` added to the step not applied yet; how many pieces."""
+        taken = self._contributed.pop(source, [])
+        with torch.no_grad():
+            for layer, e, g in taken:
+                self.held.grad_of(layer, e).sub_(g)
+        return len(taken)
 
     def _serve_start(self) -> float:
         self._fresh = False
@@ -240,11 +266,13 @@ class ExpertHostRuntime:
         self.flat_grad.zero_()
         self.applied = step + 1
         self._acc = None
+        self._contributed.clear()
         self._replicate()
 
     def _drop(self) -> None:
         self.flat_grad.zero_()
         self._acc = None
+        self._contributed.clear()
 
     # -- replicas -------------------------------------------------------------
 
@@ -269,8 +297,7 @@ class ExpertHostRuntime:
             with torch.no_grad():
                 self.flat_param.copy_(tensors["param"])
             self.optimizer.load_state(tensors, step_count)
-            self.flat_grad.zero_()
-            self._acc = None
+            self._drop()
             self.applied = applied
             self._behind = True
             self.restored_from = f"replica at step {applied}"
@@ -390,8 +417,7 @@ class ExpertHostRuntime:
             for key in self.optimizer.spec.state_keys()
         }
         self.optimizer.load_state(state, manifest.optimizer["step_count"])
-        self.flat_grad.zero_()
-        self._acc = None
+        self._drop()
         self._behind = False
         self.applied = manifest.step
         return reader.bytes_read

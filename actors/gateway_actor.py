@@ -8,17 +8,24 @@ goes to the run's ``events.jsonl`` (``volunteer-joined``, ``-lost``,
 ``-rejected``, ...), and the address volunteers reach it at to
 ``<run_dir>/gateway/address``.
 
-What volunteers do is the program's business. Today: federated clients
-(``strategy=federated``), through ``train_clients``: each volunteer trains
-one client's work unit (its rows of the job's dataset, from the global
-model), exactly what a client actor would compute for it; the server
-validates the results, spot-checks some against a trusted client actor
-(``record_check``) and bans a volunteer caught lying.
+What volunteers do is the program's business:
+
+- federated clients (``strategy=federated``), through ``train_clients``:
+  each volunteer trains one client's work unit (its rows of the job's
+  dataset, from the global model), exactly what a client actor would
+  compute for it; the server validates the results, spot-checks some
+  against a trusted client actor (``record_check``) and bans a volunteer
+  caught lying;
+- replicas of expert hosts (``strategy=moe``), through ``expert_volunteers``
+  and the relayed ``expert_forward`` / ``expert_backward`` calls of
+  ``actors/expert_relay.py``; those run on the actor's serve threads, so
+  trunk workers' calls to different volunteers wait side by side.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from concurrent.futures import Future
 from concurrent.futures import wait as wait_futures
@@ -27,6 +34,7 @@ from typing import Any
 
 import torch
 
+from actors.expert_relay import ROLE_KIND, ExpertRelay
 from actors.fed_clients import ClientResults
 from actors.gateway_server import (
     GatewayConfig,
@@ -36,11 +44,10 @@ from actors.gateway_server import (
     WorkRejected,
     WorkTimeout,
 )
+from actors.volunteer_work import FED_TRAIN
 from orchestrator.events import EventLog
 from orchestrator.spec import JobSpec
 from storage.gateway_trust import gateway_credentials, gateway_dir
-
-FED_TRAIN = "fed.train"  # the work item a volunteer client answers
 
 
 def volunteer_overrides(spec: JobSpec) -> list[str]:
@@ -60,13 +67,16 @@ def volunteer_overrides(spec: JobSpec) -> list[str]:
 class GatewayRuntime:
     """One gateway per job (see the module docstring). Set up alone."""
 
-    CONTROL_METHODS = ("volunteers",)
+    CONTROL_METHODS = ("volunteers", "expert_volunteers")
+    SERVE_METHODS = ("expert_forward", "expert_backward")
 
     def __init__(self, spec: JobSpec, worker_id: int, data: Any):
         self.spec = spec
         self.worker_id = worker_id
         self.gateway: VolunteerGateway | None = None
         self._valid: dict[str, int] = {}  # volunteer -> spot checks passed
+        self._lock = threading.Lock()  # serve threads record checks side by side
+        self.relay = ExpertRelay(self)
 
     def probe(self) -> dict[str, Any]:
         import ray
@@ -125,6 +135,7 @@ class GatewayRuntime:
         for v in self.gateway.volunteers():
             rows.append(
                 {
+                    "id": v.volunteer_id,
                     "name": v.name,
                     "role": v.role,
                     "connected": v.connected,
@@ -148,7 +159,26 @@ class GatewayRuntime:
     def spot_check_shares(self, volunteers: list[str]) -> dict[str, float]:
         """The chance each volunteer's next result is recomputed: ``1 / (1 + valid)``, floored."""
         floor = self.spec.gateway.spot_check_min
-        return {v: max(floor, 1.0 / (1 + self._valid.get(v, 0))) for v in volunteers}
+        with self._lock:
+            return {v: max(floor, 1.0 / (1 + self._valid.get(v, 0))) for v in volunteers}
+
+    def expert_volunteers(self, hosts: int) -> tuple[list[tuple[str, int]], list[dict[str, Any]]]:
+        """``(volunteer, slot)`` for every volunteer replicating an expert host now, and the
+        volunteers' rows for the status (one call a step for ``strategy=moe``)."""
+        assert self.gateway is not None
+        ready = [v for v in self.gateway.volunteers() if v.connected and not v.banned]
+        replicas = self.relay.assign(hosts, ready)
+        for volunteer, slot in replicas:
+            self.gateway.set_role(volunteer, f"{ROLE_KIND} {slot} replica")
+        return replicas, self.volunteers()
+
+    def expert_forward(self, volunteer: str, slot: int, hosts: int, owner: Any, *call: Any) -> Any:
+        """An expert host's ``forward(attempt, step, layer, inputs)``, relayed to a volunteer."""
+        return self.relay.forward(volunteer, slot, hosts, owner, *call)
+
+    def expert_backward(self, volunteer: str, slot: int, hosts: int, owner: Any, *call: Any) -> Any:
+        """An expert host's ``backward(attempt, step, layer, inputs)``, relayed to a volunteer."""
+        return self.relay.backward(volunteer, slot, hosts, owner, *call)
 
     def train_clients(
         self,
@@ -206,7 +236,8 @@ class GatewayRuntime:
         """The outcome of a spot check: credit for a match, a ban for a mismatch."""
         assert self.gateway is not None
         if passed:
-            self._valid[volunteer] = self._valid.get(volunteer, 0) + 1
+            with self._lock:
+                self._valid[volunteer] = self._valid.get(volunteer, 0) + 1
             self.gateway.credit(volunteer, 1.0)
         else:
             self.gateway.ban(volunteer, f"spot check failed: {reason}")

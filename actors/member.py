@@ -7,7 +7,11 @@ training calls (steps, checkpoints, epoch changes) run one at a time, in
 order, on the default thread; the runtime's ``CONTROL_METHODS`` — what the
 controller asks during a recovery, such as which copies of state a worker
 holds — run on the "control" thread, so they are answered even when a step
-is stuck in a collective whose peers have gone.
+is stuck in a collective whose peers have gone. Its ``SERVE_METHODS`` run on
+a pool of "serve" threads, several at once: calls that mostly wait on
+someone else (the volunteer gateway relaying a call to a volunteer), so one
+slow answer does not hold up the rest. A runtime with serve methods keeps
+its own state thread-safe.
 
 Ray does not restart the actor on failure (``max_restarts=0``): replacing a
 lost member is the controller's decision, not Ray's.
@@ -30,13 +34,21 @@ def load_runtime(path: str) -> type:
     return getattr(importlib.import_module(module), name)
 
 
-@ray.remote(max_restarts=0, max_task_retries=0, concurrency_groups={"control": 1})
+SERVE_THREADS = 16
+
+
+@ray.remote(
+    max_restarts=0,
+    max_task_retries=0,
+    concurrency_groups={"control": 1, "serve": SERVE_THREADS},
+)
 class MemberActor:
     """Hosts one runtime; ``call`` and ``control`` run its methods by name."""
 
     def __init__(self, runtime: str, *args: Any):
         self.runtime = load_runtime(runtime)(*args)
         self._control = frozenset(getattr(self.runtime, "CONTROL_METHODS", ()))
+        self._serve = frozenset(getattr(self.runtime, "SERVE_METHODS", ()))
 
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
         return getattr(self.runtime, method)(*args, **kwargs)
@@ -60,24 +72,39 @@ class MemberActor:
             raise ValueError(f"{method!r} is not a control method of {type(self.runtime)}")
         return getattr(self.runtime, method)(*args, **kwargs)
 
+    @ray.method(concurrency_group="serve")
+    def serve(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        if method not in self._serve:
+            raise ValueError(f"{method!r} is not a serve method of {type(self.runtime)}")
+        return getattr(self.runtime, method)(*args, **kwargs)
+
 
 class _RemoteMethod:
-    def __init__(self, actor: Any, name: str, control: bool):
-        self._actor, self._name, self._control = actor, name, control
+    def __init__(self, actor: Any, name: str, group: str):
+        self._actor, self._name, self._group = actor, name, group
 
     def remote(self, *args: Any, **kwargs: Any) -> ray.ObjectRef:
-        target = self._actor.control if self._control else self._actor.call
-        return target.remote(self._name, *args, **kwargs)
+        return getattr(self._actor, self._group).remote(self._name, *args, **kwargs)
 
 
 class RuntimeHandle:
     """A member's runtime as the controller sees it: ``handle.method.remote(...)``."""
 
-    def __init__(self, actor: Any, control_methods: frozenset[str]):
+    def __init__(
+        self,
+        actor: Any,
+        control_methods: frozenset[str],
+        serve_methods: frozenset[str] = frozenset(),
+    ):
         self.actor = actor
         self._control_methods = control_methods
+        self._serve_methods = serve_methods
 
     def __getattr__(self, name: str) -> _RemoteMethod:
         if name.startswith("_"):
             raise AttributeError(name)
-        return _RemoteMethod(self.actor, name, name in self._control_methods)
+        if name in self._control_methods:
+            return _RemoteMethod(self.actor, name, "control")
+        if name in self._serve_methods:
+            return _RemoteMethod(self.actor, name, "serve")
+        return _RemoteMethod(self.actor, name, "call")

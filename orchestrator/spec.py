@@ -310,11 +310,17 @@ def _validate_gateway(c: JobConfig) -> None:
     g = c.gateway
     if not g.enabled:
         return
+    # A program that takes volunteers says what they do for it (its config's VOLUNTEERS).
+    takes = {
+        name: getattr(importlib.import_module(module), "VOLUNTEERS", None)
+        for name, module in CONFIGS.items()
+    }
+    takes = {name: what for name, what in takes.items() if what}
     _check(
-        c.strategy.name == "federated",
+        c.strategy.name in takes,
         "gateway.enabled",
-        "used with strategy=federated (volunteers train as clients); volunteers hosting experts "
-        "for strategy=moe are not built yet",
+        "used with a strategy that takes volunteers: "
+        + "; ".join(f"strategy={name} (volunteers {what})" for name, what in takes.items()),
         c.strategy.name,
     )
     _check(0 <= g.port <= 65535, "gateway.port", "a TCP port (0: any free one)", g.port)

@@ -5,13 +5,15 @@
   ``runs/JOB/gateway/tokens.json``); ``token revoke`` and ``token ls``.
 - ``shoal volunteer join --gateway HOST:PORT --token T --ca runs/JOB/gateway/ca.pem``
   connects out (TLS, verified against the run's CA; no inbound port is
-  needed), trains the work items the job sends — today federated client
-  rounds — and shows what it is doing; it reconnects after a network drop
+  needed), does the work items the job sends — federated client rounds,
+  or serving a replica of an expert host's experts — and shows what it is
+  doing; it reconnects after a network drop
   and leaves cleanly on Ctrl-C.
 
 What a volunteer builds is named by the gateway (the job's model, data and
-local-training settings), so a volunteer only ever instantiates shoal's own
-built-in models and datasets: a job asking for anything else is refused.
+training settings), so a volunteer only ever instantiates shoal's own
+built-in models and datasets: a job asking for anything else is refused
+(``actors/volunteer_work.py``).
 """
 
 from __future__ import annotations
@@ -21,13 +23,8 @@ import getpass
 import os
 import socket
 import sys
-import tempfile
 import threading
 import time
-from typing import Any
-
-# Module prefixes a gateway may ask a volunteer to instantiate (model, data, loss).
-_TRUSTED_TARGETS = ("actors.models.", "actors.datasets.", "actors.data.")
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -89,77 +86,19 @@ def _token(args: argparse.Namespace) -> int:
     return 0
 
 
-class VolunteerTrainer:
-    """What a volunteer computes for a federated job: one client's local training.
-
-    Built on first use from the job's overrides the gateway sent: the same
-    ``ClientGroupRuntime`` a client actor runs, hosting every client (the
-    dataset is the job's built-in one), so a result is exactly what the
-    job's own actor would compute — which is what lets the job spot-check it.
-    """
-
-    def __init__(self, job_config: dict[str, Any]):
-        self.job_config = job_config
-        self._runtime: Any = None
-        self._lock = threading.Lock()
-
-    def _build(self) -> Any:
-        from actors.fed_clients import ClientGroupRuntime
-        from actors.task import build_dataset
-        from orchestrator.spec import JobSpec
-
-        overrides = [str(o) for o in self.job_config.get("overrides", [])]
-        run_dir = tempfile.mkdtemp(prefix="shoal-volunteer-")
-        spec = JobSpec.from_overrides([*overrides, f"run_dir={run_dir}"])
-        for field, cfg in (("model", spec.model), ("data", spec.data)):
-            target = str(getattr(cfg, "_target_", None) or cfg.get("_target_", ""))
-            if not target.startswith(_TRUSTED_TARGETS):
-                raise PermissionError(
-                    f"the job asks volunteers to run {field}._target_={target!r}; volunteers run "
-                    "only shoal's built-in models and datasets"
-                )
-        if spec.task.loss:
-            raise PermissionError("the job has its own task.loss; volunteers run built-in losses")
-        runtime = ClientGroupRuntime(spec, 0, build_dataset(spec.data, run_dir))
-        runtime.setup(None, 0, 1)  # every client's rows: the job names which one to train
-        return runtime
-
-    def __call__(self, method: str, tensors: dict, args: dict) -> tuple[dict, dict]:
-        from actors.gateway_actor import FED_TRAIN
-
-        if method != FED_TRAIN:
-            raise ValueError(f"this volunteer does not do {method!r} work")
-        with self._lock:
-            if self._runtime is None:
-                self._runtime = self._build()
-            runtime = self._runtime
-        client, round_, lr = int(args["client"]), int(args["round"]), float(args["lr"])
-        if client not in runtime.rows:
-            raise ValueError(f"client {client} is not one of the job's clients")
-        out = runtime.train(round_, tensors["params"], [client], lr, "each")
-        if out.errors:
-            raise RuntimeError(out.errors[client])
-        if out.updates is None:
-            raise RuntimeError(f"client {client}: {out.rejected.get(client, 'no update')}")
-        stats = {"samples": out.samples[0], "loss_sum": out.loss_sum, "units": out.n_units}
-        return {"delta": out.updates[0].contiguous()}, stats
-
-
 def _join(args: argparse.Namespace) -> int:
     from actors.volunteer_client import VolunteerClient
+    from actors.volunteer_work import KINDS, VolunteerWork
 
     name = args.name or f"{getpass.getuser()}@{socket.gethostname()}"
-    holder: dict[str, VolunteerTrainer] = {}
+    holder: dict[str, VolunteerWork] = {}
 
     def handler(method: str, tensors: dict, work_args: dict) -> tuple[dict, dict]:
-        trainer = holder.get("trainer")
-        if trainer is None:
-            trainer = holder["trainer"] = VolunteerTrainer(client.job_config())
-        return trainer(method, tensors, work_args)
+        if "work" not in holder:  # the job's settings arrive with the gateway's Welcome
+            holder["work"] = VolunteerWork(client.job_config())
+        return holder["work"](method, tensors, work_args)
 
-    client = VolunteerClient(
-        args.gateway, args.token, args.ca, name, {"kinds": ["federated client"]}, handler
-    )
+    client = VolunteerClient(args.gateway, args.token, args.ca, name, {"kinds": KINDS}, handler)
     print(f"shoal volunteer {name!r}: joining {args.gateway} (Ctrl-C leaves)", flush=True)
     stop = threading.Event()
 

@@ -142,7 +142,9 @@ class WorkerGroup:
         self.program = program
         self.role = role
         self.standing = standing
-        self._control_methods = frozenset(load_runtime(role.runtime).CONTROL_METHODS)
+        runtime = load_runtime(role.runtime)
+        self._control_methods = frozenset(runtime.CONTROL_METHODS)
+        self._serve_methods = frozenset(getattr(runtime, "SERVE_METHODS", ()))
         self._data_ref = data_ref
         self.numel = numel
         self.events = events
@@ -176,7 +178,7 @@ class WorkerGroup:
                 name=f"shoal-{self.spec.job_id}-{role.name}{wid}",
                 runtime_env=env,
             ).remote(role.runtime, self.spec, wid, self._data_ref)
-            handle = RuntimeHandle(actor, self._control_methods)
+            handle = RuntimeHandle(actor, self._control_methods, self._serve_methods)
             self.pending.append((Member(wid, actor, handle, role.name), handle.probe.remote()))
         self._request_capacity()
 

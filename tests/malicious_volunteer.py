@@ -1,8 +1,9 @@
-"""A volunteer that lies: it trains honestly, then sends its update scaled by -5.
+"""A volunteer that lies: it computes honestly, then sends its answer scaled by -5.
 
-Run as ``python -m tests.malicious_volunteer HOST:PORT TOKEN CA_PATH``. Its
-results have the right shape, dtype and finite values, so only a spot check
-(or a robust rule) can tell.
+Run as ``python -m tests.malicious_volunteer HOST:PORT TOKEN CA_PATH``. As a
+federated client it scales its update; as an expert replica its outputs and
+gradients. Its results have the right names, shapes, dtype and finite values,
+so only a spot check (or a robust rule) can tell.
 """
 
 from __future__ import annotations
@@ -10,21 +11,20 @@ from __future__ import annotations
 import sys
 
 from actors.volunteer_client import VolunteerClient
-from orchestrator.volunteer_cli import VolunteerTrainer
+from actors.volunteer_work import KINDS, VolunteerWork
 
 
 def main() -> None:
     address, token, ca = sys.argv[1:4]
-    holder: dict[str, VolunteerTrainer] = {}
+    holder: dict[str, VolunteerWork] = {}
 
     def handler(method, tensors, args):
-        trainer = holder.setdefault("trainer", VolunteerTrainer(client.job_config()))
-        out, stats = trainer(method, tensors, args)
-        return {"delta": out["delta"] * -5.0}, stats
+        if "work" not in holder:
+            holder["work"] = VolunteerWork(client.job_config())
+        out, stats = holder["work"](method, tensors, args)
+        return {name: t * -5.0 for name, t in out.items()}, stats
 
-    client = VolunteerClient(
-        address, token, ca, "mallory", {"kinds": ["federated client"]}, handler
-    )
+    client = VolunteerClient(address, token, ca, "mallory", {"kinds": KINDS}, handler)
     client.run_forever()
 
 

@@ -33,7 +33,8 @@ import pytest
 import torch
 
 from actors.datasets import DataFacts
-from actors.expert_host import EXPERTS_SPACE, ExpertHostRuntime, expert_range
+from actors.expert_host import EXPERTS_SPACE, ExpertHostRuntime
+from actors.expert_slot import expert_range
 from actors.models.gpt_moe import GPTMoE
 from collectives.optim import OptimizerSpec
 from orchestrator.schedule import lr_at
@@ -213,7 +214,7 @@ def test_host_ranges_tile_the_experts_space_and_hold_the_seeded_experts(base_spe
         # The modules serve from the flat buffer (views of it): an update shows.
         with torch.no_grad():
             host.flat_param.add_(1.0)
-        assert torch.equal(host.experts[(0, a)].fc.bias, torch.ones(4 * D))
+        assert torch.equal(host.held.experts[(0, a)].fc.bias, torch.ones(4 * D))
     assert ends == E * L * P
 
 
@@ -442,7 +443,7 @@ def test_save_then_load_at_another_host_count_restores_every_expert(base_spec, t
 
     params = whole(saved)
     assert not torch.equal(params, whole(told_before))  # training moved them
-    by_expert = {k: m for h in saved for k, m in h.experts.items()}
+    by_expert = {k: m for h in saved for k, m in h.held.experts.items()}
     for hosts in (restored, told):
         assert [h.applied for h in hosts] == [2, 2, 2]
         assert all(h.restored_from == f"file://{root}/step-2" for h in hosts)
@@ -454,7 +455,7 @@ def test_save_then_load_at_another_host_count_restores_every_expert(base_spec, t
         assert not any(h.flat_grad.any() for h in hosts)
         # Expert by expert, the modules that serve hold the saved parameters.
         for h in hosts:
-            for key, module in h.experts.items():
+            for key, module in h.held.experts.items():
                 for p, q in zip(module.parameters(), by_expert[key].parameters(), strict=True):
                     assert torch.equal(p, q), key
 

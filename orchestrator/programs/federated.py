@@ -17,7 +17,6 @@ every later round's work item carries the new actor.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -31,6 +30,7 @@ from orchestrator.program import (
     common_record,
 )
 from orchestrator.programs.data_parallel import DataParallelPlan
+from orchestrator.programs.volunteer_rows import volunteer_lines
 
 SERVER_RUNTIME = "actors.fed_server:FederatedServerRuntime"
 CLIENT_RUNTIME = "actors.fed_clients:ClientGroupRuntime"
@@ -184,19 +184,6 @@ class FederatedProgram(TrainingProgram):
             summary.append(f"  actor {slot}     {self._hosted(slot)} clients, {state}")
         if self.spec.gateway.enabled:
             fields["volunteers"] = self._volunteers
-            summary.append(f"  volunteers  {len(self._volunteers)} seen (gateway)")
-            for v in self._volunteers:
-                state = (
-                    f"banned ({v['banned']})"
-                    if v["banned"]
-                    else ("connected" if v["connected"] else "gone")
-                )
-                since = v.get("connected_since")
-                since_text = time.strftime("%H:%M:%S", time.localtime(since)) if since else "-"
-                summary.append(
-                    f"    {v['name']:<12} {v['role'] or '-'}, {state} since {since_text}, "
-                    f"work done {v['work_done']}, rejected {v['work_rejected']}, "
-                    f"credit {v['credit']:g}"
-                )
+            summary.extend(volunteer_lines(self._volunteers))
         fields["summary"] = summary
         return {"program": fields}

@@ -98,6 +98,7 @@ class FederatedStrategyConfig(StrategyConfig):
 
 
 SCHEMA = FederatedStrategyConfig
+VOLUNTEERS = "train as federated clients"  # with gateway.enabled
 
 
 def min_results(st: Any) -> int:

@@ -16,6 +16,13 @@ only to live experts. A host that dies mid-step costs the tokens routed to
 it in that step (masked, the gate renormalised over what answered); the
 controller seats a replacement in its slot, which restores the slot's
 experts from the newest checkpoint and rejoins the registry.
+
+With ``gateway.enabled``, volunteers outside the cluster join as replicas of
+the hosts' slots (``actors/expert_relay.py``): each step the program asks
+the gateway which volunteers replicate which slot and adds them to the
+registry beside the hosts, so the workers share a slot's tokens between its
+host and its replicas. The hosts keep the state; volunteers only compute,
+and what they send is checked (and spot-checked against the host) first.
 """
 
 from __future__ import annotations
@@ -23,11 +30,15 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+import ray
+
 from actors.expert_client import HostEntry
-from actors.expert_host import expert_range
+from actors.expert_relay import VolunteerReplica
+from actors.expert_slot import expert_range
 from collectives.flat import FlatLayout
-from orchestrator.program import Capacity, RoleSpec, WorkItem, training_role
+from orchestrator.program import GATEWAY_ROLE, Capacity, RoleSpec, WorkItem, training_role
 from orchestrator.programs.data_parallel import DataParallelPlan, DataParallelProgram
+from orchestrator.programs.volunteer_rows import volunteer_lines
 
 WORKER_RUNTIME = "actors.moe_runtime:MoEWorkerRuntime"
 HOST_RUNTIME = "actors.expert_host:ExpertHostRuntime"
@@ -43,6 +54,10 @@ class MoEProgram(DataParallelProgram):
         self.attempt = 0  # the trunk's epoch: a step re-run after a failure is a new attempt
         self._hosts: dict[int, dict[str, Any]] = {}  # slot -> what the status shows
         self._masked = 0.0
+        self.gateway: Any = None  # the volunteer gateway member (gateway.enabled)
+        self._replicas: list[HostEntry] = []  # volunteers' replicas, as of this step
+        self._volunteers: list[dict[str, Any]] = []  # as the gateway last reported them
+        self._replica_rows: dict[str, dict[str, Any]] = {}  # "slot/volunteer" -> measured
 
     def roles(self) -> list[RoleSpec]:
         st = self.spec.strategy
@@ -62,6 +77,9 @@ class MoEProgram(DataParallelProgram):
         return (index, self.spec.strategy.expert_hosts)
 
     def standing_changed(self, role: str, members: Sequence[Any]) -> None:
+        if role == GATEWAY_ROLE:
+            self.gateway = members[0] if members else None
+            return
         n_expert, hosts = self.spec.model.n_expert, self.spec.strategy.expert_hosts
         self.registry = [
             HostEntry(m.rank, m.handle, expert_range(n_expert, hosts, m.rank), m.worker_id)
@@ -101,8 +119,9 @@ class MoEProgram(DataParallelProgram):
         self.attempt += 1
 
     def work_items(self, step: int, lr: float) -> list[WorkItem]:
+        registry = self.registry + self._volunteer_replicas()
         return [
-            WorkItem("train_step", (step, lr, lo, hi, self.registry, self.attempt))
+            WorkItem("train_step", (step, lr, lo, hi, registry, self.attempt))
             for lo, hi in self.balancer.bounds()
         ]
 
@@ -112,6 +131,31 @@ class MoEProgram(DataParallelProgram):
             for item in super().eval_items()
         ]
 
+    def _volunteer_replicas(self) -> list[HostEntry]:
+        """This step's volunteer replicas of the live hosts' slots (none without a gateway)."""
+        if self.gateway is None:
+            return []
+        hosts = self.spec.strategy.expert_hosts
+        try:
+            assigned, self._volunteers = ray.get(
+                self.gateway.handle.expert_volunteers.remote(hosts), timeout=10
+            )
+        except (ray.exceptions.RayError, TimeoutError):
+            return []  # the gateway is being replaced: this step runs on the hosts alone
+        owner = {h.slot: h for h in self.registry}
+        self._replicas = [
+            HostEntry(
+                slot,
+                VolunteerReplica(self.gateway.handle, owner[slot].handle, volunteer, slot, hosts),
+                owner[slot].experts,
+                self.gateway.worker_id,
+                volunteer,
+            )
+            for volunteer, slot in assigned
+            if slot in owner
+        ]
+        return self._replicas
+
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
         record = super().reduce(step, lr, results, step_time_s)
         routed = sum(r.experts["routed_slots"] for r in results)
@@ -120,16 +164,24 @@ class MoEProgram(DataParallelProgram):
         record["expert_slots_masked"] = round(self._masked, 4)
         record["expert_hosts_live"] = len(self.registry)
         for r in results:
-            for slot, h in r.experts["hosts"].items():
-                row = self._hosts.setdefault(slot, {})
+            for key, h in r.experts["hosts"].items():
+                if isinstance(key, str):  # a volunteer's replica ("slot/volunteer")
+                    row = self._replica_rows.setdefault(key, {})
+                    row["calls"] = row.get("calls", 0) + h["calls"]
+                    if h["latency_ms"] is not None:
+                        row["latency_ms"] = h["latency_ms"]
+                    for k in ("missed", "failed"):
+                        row[k] = row.get(k, 0) + h[k]
+                    continue
+                row = self._hosts.setdefault(key, {})
                 row["version"] = max(row.get("version", 0), h["version"])
                 if h.get("restored_from"):
                     row["restored_from"] = h["restored_from"]
                 if h["latency_ms"] is not None:
                     row["latency_ms"] = h["latency_ms"]
                     row["tokens_per_s"] = h["tokens_per_s"]
-                for key in ("missed", "failed"):
-                    row[key] = row.get(key, 0) + h[key]
+                for k in ("missed", "failed"):
+                    row[k] = row.get(k, 0) + h[k]
         return record
 
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
@@ -166,6 +218,20 @@ class MoEProgram(DataParallelProgram):
                 + f", missed {row.get('missed', 0)}, failed {row.get('failed', 0)}"
                 + (f"; restored from {row['restored_from']}" if row.get("restored_from") else "")
             )
+        if self.spec.gateway.enabled:
+            fields["volunteers"] = self._volunteers
+            fields["replicas"] = self._replica_rows
+            summary.extend(volunteer_lines(self._volunteers))
+            names = {v["id"]: v["name"] for v in self._volunteers}
+            for key, row in sorted(self._replica_rows.items()):
+                slot, volunteer = key.split("/", 1)
+                latency = row.get("latency_ms")
+                summary.append(
+                    f"    {names.get(volunteer, volunteer)}'s replica of host {slot}: "
+                    f"{row.get('calls', 0)} calls"
+                    + (f", latency {latency:.1f} ms" if latency is not None else "")
+                    + f", missed {row.get('missed', 0)}, failed {row.get('failed', 0)}"
+                )
         fields["summary"] = summary
         return {"program": fields}
 

@@ -39,6 +39,7 @@ class MoEStrategyConfig(StrategyConfig):
 
 
 SCHEMA = MoEStrategyConfig
+VOLUNTEERS = "replicate expert hosts"  # with gateway.enabled
 
 
 def check(c: Any) -> None:
