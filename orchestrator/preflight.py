@@ -190,7 +190,15 @@ def model_shape(spec: JobSpec, facts: DataFacts) -> ModelShape:
             layout = program_for(spec).trained_layout(model)
     except Exception as e:  # noqa: BLE001 - a user's model may raise anything
         cause = e.__cause__ or e  # Hydra wraps the constructor's own exception
-        raise ConfigError(f"model: cannot build {target!r}: {cause}") from None
+        hint = ""
+        if isinstance(cause, TypeError) and "missing" in str(cause):
+            data = getattr(spec.data, "_target_", None) or spec.data.get("_target_")
+            given = ", ".join(sorted(facts.model_kwargs())) or "nothing"
+            hint = (
+                f" (the data, {data!r}, gives the model {given}: choose data that fits it, "
+                "e.g. data=stdlib_text for a GPT, data=digits for an MLP)"
+            )
+        raise ConfigError(f"model: cannot build {target!r}: {cause}{hint}") from None
     saved = model.state_dict()
     buffers = [name for name, _ in model.named_buffers() if name in saved]
     if buffers:

@@ -1,12 +1,14 @@
 """Volunteers replicating expert hosts in a ``strategy=moe`` job: real `shoal volunteer join`
 processes on 127.0.0.1.
 
-Two volunteers join a running MoE job through its gateway: one honest, one
+Three volunteers join a running MoE job through its gateway: two honest, one
 that scales every answer by -5. Each becomes a replica of an expert host's
 slot and takes a share of the slot's tokens. A volunteer's first answers are
 always spot-checked against its host, so the liar is caught at once, banned,
-and its answer replaced by the host's; the honest one's answers and
-gradients are used, and it is credited. Since a replica computes what its
+and its answer replaced by the host's; the honest ones' answers and
+gradients are used, and they are credited. One honest volunteer is SIGKILLed
+once it has worked: its calls are answered by its host until the gateway
+notices it is gone. Since a replica computes what its
 host would, the job's final trunk and experts equal a one-process run's
 (``tests/test_moe_jobs.py``'s reference) — volunteers or not — up to the
 rounding of summing gradients in another order.
@@ -15,9 +17,11 @@ rounding of summing gradients in another order.
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -42,6 +46,11 @@ def _join(argv: list[str]) -> subprocess.Popen:
     )
 
 
+def _work_done(handle, name: str) -> int:
+    rows = (handle.status().program or {}).get("volunteers", [])
+    return sum(v["work_done"] for v in rows if v["name"] == name)
+
+
 def test_volunteer_replicas_serve_experts_and_a_liar_is_banned(ray_session, tmp_path):
     spec = _spec(
         tmp_path,
@@ -56,23 +65,31 @@ def test_volunteer_replicas_serve_experts_and_a_liar_is_banned(ray_session, tmp_
         "gateway.port=0",
         "gateway.spot_check_min=0.2",
     )
-    tokens = {name: create_token(spec.run_dir, name) for name in ("ann", "mallory")}
+    tokens = {name: create_token(spec.run_dir, name) for name in ("ann", "cy", "mallory")}
     handle = submit(spec)
     address = read_address(spec.run_dir, timeout_s=120)
     assert address, "the gateway did not start"
     ca = str(gateway_dir(spec.run_dir) / "ca.pem")
-    honest = _join(
-        ["orchestrator.cli", "volunteer", "join", "--gateway", address]
-        + ["--token", tokens["ann"], "--ca", ca, "--name", "ann"]
-    )
+    honest = {
+        name: _join(
+            ["orchestrator.cli", "volunteer", "join", "--gateway", address]
+            + ["--token", tokens[name], "--ca", ca, "--name", name]
+        )
+        for name in ("ann", "cy")
+    }
     liar = _join(["tests.malicious_volunteer", address, tokens["mallory"], ca])
+    procs = [*honest.values(), liar]
     try:
+        while _work_done(handle, "cy") == 0:
+            assert not handle.done(), "the job ended before volunteer cy did any work"
+            time.sleep(0.1)
+        os.kill(honest["cy"].pid, signal.SIGKILL)
         status = handle.wait(timeout=300)
-        assert honest.wait(timeout=60) == 0  # the job's end tells it to leave
+        assert honest["ann"].wait(timeout=60) == 0  # the job's end tells it to leave
     finally:
-        for p in (honest, liar):
+        for p in procs:
             p.send_signal(signal.SIGINT)
-        for p in (honest, liar):
+        for p in procs:
             try:
                 p.wait(timeout=20)
             except subprocess.TimeoutExpired:
@@ -86,6 +103,7 @@ def test_volunteer_replicas_serve_experts_and_a_liar_is_banned(ray_session, tmp_
     assert sum(r["calls"] for k, r in replicas.items() if k.endswith(rows["ann"]["id"])) > 0
     events = [json.loads(x) for x in (spec.run_dir / "events.jsonl").read_text().splitlines()]
     assert [e["name"] for e in events if e["event"] == "volunteer-banned"] == ["mallory"]
+    assert any(e["event"] == "volunteer-lost" and e.get("name") == "cy" for e in events)
 
     trunk, experts = _final_state(spec)
     ref_trunk, ref_experts, _ = moe_reference(spec, spec.train.steps)
