@@ -23,9 +23,12 @@ as if the runtime were the actor, and routes control methods to their thread.
 from __future__ import annotations
 
 import importlib
+import time
 from typing import Any
 
 import ray
+
+from actors.member_log import member_log, position_of
 
 
 def load_runtime(path: str) -> type:
@@ -45,13 +48,29 @@ SERVE_THREADS = 16
 class MemberActor:
     """Hosts one runtime; ``call`` and ``control`` run its methods by name."""
 
-    def __init__(self, runtime: str, *args: Any):
+    def __init__(self, runtime: str, *args: Any, role: str = "member"):
+        self._log = member_log(args, role)
         self.runtime = load_runtime(runtime)(*args)
         self._control = frozenset(getattr(self.runtime, "CONTROL_METHODS", ()))
         self._serve = frozenset(getattr(self.runtime, "SERVE_METHODS", ()))
 
+    def _run(self, method: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+        """The runtime's ``method``, logged (``actors/member_log.py``)."""
+        start = time.perf_counter()
+        try:
+            result = getattr(self.runtime, method)(*args, **kwargs)
+        except Exception:
+            if self._log is not None:
+                self._log.failed(method)
+            raise
+        if self._log is not None:
+            if method == "setup":
+                self._log.set_position(*position_of(self.runtime, args[0] if args else None))
+            self._log.called(method, time.perf_counter() - start)
+        return result
+
     def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return getattr(self.runtime, method)(*args, **kwargs)
+        return self._run(method, args, kwargs)
 
     @ray.method(concurrency_group="control")
     def alive(self) -> bool:
@@ -70,13 +89,13 @@ class MemberActor:
     def control(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method not in self._control:
             raise ValueError(f"{method!r} is not a control method of {type(self.runtime)}")
-        return getattr(self.runtime, method)(*args, **kwargs)
+        return self._run(method, args, kwargs)
 
     @ray.method(concurrency_group="serve")
     def serve(self, method: str, *args: Any, **kwargs: Any) -> Any:
         if method not in self._serve:
             raise ValueError(f"{method!r} is not a serve method of {type(self.runtime)}")
-        return getattr(self.runtime, method)(*args, **kwargs)
+        return self._run(method, args, kwargs)
 
 
 class _RemoteMethod:

@@ -34,6 +34,7 @@ class Rendezvous:
     timeout_s: float
     # Named sub-groups, axis -> a partition of the ranks (None: the default group only).
     subgroups: dict[str, list[list[int]]] | None = None
+    epoch: int = 0  # the job's epoch this group belongs to (for logs)
 
 
 def default_backend(use_cuda: bool) -> str:

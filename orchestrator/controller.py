@@ -112,7 +112,7 @@ class JobController:
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._cancel = threading.Event()
-        self._reporter = RunReporter(self.run_dir)
+        self._reporter = RunReporter(self.run_dir, tensorboard=spec.train.tensorboard)
         if spec.resume is None:
             # A fresh run owns the folder (run_lock): an earlier run's records
             # would otherwise be read as this one's.

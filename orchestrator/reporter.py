@@ -1,4 +1,5 @@
-"""The run folder's records: ``metrics.jsonl``, ``loss.png`` and ``sample.txt``.
+"""The run folder's records: ``metrics.jsonl``, ``loss.png``, ``sample.txt`` (and, with
+``train.tensorboard``, TensorBoard event files: ``orchestrator/tensorboard_log.py``).
 
 The controller hands each step's record to the ``RunReporter`` and goes on;
 files and the plot are the reporter's business. The loss curve is redrawn,
@@ -22,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from orchestrator.report import plot_loss
+from orchestrator.tensorboard_log import TensorBoardLog
 
 METRICS = "metrics.jsonl"
 PLOT_TIMEOUT_S = 120.0  # a drawing that takes longer is given up (the next one retries)
@@ -35,9 +37,10 @@ def _lowest_priority() -> None:
 class RunReporter:
     """Keeps the step records of a run, in memory and in ``<run_dir>/metrics.jsonl``."""
 
-    def __init__(self, run_dir: Path, plot_every_s: float = 10.0):
+    def __init__(self, run_dir: Path, plot_every_s: float = 10.0, tensorboard: bool = False):
         self.run_dir = run_dir
         self.path = run_dir / METRICS
+        self._tensorboard = TensorBoardLog(run_dir) if tensorboard else None
         self._lock = threading.Lock()
         self._records: list[dict[str, Any]] = []
         self._plot_every_s = plot_every_s
@@ -57,6 +60,8 @@ class RunReporter:
             self._records.append(record)
             with open(self.path, "a") as f:
                 f.write(json.dumps(record) + "\n")
+            if self._tensorboard is not None:
+                self._tensorboard.add(record)
 
     def since(self, index: int = 0) -> list[dict[str, Any]]:
         with self._lock:
@@ -72,6 +77,8 @@ class RunReporter:
             if not self._records or self._records[-1]["step"] != step - 1:
                 return
             self._records[-1].update(fields)
+            if self._tensorboard is not None:
+                self._tensorboard.add({"step": step - 1, **fields})
             line = json.dumps(self._records[-1]).encode() + b"\n"
             with open(self.path, "r+b") as f:
                 size = f.seek(0, 2)
@@ -109,6 +116,8 @@ class RunReporter:
         self._plot_wanted.set()
         self._plotter.join(timeout=60)
         plot_loss(self.since(), self._png)
+        if self._tensorboard is not None:
+            self._tensorboard.close()
 
     @property
     def _png(self) -> Path:

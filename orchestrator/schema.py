@@ -234,6 +234,9 @@ class TrainConfig:
     eval_every: int = 0
     # At most this many held-out batches (of train.global_batch samples) per evaluation.
     eval_batches: int = 20
+    # TensorBoard event files in <run_dir>/tensorboard: every number of every
+    # step record (tensorboard --logdir runs/JOB/tensorboard).
+    tensorboard: bool = False
     # After training, the model continues this prompt for this many tokens.
     sample_prompt: str = "def "
     sample_tokens: int = 200

@@ -177,7 +177,7 @@ class WorkerGroup:
                 num_gpus=role.gpus,
                 name=f"shoal-{self.spec.job_id}-{role.name}{wid}",
                 runtime_env=env,
-            ).remote(role.runtime, self.spec, wid, self._data_ref)
+            ).remote(role.runtime, self.spec, wid, self._data_ref, role=role.name)
             handle = RuntimeHandle(actor, self._control_methods, self._serve_methods)
             self.pending.append((Member(wid, actor, handle, role.name), handle.probe.remote()))
         self._request_capacity()
@@ -292,6 +292,7 @@ class WorkerGroup:
             default_backend(cl.gpus_per_worker > 0),
             cl.collective_timeout_s,
             subgroups=self.program.subgroups(self.plan),
+            epoch=self.epoch,
         )
         infos = self.gather(
             [

@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import REPO_ROOT
+from tests.test_tensorboard_log import read_scalars
 
 TINY = [
     "model.n_layer=1",
@@ -68,6 +69,7 @@ def test_run_end_to_end_then_status_and_resume(tmp_path, cluster_address):
         "train.steps=12",
         "checkpoint.every=6",
         "train.sample_tokens=20",
+        "train.tensorboard=true",
         f"run_dir={run_dir}",
     )
     assert out.returncode == 0, out.stderr[-3000:]
@@ -78,6 +80,8 @@ def test_run_end_to_end_then_status_and_resume(tmp_path, cluster_address):
     records = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(12))
     assert records[-1]["loss"] < records[0]["loss"]
+    board = read_scalars(run_dir / "tensorboard")
+    assert board["loss"] == {r["step"]: pytest.approx(r["loss"]) for r in records}
 
     status = shoal("status", str(run_dir))
     assert status.returncode == 0 and "succeeded" in status.stdout and "12/12" in status.stdout
