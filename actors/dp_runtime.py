@@ -56,6 +56,8 @@ class StepResult:
     comm_wait_s: float  # waiting for gradient reduction after backward
     step_s: float
     peak_rss: int  # bytes, this worker process's high-water mark so far
+    # The optimizer step waiting on offloaded state (None: the state is not offloaded).
+    io_wait_s: float | None = None
 
 
 def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
@@ -278,6 +280,7 @@ class DataParallelRuntime(ElasticState):
             comm_wait_s=stats.comm_wait_s,
             step_s=time.perf_counter() - start,
             peak_rss=peak_rss_bytes(),
+            io_wait_s=getattr(engine.optimizer, "last_io_wait_s", None),
         )
 
     # -- checkpoints --------------------------------------------------------

@@ -37,7 +37,13 @@ from typing import Any
 import ray
 import torch
 
-from actors.gateway_server import VolunteerLost, VolunteerWorkError, WorkRejected, WorkTimeout
+from actors.gateway_server import (
+    VolunteerLost,
+    VolunteerWorkError,
+    WorkRejected,
+    WorkTimeout,
+    relative_difference,
+)
 from actors.volunteer_work import MOE_BACKWARD, MOE_FORWARD, StaleReplica
 
 ROLE_KIND = "expert host"  # what a volunteer offers (its capabilities' "kinds")
@@ -78,12 +84,6 @@ class VolunteerReplica:
     @property
     def backward(self) -> _Relayed:
         return _Relayed(self, "expert_backward")
-
-
-def relative_difference(mine: torch.Tensor, truth: torch.Tensor) -> float:
-    """``|mine - truth| / |truth|`` (L2): how far an untrusted result is from the trusted one."""
-    diff = float(torch.linalg.vector_norm(mine.float() - truth.float()))
-    return diff / (float(torch.linalg.vector_norm(truth.float())) + 1e-12)
 
 
 class ExpertRelay:

@@ -46,6 +46,7 @@ import torch
 
 from actors.dp_runtime import DataParallelRuntime, StepResult, peak_rss_bytes
 from actors.fed_clients import ClientResults
+from actors.gateway_server import relative_difference
 from actors.task import eval_metrics
 from collectives.fed_aggregation import (
     centered_clip,
@@ -362,8 +363,7 @@ class FederatedServerRuntime(DataParallelRuntime):
             if trusted.updates is None:  # the trusted side failed: no verdict
                 continue
             mine, truth = result.updates[i], trusted.updates[0]
-            diff = float(torch.linalg.vector_norm(mine - truth))
-            rel = diff / (float(torch.linalg.vector_norm(truth)) + 1e-12)
+            rel = relative_difference(mine, truth)
             passed = rel <= g.spot_check_rtol
             reason = f"round {step}, client {client}: relative difference {rel:.3g}"
             self._gateway.record_check.remote(volunteer, passed, reason)  # credits a match

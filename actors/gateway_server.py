@@ -224,6 +224,13 @@ def _json_object(text: str, max_bytes: int, what: str) -> dict[str, Any]:
 ExpectSpec = Mapping[str, tuple[torch.dtype | str, tuple[int | None, ...] | None]]
 
 
+def relative_difference(mine: torch.Tensor, truth: torch.Tensor) -> float:
+    """``|mine - truth| / |truth|`` (L2): how far an untrusted result is from the trusted one
+    (a spot check passes below ``gateway.spot_check_rtol``)."""
+    diff = float(torch.linalg.vector_norm(mine.float() - truth.float()))
+    return diff / (float(torch.linalg.vector_norm(truth.float())) + 1e-12)
+
+
 def check_result(
     tensors: Mapping[str, torch.Tensor],
     expect: ExpectSpec | None = None,

@@ -18,6 +18,7 @@ afterwards (from pinned host buffers).
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -92,6 +93,9 @@ class OffloadedOptimizer:
             tier.allocate(key, self.grid.numel, value)
         self._steps = 0
         self._failed: BaseException | None = None
+        # Seconds the last step waited on the tier (reads not yet in, writes not yet
+        # out): what prefetching is meant to hide (reported as offload_wait_s).
+        self.last_io_wait_s = 0.0
 
     @property
     def step_count(self) -> int:
@@ -140,12 +144,15 @@ class OffloadedOptimizer:
             return
         reads: dict[int, dict[str, Future[torch.Tensor]]] = {}
         writes: list[Future[None]] = []
+        waited = 0.0
         try:
             for i in range(n):
                 for j in range(i, min(n, i + self.prefetch + 1)):
                     if j not in reads:
                         reads[j] = {k: self.tier.read(k, j) for k in keys}
+                t0 = time.perf_counter()
                 bufs = {k: f.result() for k, f in reads.pop(i).items()}
+                waited += time.perf_counter() - t0
                 lo, hi = self.grid.bounds(i)
                 work(i, {k: b[: hi - lo] for k, b in bufs.items()})
                 for k, b in bufs.items():
@@ -161,8 +168,10 @@ class OffloadedOptimizer:
                 for f in pending.values():
                     if f.exception() is None:
                         self.tier.discard(f.result())
+            t0 = time.perf_counter()
             for f in writes:
                 f.exception()  # wait, so no write outlives the step
+            self.last_io_wait_s = waited + time.perf_counter() - t0
         for f in writes:
             if f.exception() is not None:
                 raise f.exception()

@@ -129,6 +129,7 @@ def test_reads_run_prefetch_chunks_ahead_of_the_update(prefetch, tmp_path):
     assert n == 5  # 10,000 elements in chunks of 2,048
     tier.log.clear()
     opt.step(1e-3)
+    assert opt.last_io_wait_s > 0  # measured: at least the last writes were waited for
     reads = [i for op, key, i in tier.log if op == "read" and key == "exp_avg"]
     assert reads == list(range(n))  # each chunk read once, in order
     for i in range(n):
@@ -366,6 +367,9 @@ def test_job_zero2_with_nvme_offload(tmp_path, ray_session):
     final = handle.wait(timeout=120)
     handle.close()
     assert final.state.value == "succeeded", final.error
+    # Every step says how long each rank's optimizer step waited on the NVMe tier.
+    waits = [r["offload_wait_s"] for r in handle.metrics()]
+    assert len(waits) == 4 and all(len(w) == 2 and min(w) >= 0 for w in waits)
     lines = handle.offload_plan.lines()
     assert f"  optimizer state  NVMe files under {nvme}: " in "\n".join(lines)
     assert (tmp_path / "run" / "offload_plan.txt").read_text().splitlines() == lines

@@ -1,0 +1,104 @@
+"""Offloaded optimizer state: step time and I/O waits, host and NVMe vs none.
+
+The same job (``strategy=zero2``, two workers, AdamW) runs with its optimizer
+state beside the parameters (``offload.optimizer=none``), in host memory,
+and in NVMe files with and without read-ahead (``offload.prefetch``). Per
+run: the median step time after warm-up, its ratio to ``none`` (the issue's
+goal: <= 1.5x), and the share of the step that the optimizer spent waiting
+on its tier (``offload_wait_s`` of the step records, the slowest rank):
+what prefetching is meant to hide. The final losses are printed too: the
+offloaded update is the same element-wise function, so they agree to the
+last bit with ``none``.
+
+    python bench/offload.py --model gpt_small --steps 40 --nvme-path /tmp/shoal-nvme
+
+Not measured here: the largest model that trains under a memory cap (the
+issue's 4x goal needs parameters off the worker too, which shoal does not
+do yet on CPU workers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import tempfile
+from dataclasses import dataclass
+
+from orchestrator import JobSpec, JobState, submit
+
+CONFIGS = [  # (offload.optimizer, offload.prefetch)
+    ("none", 0),
+    ("host", 2),
+    ("nvme", 0),
+    ("nvme", 2),
+]
+
+
+@dataclass
+class Result:
+    name: str
+    median_step_s: float
+    wait_share: float | None  # median over steps of (slowest rank's wait / step time)
+    final_loss: float
+
+
+def run(kind: str, prefetch: int, args: argparse.Namespace, root: str) -> Result:
+    name = kind if kind != "nvme" else f"nvme, prefetch {prefetch}"
+    overrides = [
+        f"model={args.model}",
+        "strategy=zero2",
+        "cluster.workers=2",
+        f"train.steps={args.steps}",
+        f"train.global_batch={args.global_batch}",
+        "train.sample_tokens=0",
+        "checkpoint.every=0",
+        f"offload.optimizer={kind}",
+        f"offload.prefetch={prefetch}",
+        f"offload.chunk_mb={args.chunk_mb}",
+        f"run_dir={root}/{kind}-{prefetch}",
+    ]
+    if kind == "nvme":
+        overrides.append(f"offload.nvme_path={args.nvme_path}")
+    handle = submit(JobSpec.from_overrides(overrides))
+    status = handle.wait()
+    handle.close()
+    assert status.state == JobState.SUCCEEDED, status.error
+    records = handle.metrics()[args.warmup :]
+    shares = [max(r["offload_wait_s"]) / r["step_time_s"] for r in records if "offload_wait_s" in r]
+    return Result(
+        name,
+        statistics.median(r["step_time_s"] for r in records),
+        statistics.median(shares) if shares else None,
+        records[-1]["loss"],
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--model", default="gpt_small")
+    p.add_argument("--steps", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5, help="steps left out of the medians")
+    p.add_argument("--global-batch", type=int, default=16)
+    p.add_argument("--chunk-mb", type=float, default=4.0)
+    p.add_argument("--nvme-path", default=tempfile.gettempdir() + "/shoal-nvme")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.WARNING)
+    with tempfile.TemporaryDirectory() as root:
+        results = [run(kind, prefetch, args, root) for kind, prefetch in CONFIGS]
+    base = results[0].median_step_s
+    print(
+        f"\nmodel={args.model} strategy=zero2 2 workers, global batch {args.global_batch}, "
+        f"{args.steps} steps (medians after {args.warmup}), chunks of {args.chunk_mb:g} MiB"
+    )
+    print(f"{'optimizer state':<22} {'step (s)':>9} {'vs none':>8} {'I/O wait':>9} {'loss':>10}")
+    for r in results:
+        wait = f"{r.wait_share:.1%}" if r.wait_share is not None else "-"
+        print(
+            f"{r.name:<22} {r.median_step_s:>9.3f} {r.median_step_s / base:>7.2f}x "
+            f"{wait:>9} {r.final_loss:>10.6f}"
+        )
+
+
+if __name__ == "__main__":
+    main()
