@@ -11,6 +11,7 @@ offloaded update is the same element-wise function, so they agree to the
 last bit with ``none``.
 
     python bench/offload.py --model gpt_small --steps 40 --nvme-path /tmp/shoal-nvme
+    python bench/offload.py --steps 20 model.d_model=512 model.n_layer=8   # more state to move
 
 Not measured here: the largest model that trains under a memory cap (the
 issue's 4x goal needs parameters off the worker too, which shoal does not
@@ -57,14 +58,15 @@ def run(kind: str, prefetch: int, args: argparse.Namespace, root: str) -> Result
         f"offload.prefetch={prefetch}",
         f"offload.chunk_mb={args.chunk_mb}",
         f"run_dir={root}/{kind}-{prefetch}",
+        *args.overrides,
     ]
     if kind == "nvme":
         overrides.append(f"offload.nvme_path={args.nvme_path}")
     handle = submit(JobSpec.from_overrides(overrides))
     status = handle.wait()
+    records = handle.metrics()[args.warmup :]
     handle.close()
     assert status.state == JobState.SUCCEEDED, status.error
-    records = handle.metrics()[args.warmup :]
     shares = [max(r["offload_wait_s"]) / r["step_time_s"] for r in records if "offload_wait_s" in r]
     return Result(
         name,
@@ -82,13 +84,15 @@ def main() -> None:
     p.add_argument("--global-batch", type=int, default=16)
     p.add_argument("--chunk-mb", type=float, default=4.0)
     p.add_argument("--nvme-path", default=tempfile.gettempdir() + "/shoal-nvme")
+    p.add_argument("overrides", nargs="*", help="more job overrides, e.g. model.d_model=512")
     args = p.parse_args()
     logging.basicConfig(level=logging.WARNING)
     with tempfile.TemporaryDirectory() as root:
         results = [run(kind, prefetch, args, root) for kind, prefetch in CONFIGS]
     base = results[0].median_step_s
     print(
-        f"\nmodel={args.model} strategy=zero2 2 workers, global batch {args.global_batch}, "
+        f"\nmodel={args.model} {' '.join(args.overrides)} strategy=zero2 2 workers, "
+        f"global batch {args.global_batch}, "
         f"{args.steps} steps (medians after {args.warmup}), chunks of {args.chunk_mb:g} MiB"
     )
     print(f"{'optimizer state':<22} {'step (s)':>9} {'vs none':>8} {'I/O wait':>9} {'loss':>10}")

@@ -365,10 +365,11 @@ def test_job_zero2_with_nvme_offload(tmp_path, ray_session):
     )
     handle = submit(spec)
     final = handle.wait(timeout=120)
+    records = handle.metrics()
     handle.close()
     assert final.state.value == "succeeded", final.error
     # Every step says how long each rank's optimizer step waited on the NVMe tier.
-    waits = [r["offload_wait_s"] for r in handle.metrics()]
+    waits = [r["offload_wait_s"] for r in records]
     assert len(waits) == 4 and all(len(w) == 2 and min(w) >= 0 for w in waits)
     lines = handle.offload_plan.lines()
     assert f"  optimizer state  NVMe files under {nvme}: " in "\n".join(lines)
