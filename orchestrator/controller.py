@@ -58,7 +58,13 @@ from orchestrator.schedule import lr_at
 from orchestrator.spec import ConfigError, JobSpec
 from orchestrator.standing_roles import StandingRoles
 from orchestrator.status import JobState, JobStatus, write_status
-from orchestrator.worker_group import Member, MembershipLost, WorkerError, WorkerGroup
+from orchestrator.worker_group import (
+    Member,
+    MembershipLost,
+    WorkerError,
+    WorkerGroup,
+    withdraw_capacity,
+)
 from storage.checkpoint import (
     DEFAULT_SPACE,
     MANIFEST,
@@ -849,6 +855,7 @@ class JobController:
         if self._group is not None:
             self._group.kill_all()
         self._standing.kill_all()
+        withdraw_capacity(self.spec.job_id)
         o = self.spec.offload
         if o.optimizer == "nvme":
             from storage.tiers import remove_job_files

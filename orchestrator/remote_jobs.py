@@ -33,6 +33,7 @@ from typing import Any
 from urllib.parse import urlparse
 
 from orchestrator.api import JobHandle
+from orchestrator.capacity_book import BOOK_NAME
 from orchestrator.spec import ConfigError, JobSpec
 from orchestrator.status import JobState, JobStatus
 
@@ -410,11 +411,13 @@ class RemoteJob:
         ray_job = self.info().job_id
         if not ray_job:
             return []  # the driver never started: no actor was ever made
-        return list_actors(
+        alive = list_actors(
             address=self.address,
             filters=[("job_id", "=", ray_job), ("state", "!=", "DEAD")],
             raise_on_missing_output=False,
         )
+        # The cluster's capacity book outlives the job that happened to create it.
+        return [a for a in alive if getattr(a, "name", None) != BOOK_NAME]
 
 
 def merged_status(job_id: str, info: Any, log: JobLog) -> JobStatus:

@@ -36,6 +36,7 @@ import ray
 from actors.member import MemberActor, RuntimeHandle, load_runtime
 from collectives.errors import PeerLostError
 from collectives.process_group import Rendezvous, default_backend
+from orchestrator.capacity_book import file_request
 from orchestrator.constants import CONTROL_S, LEAVE_S, POLL_S, SETTLE_S
 from orchestrator.events import EventLog
 from orchestrator.policies import order_for_buddies
@@ -45,6 +46,18 @@ from orchestrator.spec import JobSpec
 
 # (job id, role) -> the bundles that role wants, for the job's one autoscaler request.
 _WANTED: dict[tuple[str, str], list[dict[str, float]]] = {}
+
+
+def job_bundles(job_id: str) -> list[dict[str, float]]:
+    """Every role's bundles of job ``job_id`` that this controller process wants."""
+    return [b for (job, _), wanted in _WANTED.items() if job == job_id for b in wanted]
+
+
+def withdraw_capacity(job_id: str) -> None:
+    """The job is over: its request leaves the cluster's book."""
+    for key in [k for k in _WANTED if k[0] == job_id]:
+        del _WANTED[key]
+    file_request(job_id, [])
 
 
 @dataclass
@@ -183,24 +196,13 @@ class WorkerGroup:
         self._request_capacity()
 
     def _request_capacity(self) -> None:
-        """Tell Ray's autoscaler how many member-sized bundles the job wants, all roles together.
-
-        ``request_resources`` replaces the previous request, so every role's
-        bundles go in each call.
-        """
+        """Tell Ray's autoscaler how many member-sized bundles the job wants, all roles together
+        (through the cluster's ``CapacityBook``, which adds up every job's request)."""
         bundle = {"CPU": self.role.cpus}
         if self.role.gpus:
             bundle["GPU"] = self.role.gpus
         _WANTED[(self.spec.job_id, self.role.name)] = [bundle] * self.target
-        bundles = [
-            b for (job, _), wanted in _WANTED.items() if job == self.spec.job_id for b in wanted
-        ]
-        try:
-            from ray.autoscaler.sdk import request_resources
-
-            request_resources(bundles=bundles)
-        except Exception:  # noqa: BLE001 - no autoscaler (a local instance): nothing to ask
-            pass
+        file_request(self.spec.job_id, job_bundles(self.spec.job_id))
 
     def admit_ready(self, timeout: float = 0.0) -> list[Member]:
         """Pending workers that Ray has placed and started (waiting up to ``timeout``)."""
