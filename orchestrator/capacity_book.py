@@ -34,10 +34,9 @@ def union(requests: Mapping[str, Sequence[Bundle]]) -> list[Bundle]:
 
 
 def _controller_alive(job_id: str, namespace: str) -> bool:
-    from orchestrator.api import controller_name
-
     try:
-        ray.get_actor(controller_name(job_id), namespace=namespace)
+        # orchestrator.api.controller_name, without importing the API into this actor
+        ray.get_actor(f"shoal-{job_id}", namespace=namespace)
     except ValueError:
         return False
     return True

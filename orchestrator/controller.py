@@ -855,7 +855,7 @@ class JobController:
         if self._group is not None:
             self._group.kill_all()
         self._standing.kill_all()
-        withdraw_capacity(self.spec.job_id)
+        withdraw_capacity(self.spec)
         o = self.spec.offload
         if o.optimizer == "nvme":
             from storage.tiers import remove_job_files

@@ -53,11 +53,12 @@ def job_bundles(job_id: str) -> list[dict[str, float]]:
     return [b for (job, _), wanted in _WANTED.items() if job == job_id for b in wanted]
 
 
-def withdraw_capacity(job_id: str) -> None:
-    """The job is over: its request leaves the cluster's book."""
-    for key in [k for k in _WANTED if k[0] == job_id]:
+def withdraw_capacity(spec: JobSpec) -> None:
+    """The job is over: its request leaves the cluster's book (an embedded Ray has none)."""
+    for key in [k for k in _WANTED if k[0] == spec.job_id]:
         del _WANTED[key]
-    file_request(job_id, [])
+    if spec.cluster.address is not None:
+        file_request(spec.job_id, [])
 
 
 @dataclass
@@ -202,6 +203,8 @@ class WorkerGroup:
         if self.role.gpus:
             bundle["GPU"] = self.role.gpus
         _WANTED[(self.spec.job_id, self.role.name)] = [bundle] * self.target
+        if self.spec.cluster.address is None:
+            return  # an embedded local Ray: no autoscaler can add nodes to it
         file_request(self.spec.job_id, job_bundles(self.spec.job_id))
 
     def admit_ready(self, timeout: float = 0.0) -> list[Member]:
