@@ -241,6 +241,7 @@ class ExpertRelay:
                 step=step,
                 deadline_s=self.runtime.spec.gateway.work_deadline_s,
                 expect=expect,
+                max_norm=self.runtime.spec.gateway.max_result_norm,
             )
         try:
             out, _ = future.result()

@@ -312,6 +312,10 @@ class GatewayJobConfig:
     # Relative L2 difference a recomputed result may have (other hardware
     # rounds differently), past which the volunteer's result is wrong.
     spot_check_rtol: float = 1e-3
+    # strategy=moe: a replica's result (outputs, input or parameter gradients)
+    # with a tensor of larger L2 norm is rejected (null: no bound; federated
+    # updates have strategy.max_update_norm).
+    max_result_norm: float | None = None
     max_volunteers: int = 64
 
 

@@ -335,6 +335,12 @@ def _validate_gateway(c: JobConfig) -> None:
         _check(getattr(g, name) > 0, f"gateway.{name}", "> 0", getattr(g, name))
     _check(0 <= g.spot_check_min <= 1, "gateway.spot_check_min", "in [0, 1]", g.spot_check_min)
     _check(g.max_volunteers >= 1, "gateway.max_volunteers", ">= 1", g.max_volunteers)
+    _check(
+        g.max_result_norm is None or g.max_result_norm > 0,
+        "gateway.max_result_norm",
+        "> 0 or null",
+        g.max_result_norm,
+    )
 
 
 def _validate_offload(c: JobConfig) -> None:

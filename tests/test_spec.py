@@ -117,3 +117,29 @@ def with_batch_norm(vocab_size: int):
     import torch
 
     return torch.nn.Sequential(torch.nn.Embedding(vocab_size, 8), torch.nn.BatchNorm1d(8))
+
+
+@pytest.mark.parametrize(
+    "overrides, must_mention",
+    [
+        (
+            ["gateway.enabled=true"],  # strategy=ddp takes no volunteers
+            "gateway.enabled: must be used with a strategy that takes volunteers: "
+            "strategy=moe (volunteers replicate expert hosts); "
+            "strategy=federated (volunteers train as federated clients), got 'ddp'",
+        ),
+        (["strategy=federated", "gateway.enabled=true", "gateway.port=70000"], "gateway.port"),
+        (
+            ["strategy=federated", "gateway.enabled=true", "gateway.spot_check_min=2"],
+            "gateway.spot_check_min: must be in [0, 1]",
+        ),
+        (
+            ["model=gpt_moe", "strategy=moe", "gateway.enabled=true", "gateway.max_result_norm=0"],
+            "gateway.max_result_norm: must be > 0 or null",
+        ),
+    ],
+)
+def test_gateway_fields_name_the_field(overrides, must_mention):
+    with pytest.raises(ConfigError) as e:
+        JobSpec.from_overrides(overrides)
+    assert must_mention in str(e.value)
