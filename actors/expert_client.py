@@ -65,6 +65,7 @@ class HostStats:
     version: int = 0
     restored_from: str | None = None  # where the host took its experts from, if restored
     tokens_per_s: float = 0.0  # throughput estimate (EMA), halved on a miss
+    tokens: int = 0  # tokens sent to it (answered or not): the demand on it
 
 
 @dataclass
@@ -145,6 +146,8 @@ class ExpertClient:
         for e in torch.unique(experts_TK[experts_TK >= 0]).tolist():
             tokens, slots = slots_of(experts_TK, e)
             sent.setdefault(entry_for[e], {})[e] = (tokens, slots)
+        for key, experts in sent.items():
+            self._stats(key).tokens += sum(len(t) for t, _ in experts.values())
         refs = {
             key: self.hosts[key].handle.forward.remote(
                 self.attempt, self.step, layer, {e: x_TC[t] for e, (t, _) in experts.items()}
@@ -286,6 +289,7 @@ class ExpertClient:
                 "version": st.version,
                 "restored_from": st.restored_from,
                 "tokens_per_s": round(st.tokens_per_s, 1),
+                "tokens": st.tokens,
             }
             for key, st in self.stats.items()
         }
@@ -295,7 +299,7 @@ class ExpertClient:
             "routed_slots": self.routed_slots,
         }
         for st in self.stats.values():
-            st.calls = st.answered = st.missed = st.failed = 0
+            st.calls = st.answered = st.missed = st.failed = st.tokens = 0
             st.latency_s = 0.0
         self.masked_slots = self.routed_slots = 0
         return report

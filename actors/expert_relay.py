@@ -24,6 +24,10 @@ checkpoints); the volunteer only computes:
   caught lying is banned and what it added to the step not applied yet is
   taken back (``discount``); one that failed otherwise rests for
   ``REST_S`` before it is offered work again.
+
+A joining volunteer replicates the slot where it relieves most: the one with
+the most tokens per entry lately (``slot_for_replica``), so hot experts get
+replicas first.
 """
 
 from __future__ import annotations
@@ -86,6 +90,21 @@ class VolunteerReplica:
         return _Relayed(self, "expert_backward")
 
 
+def slot_for_replica(replicas: list[int], load: dict[int, float]) -> int:
+    """The slot a new replica should serve: the hottest per entry already serving it.
+
+    ``replicas[s]``: replicas slot ``s`` has; ``load[s]``: tokens routed to
+    slot ``s`` per step lately (its host and replicas together). A slot's
+    entries share its tokens in turn, so a new replica relieves most where
+    ``load / (1 + replicas)`` is largest; with no load measured yet, the
+    slot with the fewest replicas (the lowest on a tie).
+    """
+    return min(
+        range(len(replicas)),
+        key=lambda s: (-load.get(s, 0.0) / (1 + replicas[s]), replicas[s], s),
+    )
+
+
 class ExpertRelay:
     """The gateway's side of volunteer replicas (see the module docstring).
 
@@ -106,11 +125,13 @@ class ExpertRelay:
 
     # -- which volunteers replicate which slot --------------------------------
 
-    def assign(self, hosts: int, ready: list[Any]) -> list[tuple[str, int]]:
+    def assign(
+        self, hosts: int, ready: list[Any], load: dict[int, float] | None = None
+    ) -> list[tuple[str, int]]:
         """``(volunteer, slot)`` for each ready volunteer offering expert hosting.
 
-        A volunteer keeps its slot while it stays; a new one takes the slot
-        with the fewest replicas (the lowest on a tie).
+        A volunteer keeps its slot while it stays; a new one goes where it
+        helps most: ``slot_for_replica`` of the slots' measured ``load``.
         """
         now = time.monotonic()
         with self._lock:
@@ -128,7 +149,7 @@ class ExpertRelay:
                     count = [0] * hosts
                     for slot in self.slot_of.values():
                         count[slot] += 1
-                    self.slot_of[vid] = min(range(hosts), key=lambda s: (count[s], s))
+                    self.slot_of[vid] = slot_for_replica(count, load or {})
             return [(vid, self.slot_of[vid]) for vid in offered]
 
     # -- relaying calls ---------------------------------------------------------

@@ -162,12 +162,15 @@ class GatewayRuntime:
         with self._lock:
             return {v: max(floor, 1.0 / (1 + self._valid.get(v, 0))) for v in volunteers}
 
-    def expert_volunteers(self, hosts: int) -> tuple[list[tuple[str, int]], list[dict[str, Any]]]:
+    def expert_volunteers(
+        self, hosts: int, load: dict[int, float] | None = None
+    ) -> tuple[list[tuple[str, int]], list[dict[str, Any]]]:
         """``(volunteer, slot)`` for every volunteer replicating an expert host now, and the
-        volunteers' rows for the status (one call a step for ``strategy=moe``)."""
+        volunteers' rows for the status (one call a step for ``strategy=moe``). ``load``:
+        tokens per step each slot served lately (where a newcomer helps most)."""
         assert self.gateway is not None
         ready = [v for v in self.gateway.volunteers() if v.connected and not v.banned]
-        replicas = self.relay.assign(hosts, ready)
+        replicas = self.relay.assign(hosts, ready, load)
         for volunteer, slot in replicas:
             self.gateway.set_role(volunteer, f"{ROLE_KIND} {slot} replica")
         return replicas, self.volunteers()

@@ -7,8 +7,9 @@
 - a host's ``add_grads`` of a replica's gradients trains the experts as the
   host's own ``backward`` of the same tokens does, and ``discount`` takes a
   volunteer's contribution back before the step is applied;
-- the relay's ``assign`` keeps a volunteer's slot, fills the slot with the
-  fewest replicas, and offers only volunteers that host experts and are not
+- the relay's ``assign`` keeps a volunteer's slot, sends a newcomer where
+  the tokens per entry are highest (the fewest replicas when nothing is
+  measured yet), and offers only volunteers that host experts and are not
   resting;
 - a trunk worker's ``ExpertClient`` shares a slot's experts between the host
   and its replicas in turn, skips a banned replica, and keeps routing to the
@@ -24,7 +25,7 @@ import pytest
 import torch
 
 from actors.expert_client import ExpertClient, HostEntry
-from actors.expert_relay import REST_S, ExpertRelay
+from actors.expert_relay import REST_S, ExpertRelay, slot_for_replica
 from actors.volunteer_work import MOE_BACKWARD, MOE_FORWARD, StaleReplica, VolunteerExperts
 from tests.test_expert_host import DATA, D, _keep_torch_threads, base_spec, make_host, spec_at
 
@@ -106,6 +107,16 @@ def test_assign_keeps_slots_fills_the_emptiest_and_skips_resting_volunteers():
     two = [_volunteer("f"), _volunteer("g")]
     assert relay.assign(2, two) == [("f", 0), ("g", 1)]
     assert relay.assign(1, two) == [("f", 0), ("g", 0)]  # fewer hosts: slot 1 is re-dealt
+
+
+def test_a_new_replica_goes_where_it_relieves_most():
+    hot = {0: 100.0, 1: 300.0}  # tokens per step, host and replicas together
+    assert slot_for_replica([0, 0], hot) == 1
+    assert slot_for_replica([0, 1], hot) == 1  # 300 / 2 entries still beats 100 / 1
+    assert slot_for_replica([0, 2], hot) == 0  # 100 each: the slot with fewer replicas
+    assert slot_for_replica([1, 0, 0], {}) == 1  # nothing measured yet: fewest replicas
+    relay = ExpertRelay(runtime=None)
+    assert relay.assign(2, [_volunteer("a"), _volunteer("b")], hot) == [("a", 1), ("b", 1)]
 
 
 def test_a_slots_tokens_alternate_between_host_and_replica_and_skip_a_banned_one():

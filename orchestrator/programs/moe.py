@@ -58,6 +58,7 @@ class MoEProgram(DataParallelProgram):
         self._replicas: list[HostEntry] = []  # volunteers' replicas, as of this step
         self._volunteers: list[dict[str, Any]] = []  # as the gateway last reported them
         self._replica_rows: dict[str, dict[str, Any]] = {}  # "slot/volunteer" -> measured
+        self._load: dict[int, float] = {}  # slot -> tokens routed to it per step (EMA)
 
     def roles(self) -> list[RoleSpec]:
         st = self.spec.strategy
@@ -138,7 +139,7 @@ class MoEProgram(DataParallelProgram):
         hosts = self.spec.strategy.expert_hosts
         try:
             assigned, self._volunteers = ray.get(
-                self.gateway.handle.expert_volunteers.remote(hosts), timeout=10
+                self.gateway.handle.expert_volunteers.remote(hosts, dict(self._load)), timeout=10
             )
         except (ray.exceptions.RayError, TimeoutError):
             return []  # the gateway is being replaced: this step runs on the hosts alone
@@ -163,6 +164,14 @@ class MoEProgram(DataParallelProgram):
         self._masked = masked / routed if routed else 0.0
         record["expert_slots_masked"] = round(self._masked, 4)
         record["expert_hosts_live"] = len(self.registry)
+        demand: dict[int, int] = {}
+        for r in results:
+            for key, h in r.experts["hosts"].items():
+                slot = key if isinstance(key, int) else int(key.split("/", 1)[0])
+                demand[slot] = demand.get(slot, 0) + h.get("tokens", 0)
+        for slot, tokens in demand.items():
+            old = self._load.get(slot)
+            self._load[slot] = tokens if old is None else 0.8 * old + 0.2 * tokens
         for r in results:
             for key, h in r.experts["hosts"].items():
                 if isinstance(key, str):  # a volunteer's replica ("slot/volunteer")
