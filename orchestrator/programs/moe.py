@@ -55,7 +55,6 @@ class MoEProgram(DataParallelProgram):
         self._hosts: dict[int, dict[str, Any]] = {}  # slot -> what the status shows
         self._masked = 0.0
         self.gateway: Any = None  # the volunteer gateway member (gateway.enabled)
-        self._replicas: list[HostEntry] = []  # volunteers' replicas, as of this step
         self._volunteers: list[dict[str, Any]] = []  # as the gateway last reported them
         self._replica_rows: dict[str, dict[str, Any]] = {}  # "slot/volunteer" -> measured
         self._load: dict[int, float] = {}  # slot -> tokens routed to it per step (EMA)
@@ -144,7 +143,7 @@ class MoEProgram(DataParallelProgram):
         except (ray.exceptions.RayError, TimeoutError):
             return []  # the gateway is being replaced: this step runs on the hosts alone
         owner = {h.slot: h for h in self.registry}
-        self._replicas = [
+        return [
             HostEntry(
                 slot,
                 VolunteerReplica(self.gateway.handle, owner[slot].handle, volunteer, slot, hosts),
@@ -155,7 +154,6 @@ class MoEProgram(DataParallelProgram):
             for volunteer, slot in assigned
             if slot in owner
         ]
-        return self._replicas
 
     def reduce(self, step: int, lr: float, results: list[Any], step_time_s: float) -> dict:
         record = super().reduce(step, lr, results, step_time_s)
