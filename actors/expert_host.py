@@ -107,19 +107,25 @@ class ExpertHostRuntime:
         torch.manual_seed(self.spec.train.seed)
         model = build_model(self.spec.model, self.data.facts)
         self.held = SlotExperts.of(model, slot, hosts)
-        h = self.held
-        self.expert_ids, self.n_layer, self.per_expert = h.expert_ids, h.n_layer, h.per_expert
-        self.space_size, self.lo, self.hi = h.space_size, h.lo, h.hi
-        self.flat_param, self.flat_grad = h.flat_param, h.flat_grad
         self.optimizer = FlatOptimizer(
             optimizer_spec(self.spec),
             self.flat_param,
             self.flat_grad,
-            decayed=decay_ranges(h.layout),
+            decayed=decay_ranges(self.held.layout),
         )
         del model
         self._restore_latest()
         return self._describe()
+
+    # What the slot holds, as the rest of this class (and its tests) name it.
+    flat_param = property(lambda self: self.held.flat_param)
+    flat_grad = property(lambda self: self.held.flat_grad)
+    expert_ids = property(lambda self: self.held.expert_ids)
+    n_layer = property(lambda self: self.held.n_layer)
+    per_expert = property(lambda self: self.held.per_expert)
+    space_size = property(lambda self: self.held.space_size)
+    lo = property(lambda self: self.held.lo)
+    hi = property(lambda self: self.held.hi)
 
     def _describe(self) -> dict[str, Any]:
         import ray

@@ -176,7 +176,9 @@ class ExpertRelay:
         answer = {e: out[f"y{e}"] for e in inputs}
         if self._chosen_for_check(volunteer):
             truth, meta = ray.get(owner.forward.remote(attempt, step, layer, inputs))
-            if not self._verdict(volunteer, owner, answer, truth, f"step {step} layer {layer}"):
+            mine = torch.cat([answer[e].flatten() for e in inputs])
+            true = torch.cat([truth[e].flatten() for e in inputs])
+            if not self._verdict(volunteer, owner, mine, true, f"step {step} layer {layer}"):
                 return truth, meta
         else:
             self.runtime.credit(volunteer, 1.0)
@@ -282,9 +284,6 @@ class ExpertRelay:
     def _verdict(self, volunteer: str, owner: Any, mine: Any, truth: Any, where: str) -> bool:
         """Compare a volunteer's answer with the host's; a mismatch bans it and takes back
         what it added to the step not applied yet."""
-        if isinstance(mine, dict):
-            mine = torch.cat([mine[e].flatten() for e in sorted(mine)])
-            truth = torch.cat([truth[e].flatten() for e in sorted(truth)])
         rel = relative_difference(mine, truth)
         passed = rel <= self.runtime.spec.gateway.spot_check_rtol
         self.runtime.record_check(volunteer, passed, f"{where}: relative difference {rel:.3g}")

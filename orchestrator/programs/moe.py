@@ -162,16 +162,11 @@ class MoEProgram(DataParallelProgram):
         self._masked = masked / routed if routed else 0.0
         record["expert_slots_masked"] = round(self._masked, 4)
         record["expert_hosts_live"] = len(self.registry)
-        demand: dict[int, int] = {}
+        demand: dict[int, int] = {}  # slot -> tokens sent to its host and replicas this step
         for r in results:
             for key, h in r.experts["hosts"].items():
                 slot = key if isinstance(key, int) else int(key.split("/", 1)[0])
                 demand[slot] = demand.get(slot, 0) + h.get("tokens", 0)
-        for slot, tokens in demand.items():
-            old = self._load.get(slot)
-            self._load[slot] = tokens if old is None else 0.8 * old + 0.2 * tokens
-        for r in results:
-            for key, h in r.experts["hosts"].items():
                 if isinstance(key, str):  # a volunteer's replica ("slot/volunteer")
                     row = self._replica_rows.setdefault(key, {})
                     row["calls"] = row.get("calls", 0) + h["calls"]
@@ -189,6 +184,9 @@ class MoEProgram(DataParallelProgram):
                     row["tokens_per_s"] = h["tokens_per_s"]
                 for k in ("missed", "failed"):
                     row[k] = row.get(k, 0) + h[k]
+        for slot, tokens in demand.items():
+            old = self._load.get(slot)
+            self._load[slot] = tokens if old is None else 0.8 * old + 0.2 * tokens
         return record
 
     def member_fields(self, record: dict) -> list[dict[str, Any]]:
