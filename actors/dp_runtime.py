@@ -71,10 +71,16 @@ def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
     )
 
 
-def offload_spec(spec: JobSpec) -> OffloadSpec:
-    """The engine's offload settings from the job's ``offload`` section."""
+def offload_spec(spec: JobSpec, device: torch.device) -> OffloadSpec:
+    """The engine's offload settings from the job's ``offload`` section, for a worker on ``device``.
+
+    ``offload.params=host`` on a CPU worker is where its parameters are already:
+    nothing moves.
+    """
     o = spec.offload
+    params = "none" if o.params == "host" and device.type == "cpu" else o.params
     return OffloadSpec(
+        params=params,
         optimizer=o.optimizer,
         nvme_path=o.nvme_path,
         job_id=spec.job_id,
@@ -142,12 +148,14 @@ class DataParallelRuntime(ElasticState):
         join_group(rdzv, rank, self._rdzv_store if rank == 0 else None)
         self._start_epoch(rdzv.world_size)
         torch.manual_seed(self.spec.train.seed)
-        model = self._build_model().to(self.device)
-        if self.spec.offload.params == "host" and self.device.type != "cpu":
-            # validate() refuses this for GPU jobs; a worker that got a GPU anyway says so.
-            raise ValueError(
-                "offload.params=host: moving parameters off a GPU is not implemented yet"
-            )
+        offload = offload_spec(self.spec, self.device)
+        if offload.params != "none" and self._engine_strategy == "zero3":
+            # The whole model never sits in this worker's memory: built on the meta
+            # device, initialised unit by unit into the tier (collectives/lazy_init.py).
+            with torch.device("meta"):
+                model = self._build_model()
+        else:
+            model = self._build_model().to(self.device)
         self._close_engine()  # the last epoch's offloaded state (its files) goes first
         self.engine = build_engine(
             self._engine_strategy,
@@ -156,7 +164,8 @@ class DataParallelRuntime(ElasticState):
             grad_clip=self._grad_clip,
             bucket_mb=self.spec.strategy.bucket_mb,
             shard_bounds=shard_bounds,
-            offload=offload_spec(self.spec),
+            offload=offload,
+            init_seed=self.spec.train.seed,
         )
         return self._ready_to_train()
 

@@ -55,6 +55,7 @@ runs wherever the model is: gloo on CPU, NCCL on GPU.
 from __future__ import annotations
 
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 
 import torch
@@ -64,7 +65,13 @@ from torch.utils._pytree import tree_flatten
 
 from collectives.ddp import DDPEngine, FlatReader, StepStats, params_reached, plan_buckets
 from collectives.flat import FlatLayout, attach_grad_views, flatten_into, split_evenly
-from collectives.offloaded_optim import OffloadSpec, build_optimizer, optimizer_bytes
+from collectives.lazy_init import LazyInit
+from collectives.offloaded_optim import (
+    OffloadSpec,
+    build_offloaded_shard,
+    build_optimizer,
+    optimizer_bytes,
+)
 from collectives.optim import OptimizerSpec, decay_ranges
 
 STAGE_OF_STRATEGY = {"zero1": 1, "zero2": 2, "zero3": 3}
@@ -198,6 +205,7 @@ class ZeroEngine:
         group: dist.ProcessGroup | None = None,
         prefetch: bool = True,
         offload: OffloadSpec | None = None,
+        init_seed: int = 0,
     ):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
@@ -225,25 +233,75 @@ class ZeroEngine:
 
         params = dict(model.named_parameters())
         self._params = [params[s.name] for s in self.layout.slots]
-        flat = flatten_into(model, self.layout, torch.float32)
+        lazy = LazyInit(model, init_seed) if any(p.is_meta for p in self._params) else None
+        if lazy is not None and stage < 3:
+            raise ValueError("a model on the meta device (built lazily) needs ZeRO stage 3")
+        self.device = torch.device("cpu") if lazy is not None else self._params[0].device
+        # ZeRO-3 with offload.params: the shard's parameters and gradients live in a
+        # tier beside the optimizer state, not in tensors of this engine.
+        self.params_offloaded = stage == 3 and offload is not None and offload.params != "none"
 
         if stage < 3:
+            flat = flatten_into(model, self.layout, torch.float32)
             self.flat_param: torch.Tensor | None = flat
-            shard_param = flat[self.lo : self.hi]
+            self.shard_param: torch.Tensor | None = flat[self.lo : self.hi]
             bucket_numel = max(1, int(bucket_mb * 2**20) // flat.element_size())
             ranges = [(b.lo, b.hi) for b in plan_buckets(self.layout, bucket_numel)]
             self.units: list[_Unit] = []
         else:
+            # Never the whole model in one more copy: units are built one at a time.
             self.flat_param = None
-            shard_param = flat[self.lo : self.hi].clone()
+            self.shard_param = None if self.params_offloaded else self._zeros(self.hi - self.lo)
             ranges = self._plan_units()
-        self.shard_param = shard_param
         self.groups = [self._make_group(lo, hi) for lo, hi in ranges]
         # The fixed order in which groups are reduce-scattered on every rank: the
         # order backward completes them (buckets are planned last layer first).
         n = len(self.groups)
         self._launch_order = list(range(n)) if stage < 3 else list(reversed(range(n)))
         self._next = 0  # position in _launch_order of the next group to launch
+        if stage == 1:
+            # Full gradients, as views (autograd accumulates straight into them).
+            self.flat_grad: torch.Tensor | None = torch.zeros_like(self.flat_param)
+            attach_grad_views(model, self.layout, self.flat_grad)
+            self.shard_grad: torch.Tensor | None = self.flat_grad[self.lo : self.hi]
+        else:
+            self.flat_grad = None
+            self.shard_grad = None if self.params_offloaded else self._zeros(self.hi - self.lo)
+        decayed = decay_ranges(self.layout, self.lo, self.hi)
+        if self.params_offloaded:
+            # Chunks end where units' pieces do: a unit is read, and its gradient
+            # written, as whole chunks.
+            cuts = tuple(sorted({b - self.lo for g in self.groups for b in g.mine}))
+            self.optimizer = build_offloaded_shard(
+                optimizer,
+                self.hi - self.lo,
+                cuts=cuts,
+                decayed=decayed,
+                offload=offload,
+                rank=self.rank,
+            )
+            self._reader = ThreadPoolExecutor(1, thread_name_prefix="shoal-param-read")
+        else:
+            # offload: the shard's optimizer state in host memory or NVMe files, in chunks.
+            self.optimizer = build_optimizer(
+                optimizer,
+                self.shard_param,
+                self.shard_grad,
+                decayed=decayed,
+                offload=offload,
+                rank=self.rank,
+            )
+        # Stage 3: units' pieces of parameters read ahead from the tier, by unit index.
+        self._piece_reads: dict[int, Future[torch.Tensor]] = {}
+        self._read_ahead = max(1, offload.prefetch) if self.params_offloaded else 0
+
+        if stage == 3:
+            try:
+                self._build_units(lazy)
+            except BaseException:
+                self.close()  # a refused model leaves no offload files behind
+                raise
+
         # Which group each parameter's gradient completes, and where it sits in it.
         self._slot_of: dict[int, int] = {id(p): i for i, p in enumerate(self._params)}
         self._group_of_slot: list[int] = [0] * len(self._params)
@@ -252,28 +310,6 @@ class ZeroEngine:
                 if g.lo <= slot.offset < g.hi:
                     self._group_of_slot[i] = g_idx
                     g.n_params += 1
-
-        if stage == 1:
-            # Full gradients, as views (autograd accumulates straight into them).
-            self.flat_grad: torch.Tensor | None = torch.zeros_like(flat)
-            attach_grad_views(model, self.layout, self.flat_grad)
-            self.shard_grad = self.flat_grad[self.lo : self.hi]
-        else:
-            self.flat_grad = None
-            self.shard_grad = self._zeros(self.hi - self.lo)
-        # offload: the shard's optimizer state in host memory or NVMe files, in chunks.
-        self.optimizer = build_optimizer(
-            optimizer,
-            self.shard_param,
-            self.shard_grad,
-            decayed=decay_ranges(self.layout, self.lo, self.hi),
-            offload=offload,
-            rank=self.rank,
-        )
-
-        if stage == 3:
-            self._build_units(flat)
-            del flat  # the full fp32 copy is gone; only the shard and empty unit buffers remain
 
         self._sync = True
         self._inflight: list[_Pending] = []
@@ -284,8 +320,8 @@ class ZeroEngine:
     # -- planning ---------------------------------------------------------
 
     def _zeros(self, n: int) -> torch.Tensor:
-        """A zero-filled flat buffer on the flat parameters' device, in their dtype."""
-        return torch.zeros(n, dtype=self.shard_param.dtype, device=self.shard_param.device)
+        """A zero-filled flat fp32 buffer on the engine's device."""
+        return torch.zeros(n, dtype=torch.float32, device=self.device)
 
     def _make_group(self, lo: int, hi: int) -> _Group:
         splits = [max(0, min(hi, r_hi) - max(lo, r_lo)) for r_lo, r_hi in self.shard_bounds]
@@ -334,17 +370,40 @@ class ZeroEngine:
             self._unit_of_slot.append(u)
         return ranges
 
-    def _build_units(self, flat: torch.Tensor) -> None:
-        """Stage 3: give every unit its own buffer, point parameters into it, free it, add hooks."""
+    def _build_units(self, lazy: LazyInit | None) -> None:
+        """Stage 3: one unit at a time, fill its buffer from the model (or initialise it, on
+        a lazily built model), keep this rank's piece, point the parameters into the
+        buffer and free it. Then add the hooks.
+        """
         self.units = []
+        slots_of: list[list[int]] = [[] for _ in self.groups]
+        for i in range(len(self.layout.slots)):
+            slots_of[self._unit_of_slot[i]].append(i)
         for g_idx, g in enumerate(self.groups):
-            buf = flat[g.lo : g.hi].clone()
-            self.units.append(_Unit(g.lo, g.hi, buf, g_idx))
-        for i, slot in enumerate(self.layout.slots):
-            u = self.units[self._unit_of_slot[i]]
-            self._params[i].data = u.buf[slot.offset - u.lo : slot.end - u.lo].view(slot.shape)
-        for u in self.units:
+            if lazy is not None:
+                owner = self._unit_owner[g_idx]
+                module = self._hook_modules[owner] if owner >= 0 else None
+                lazy.materialize(module, [self._params[i] for i in slots_of[g_idx]], g_idx)
+                for i in slots_of[g_idx]:
+                    self._params[i] = lazy.current(self._params[i])
+            buf = torch.empty(g.hi - g.lo, dtype=torch.float32, device=self.device)
+            for i in slots_of[g_idx]:
+                slot = self.layout.slots[i]
+                value = self._params[i].detach().reshape(-1)
+                buf[slot.offset - g.lo : slot.end - g.lo].copy_(value)
+            piece = buf[g.mine[0] - g.lo : g.mine[1] - g.lo]
+            if self.params_offloaded:
+                self.optimizer.put_param(g.mine[0] - self.lo, g.mine[1] - self.lo, piece)
+            else:
+                self.shard_param[g.mine[0] - self.lo : g.mine[1] - self.lo].copy_(piece)
+            u = _Unit(g.lo, g.hi, buf, g_idx)
+            self.units.append(u)
+            for i in slots_of[g_idx]:
+                slot = self.layout.slots[i]
+                self._params[i].data = buf[slot.offset - g.lo : slot.end - g.lo].view(slot.shape)
             self._free(u)
+        if lazy is not None:
+            lazy.done()
         # The root's forward brackets a forward pass (before and after every other hook).
         self.model.register_forward_pre_hook(
             lambda module, args: self._begin_pass("forward"), prepend=True
@@ -368,10 +427,43 @@ class ZeroEngine:
 
     def _start_gather(self, u: _Unit) -> None:
         """Allocate the unit's buffer and start its all-gather (finished at once for one rank)."""
-        u.buf.untyped_storage().resize_(u.buf.numel() * u.buf.element_size())
         g = self.groups[u.group]
-        piece = self.shard_param[g.mine[0] - self.lo : g.mine[1] - self.lo]
+        if self.params_offloaded:
+            piece = self._piece(u.group)
+        else:
+            piece = self.shard_param[g.mine[0] - self.lo : g.mine[1] - self.lo]
+        u.buf.untyped_storage().resize_(u.buf.numel() * u.buf.element_size())
         u.work = self._all_gather(u.buf, piece, g.splits)
+
+    # -- stage 3 with offload.params: units' pieces come from the tier ------
+
+    def _read_piece(self, g_idx: int) -> torch.Tensor:
+        g = self.groups[g_idx]
+        return self.optimizer.read_param(g.mine[0] - self.lo, g.mine[1] - self.lo, self.device)
+
+    def _piece(self, g_idx: int) -> torch.Tensor:
+        """This rank's piece of unit ``g_idx``: read ahead already, or read now."""
+        ahead = self._piece_reads.pop(g_idx, None)
+        return ahead.result() if ahead is not None else self._read_piece(g_idx)
+
+    def _read_pieces_ahead(self, order: tuple[int, ...], pos: int) -> None:
+        """Start reading the pieces of the units after the next one in ``order``.
+
+        The next unit's gather is started (by ``_prefetch``) while this one
+        computes, so its piece must already be on its way: reads run
+        ``offload.prefetch`` units beyond it, on one reader thread, in order.
+        """
+        for j in range(pos + 1, min(len(order), pos + 2 + self._read_ahead)):
+            u_idx = order[j]
+            u = self.units[u_idx]
+            if u_idx not in self._piece_reads and not u.gathered and u.work is None:
+                self._piece_reads[u_idx] = self._reader.submit(self._read_piece, u_idx)
+
+    def _drop_pieces_read_ahead(self) -> None:
+        """A pass ended: pieces read ahead for it are not used (they may go stale)."""
+        for f in self._piece_reads.values():
+            f.exception()  # let the read finish before the tier is written again
+        self._piece_reads.clear()
 
     def _gather(self, u: _Unit) -> None:
         """Make the unit's parameters valid: wait for its prefetch, or gather it now."""
@@ -409,6 +501,7 @@ class ZeroEngine:
             self._cursor[phase] = 0
 
     def _end_pass(self, phase: str) -> None:
+        self._drop_pieces_read_ahead()
         if self._trace[phase] is not None:
             self._order[phase] = tuple(self._trace[phase])
             self._trace[phase] = None
@@ -433,6 +526,8 @@ class ZeroEngine:
                 self._cursor[phase] = pos = None  # off the recorded order: stop this pass
         self.prefetch_stats["hits" if u.work is not None else "sync"] += 1
         self._gather(u)
+        if pos is not None and self.params_offloaded:
+            self._read_pieces_ahead(order, pos)
         if pos is not None and pos + 1 < len(order):
             self._prefetch(self.units[order[pos + 1]])
 
@@ -581,6 +676,9 @@ class ZeroEngine:
             if pend.work is not None:
                 pend.work.wait()
             g = self.groups[pend.group]
+            if self.params_offloaded:  # one reduced micro-batch more, into the tier
+                self.optimizer.add_grad(g.mine[0] - self.lo, g.mine[1] - self.lo, pend.out)
+                continue
             dst = self.shard_grad[g.mine[0] - self.lo : g.mine[1] - self.lo]
             if self.stage == 1:
                 dst.copy_(pend.out)  # the full local gradient was reduced in one go
@@ -594,6 +692,8 @@ class ZeroEngine:
         self._drain()
         if self.stage == 1:
             self.flat_grad.zero_()
+        elif self.params_offloaded:
+            self.optimizer.zero_grad()
         else:
             self.shard_grad.zero_()
         self._reset_groups()
@@ -640,15 +740,24 @@ class ZeroEngine:
         self._drain()
         wait_s = time.perf_counter() - start
         # The global norm: sum of the shards' squared norms (shards are disjoint).
-        sq = self.shard_grad.double().pow(2).sum()
+        if self.params_offloaded:  # summed chunk by chunk as the gradients were written
+            sq = torch.tensor(self.optimizer.grad_sq_norm(), dtype=torch.float64)
+            sq = sq.to(self.device)
+        else:
+            sq = self.shard_grad.double().pow(2).sum()
         if self.world_size > 1:
             dist.all_reduce(sq, op=dist.ReduceOp.SUM, group=self.group)
         norm = sq.sqrt().float()
+        coef = None
         if self.grad_clip > 0:
             # Same rule as torch.nn.utils.clip_grad_norm_.
             coef = torch.clamp(self.grad_clip / (norm + 1e-6), max=1.0)
-            self.shard_grad.mul_(coef)
-        self.optimizer.step(lr)
+        if self.params_offloaded:
+            self.optimizer.step(lr, grad_scale=None if coef is None else coef.cpu())
+        else:
+            if coef is not None:
+                self.shard_grad.mul_(coef)
+            self.optimizer.step(lr)
         if self.stage < 3 and self.world_size > 1:
             # Every rank needs the whole updated model for the next forward.
             start = time.perf_counter()
@@ -670,7 +779,10 @@ class ZeroEngine:
         The slices of all ranks tile ``[0, numel)``. Tensors are views: copy
         them before training goes on.
         """
-        out = {"param": self.shard_param}
+        if self.params_offloaded:  # handles read chunk by chunk, like offloaded state
+            out = {"param": self.optimizer.param_flat()}
+        else:
+            out = {"param": self.shard_param}
         out.update(self.optimizer.state_tensors())
         return self.lo, self.hi, out
 
@@ -683,7 +795,7 @@ class ZeroEngine:
         with torch.no_grad():
             if self.stage < 3:
                 self.flat_param.copy_(read("param", 0, self.layout.numel))
-            else:
+            elif not self.params_offloaded:  # else the optimizer reads them into the tier
                 self.shard_param.copy_(read("param", self.lo, self.hi))
         self.optimizer.load_from(read, self.lo, step_count)
 
@@ -702,16 +814,29 @@ class ZeroEngine:
         def nbytes(t: torch.Tensor) -> int:
             return t.numel() * t.element_size()
 
+        gathered = sum(u.buf.untyped_storage().nbytes() for u in self.units)
         if self.stage < 3:
             params = nbytes(self.flat_param)
+        elif self.params_offloaded:
+            params = gathered
         else:
-            params = nbytes(self.shard_param)
-            params += sum(u.buf.untyped_storage().nbytes() for u in self.units)
-        grads = nbytes(self.flat_grad) if self.stage == 1 else nbytes(self.shard_grad)
-        return {"params": params, "grads": grads, **optimizer_bytes(self.optimizer)}
+            params = nbytes(self.shard_param) + gathered
+        if self.stage == 1:
+            grads = nbytes(self.flat_grad)
+        else:
+            grads = 0 if self.params_offloaded else nbytes(self.shard_grad)
+        out = {"params": params, "grads": grads, **optimizer_bytes(self.optimizer)}
+        if self.params_offloaded:
+            # The shard's parameters and gradients, in the tier offload.params names.
+            kind = self.optimizer.param_tier.kind
+            out[f"params_{kind}"] = out[f"grads_{kind}"] = 4 * (self.hi - self.lo)
+        return out
 
     def close(self) -> None:
         """Release offloaded state (its files); the engine is not used afterwards."""
+        if self.params_offloaded:
+            self._drop_pieces_read_ahead()
+            self._reader.shutdown(wait=True)
         self.optimizer.close()
 
 
@@ -726,6 +851,7 @@ def build_engine(
     group: dist.ProcessGroup | None = None,
     prefetch: bool = True,
     offload: OffloadSpec | None = None,
+    init_seed: int = 0,
 ) -> DDPEngine | ZeroEngine:
     """The engine for ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``).
 
@@ -733,7 +859,10 @@ def build_engine(
     the planner, ``orchestrator.shard_plan.shard_bounds``) may be uneven;
     ``None`` splits evenly. DDP has no shards and ignores it. ``prefetch``
     only affects ``zero3`` (see :class:`ZeroEngine`). ``offload`` places the
-    optimizer state (``collectives/offloaded_optim.py``; None: beside the parameters).
+    optimizer state (``collectives/offloaded_optim.py``; None: beside the parameters)
+    and, for ``zero3``, with ``offload.params`` the parameters and gradients too.
+    A model built on the meta device (``zero3`` only) is initialised one unit at
+    a time from ``init_seed`` (``collectives/lazy_init.py``).
     """
     if strategy == "ddp":
         return DDPEngine(
@@ -756,4 +885,5 @@ def build_engine(
         group=group,
         prefetch=prefetch,
         offload=offload,
+        init_seed=init_seed,
     )

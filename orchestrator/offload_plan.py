@@ -102,6 +102,7 @@ def plan_offload(
     chunk_mb: float = 16.0,
     prefetch: int = 1,
     budgets: Budgets | None = None,
+    replica_elements: int = 0,
 ) -> OffloadPlan:
     """The placement of one worker's state; raises ``OffloadPlanError`` when it cannot fit."""
     budgets = budgets or Budgets(None, None, None)
@@ -113,24 +114,43 @@ def plan_offload(
     state_bytes = b * n_states * (numel if stage < 1 else shard)
     chunk_bytes = chunk_numel_for(chunk_mb) * b
 
-    if params == "host" and device == "cuda":
-        raise OffloadPlanError(
-            "offload.params: host is built for CPU workers only (their parameters are in host "
-            "memory already); moving them off a GPU is not implemented yet. Use "
-            "offload.params=none with cluster.gpus_per_worker > 0"
+    # Parameters leave the worker (ZeRO-3 only, spec.py checks) when they go to
+    # NVMe, or to host memory from a GPU; on a CPU worker host memory is theirs anyway.
+    moved = params == "nvme" or (params == "host" and device == "cuda")
+    if moved:
+        where = params
+        note = "with their gradients; one block gathered at a time, read ahead"
+        placements = [
+            Placement("parameters", where, param_bytes, note),
+            Placement("gradients", where, grad_bytes),
+        ]
+    else:
+        note = "CPU worker: already there" if params == "host" else ""
+        placements = [
+            Placement("parameters", "device", param_bytes, note),
+            Placement("gradients", "device", grad_bytes),
+        ]
+    placements.append(
+        Placement("optimizer state", "device" if optimizer == "none" else optimizer, state_bytes)
+    )
+    if replica_elements:
+        # Buddy replication (elastic) copies shards of parameters and state into
+        # host memory, read from the tiers chunk by chunk but held whole.
+        placements.append(
+            Placement(
+                "buddy replicas",
+                "host",
+                b * replica_elements * (1 + n_states),
+                "elastic: own snapshots and a buddy's copy; elastic.enabled=false drops them",
+            )
         )
-    param_note = "CPU worker: already there" if params == "host" else ""
-    placements = [
-        Placement("parameters", "device", param_bytes, param_note),
-        Placement("gradients", "device", grad_bytes),
-        Placement("optimizer state", "device" if optimizer == "none" else optimizer, state_bytes),
-    ]
     staging = 0
-    if optimizer == "nvme" and n_states:
-        # Chunks read ahead, the one updated, and the writes behind it, per state tensor
-        # (no more than the state has chunks).
-        chunks = -(-state_bytes // n_states // chunk_bytes)
-        staging = min(prefetch + 2, chunks) * n_states * chunk_bytes
+    streamed = (n_states if optimizer == "nvme" else 0) + (2 if params == "nvme" else 0)
+    if streamed:
+        # Chunks read ahead, the one updated, and the writes behind it, per tensor
+        # streamed from NVMe (no more than the shard has chunks).
+        chunks = -(-b * (numel if stage < 1 else shard) // chunk_bytes)
+        staging = min(prefetch + 2, max(1, chunks)) * streamed * chunk_bytes
     plan = OffloadPlan(
         strategy, workers, device, placements, staging, chunk_bytes, prefetch, nvme_path
     )
@@ -148,7 +168,7 @@ def plan_offload(
         )
     host_cap, host_name = _cap(host_bytes, budgets.host, "offload.host_bytes", "available memory")
     tiers["host memory"] = _fit("host memory", held["host"], host_cap, host_name, plan)
-    if optimizer == "nvme":
+    if "nvme" in (optimizer, params):
         disk_cap, disk_name = _cap(
             nvme_bytes, budgets.disk, "offload.nvme_bytes", f"free space at {nvme_path}"
         )
@@ -202,12 +222,20 @@ def offload_enabled(spec) -> bool:
 def plan_for_job(spec, numel: int, budgets: Budgets | None = None) -> OffloadPlan:
     """:func:`plan_offload` for a job spec (``spec.offload``, its strategy and optimizer)."""
     from collectives.optim import OptimizerSpec
+    from collectives.replication import REPLICA_BUFFERS
 
     o, t = spec.offload, spec.train
+    workers = spec.cluster.workers
+    replicas = 0
+    if spec.elastic.enabled and STAGE[spec.strategy.name] >= 1 and workers > 1:
+        # As DataParallelProgram.member_row counts them: own snapshots and the
+        # buffers that receive the buddy's copy, each a shard.
+        own = 3 if spec.elastic.replication == "async" else 2
+        replicas = (own + REPLICA_BUFFERS) * -(-numel // workers)
     return plan_offload(
         numel=numel,
         strategy=spec.strategy.name,
-        workers=spec.cluster.workers,
+        workers=workers,
         n_states=len(OptimizerSpec(name=t.optimizer, momentum=t.momentum).state_keys()),
         device="cuda" if spec.cluster.gpus_per_worker > 0 else "cpu",
         optimizer=o.optimizer,
@@ -218,4 +246,5 @@ def plan_for_job(spec, numel: int, budgets: Budgets | None = None) -> OffloadPla
         chunk_mb=o.chunk_mb,
         prefetch=o.prefetch,
         budgets=budgets,
+        replica_elements=replicas,
     )

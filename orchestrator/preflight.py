@@ -277,7 +277,7 @@ def local_offload_budgets(spec: JobSpec) -> Budgets:
     workers = spec.cluster.workers
     memory = node_available_bytes() // workers
     disk = None
-    if spec.offload.optimizer == "nvme":
+    if "nvme" in (spec.offload.optimizer, spec.offload.params):
         path = Path(spec.offload.nvme_path)
         existing = next(p for p in (path, *path.parents) if p.exists())
         disk = shutil.disk_usage(existing).free // workers

@@ -26,7 +26,7 @@ LR_SCHEDULES = ("cosine", "constant")
 REPLICATION_MODES = ("async", "sync")
 TASK_TYPES = ("auto", "lm", "classification")
 OFFLOAD_OPTIMIZER = ("none", "host", "nvme")
-OFFLOAD_PARAMS = ("none", "host")
+OFFLOAD_PARAMS = ("none", "host", "nvme")
 OFFLOAD_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 
@@ -330,10 +330,13 @@ class OffloadConfig:
     # none: beside the parameters. host: host memory (pinned on GPU workers).
     # nvme: files under offload.nvme_path, streamed through the step in chunks.
     optimizer: str = "none"
-    # none, or host: parameters in host memory. On CPU workers they are there
-    # already (reported so); moving them off a GPU is not built yet (refused).
+    # zero3: the shard's parameters and gradients too. none; host: in host
+    # memory (a GPU worker gathers each block onto the GPU as it is needed; on
+    # CPU workers they are there already); nvme: in files, read a block ahead.
+    # Needs offload.optimizer host or nvme. The model is then built one block
+    # at a time (never whole in a worker's memory), each block seeded on its own.
     params: str = "none"
-    # A local disk (NVMe/SSD) directory for offload.optimizer=nvme; each run
+    # A local disk (NVMe/SSD) directory for offload to nvme; each run
     # uses <nvme_path>/<job-id>/, removed at exit (and when stale, on start).
     nvme_path: str | None = None
     # Budgets per worker, in bytes: the most each tier may hold (0: what the

@@ -356,8 +356,9 @@ def _validate_offload(c: JobConfig) -> None:
     _check(o.nvme_bytes >= 0, "offload.nvme_bytes", ">= 0 (0: free disk space)", o.nvme_bytes)
     _check(o.chunk_mb > 0, "offload.chunk_mb", "> 0", o.chunk_mb)
     _check(o.prefetch >= 0, "offload.prefetch", ">= 0 (0: no read-ahead)", o.prefetch)
+    on_nvme = "nvme" in (o.optimizer, o.params)
     _check(
-        o.optimizer == "nvme" or (o.nvme_path is None and not o.nvme_bytes),
+        on_nvme or (o.nvme_path is None and not o.nvme_bytes),
         "offload.optimizer",
         "nvme when offload.nvme_path or offload.nvme_bytes is set (nothing else uses them)",
         o.optimizer,
@@ -374,18 +375,28 @@ def _validate_offload(c: JobConfig) -> None:
         "data-parallel strategies only)",
         c.strategy.name,
     )
-    _check(
-        o.params == "none" or c.cluster.gpus_per_worker == 0,
-        "offload.params",
-        "none with cluster.gpus_per_worker > 0 (moving parameters off a GPU is not built yet; "
-        "on CPU workers offload.params=host is where they are already)",
-        o.params,
-    )
-    if o.optimizer == "nvme":
+    moves_params = o.params == "nvme" or (o.params == "host" and c.cluster.gpus_per_worker > 0)
+    if moves_params:
+        _check(
+            c.strategy.name == "zero3",
+            "offload.params",
+            f"none with strategy={c.strategy.name} (parameters leave the worker under "
+            "strategy=zero3 only, where each worker keeps just its shard and gathers a block "
+            "at a time)",
+            o.params,
+        )
+        _check(
+            o.optimizer != "none",
+            "offload.optimizer",
+            f"host or nvme with offload.params={o.params} (parameters go off the worker "
+            "together with the optimizer state they are updated with)",
+            o.optimizer,
+        )
+    if on_nvme:
         _check(
             bool(o.nvme_path),
             "offload.nvme_path",
-            "a directory on a local disk with offload.optimizer=nvme (e.g. "
+            "a directory on a local disk with offload to nvme (e.g. "
             "offload.nvme_path=/tmp/shoal-nvme)",
             o.nvme_path,
         )

@@ -35,6 +35,7 @@ ran on this host and is no longer alive.
 from __future__ import annotations
 
 import atexit
+import bisect
 import errno
 import itertools
 import json
@@ -65,28 +66,43 @@ class OffloadBudgetError(OffloadError):
 
 @dataclass(frozen=True)
 class ChunkGrid:
-    """``numel`` elements cut into chunks of ``chunk_numel`` (the last may be shorter)."""
+    """``numel`` elements cut into chunks of at most ``chunk_numel``.
+
+    Without ``cuts`` every chunk but the last has ``chunk_numel`` elements.
+    ``cuts`` are offsets where a chunk must end as well (ZeRO-3's units: a
+    unit's piece of parameters is then read, and its gradient written, as
+    whole chunks that hold nothing of another unit).
+    """
 
     numel: int
     chunk_numel: int
+    cuts: tuple[int, ...] = ()
 
     def __post_init__(self) -> None:
         if self.chunk_numel < 1:
             raise ValueError(f"chunk_numel must be >= 1, got {self.chunk_numel}")
+        starts: list[int] = []
+        ends = sorted({c for c in self.cuts if 0 < c < self.numel} | {self.numel})
+        lo = 0
+        for end in ends:
+            starts.extend(range(lo, end, self.chunk_numel))
+            lo = end
+        object.__setattr__(self, "_starts", starts)
 
     @property
     def n_chunks(self) -> int:
-        return -(-self.numel // self.chunk_numel)
+        return len(self._starts)
 
     def bounds(self, i: int) -> tuple[int, int]:
-        lo = i * self.chunk_numel
-        return lo, min(lo + self.chunk_numel, self.numel)
+        starts = self._starts
+        return starts[i], starts[i + 1] if i + 1 < len(starts) else self.numel
 
     def chunks_of(self, lo: int, hi: int) -> range:
         """The chunks that overlap ``[lo, hi)``."""
         if hi <= lo:
             return range(0)
-        return range(lo // self.chunk_numel, (hi - 1) // self.chunk_numel + 1)
+        first = bisect.bisect_right(self._starts, lo) - 1
+        return range(first, bisect.bisect_left(self._starts, hi))
 
 
 def chunk_numel_for(chunk_mb: float, element_size: int = 4) -> int:
@@ -126,7 +142,14 @@ class Tier:
             )
         self.held_bytes += nbytes
 
-    def allocate(self, key: str, numel: int, fill: float) -> None:
+    def allocate(
+        self, key: str, numel: int, fill: float | None, cuts: tuple[int, ...] = ()
+    ) -> None:
+        """Hold ``key``: ``numel`` elements in a :class:`ChunkGrid` with ``cuts``.
+
+        ``fill``: the value every element starts at; None: nothing is written
+        (each chunk is written before it is first read).
+        """
         raise NotImplementedError
 
     def read(self, key: str, i: int) -> Future[torch.Tensor]:
@@ -139,6 +162,16 @@ class Tier:
 
     def discard(self, buf: torch.Tensor) -> None:
         """Give back a buffer from ``read`` that is not written back."""
+
+    def put(self, key: str, i: int, data: torch.Tensor) -> Future[None]:
+        """Store ``data`` (any tensor, any device, the chunk's length) as chunk ``i`` of ``key``."""
+        buf = self.buffer()
+        buf[: data.numel()].copy_(data.reshape(-1))
+        return self.write(key, i, buf)
+
+    def buffer(self) -> torch.Tensor:
+        """A host buffer of one chunk that ``write`` takes over."""
+        return torch.empty(self.chunk_numel, dtype=torch.float32)
 
     def flat(self, key: str) -> torch.Tensor | TierFlat:
         """All of ``key``: a tensor where it is resident, else a handle read chunk by chunk."""
@@ -159,11 +192,13 @@ class HostTier(Tier):
         self.pin = torch.cuda.is_available() if pin is None else pin
         self.tensors: dict[str, torch.Tensor] = {}
 
-    def allocate(self, key: str, numel: int, fill: float) -> None:
+    def allocate(
+        self, key: str, numel: int, fill: float | None, cuts: tuple[int, ...] = ()
+    ) -> None:
         self._reserve(key, numel * 4)
         t = torch.empty(numel, dtype=torch.float32, pin_memory=self.pin)
-        self.tensors[key] = t.fill_(fill)
-        self.grids[key] = ChunkGrid(numel, self.chunk_numel)
+        self.tensors[key] = t if fill is None else t.fill_(fill)
+        self.grids[key] = ChunkGrid(numel, self.chunk_numel, cuts)
 
     def read(self, key: str, i: int) -> Future[torch.Tensor]:
         lo, hi = self.grids[key].bounds(i)
@@ -176,6 +211,13 @@ class HostTier(Tier):
         dst = self.tensors[key][lo:hi]
         if buf.data_ptr() != dst.data_ptr():
             dst.copy_(buf[: hi - lo])
+        done: Future[None] = Future()
+        done.set_result(None)
+        return done
+
+    def put(self, key: str, i: int, data: torch.Tensor) -> Future[None]:
+        lo, hi = self.grids[key].bounds(i)
+        self.tensors[key][lo:hi].copy_(data.reshape(-1))
         done: Future[None] = Future()
         done.set_result(None)
         return done
@@ -377,6 +419,9 @@ class NvmeTier(Tier):
 
     # -- buffers --------------------------------------------------------------
 
+    def buffer(self) -> torch.Tensor:
+        return self._take_buffer()
+
     def _take_buffer(self) -> torch.Tensor:
         with self._lock:
             if self._buffers:
@@ -390,8 +435,10 @@ class NvmeTier(Tier):
 
     # -- the tier -------------------------------------------------------------
 
-    def allocate(self, key: str, numel: int, fill: float) -> None:
-        grid = ChunkGrid(numel, self.chunk_numel)
+    def allocate(
+        self, key: str, numel: int, fill: float | None, cuts: tuple[int, ...] = ()
+    ) -> None:
+        grid = ChunkGrid(numel, self.chunk_numel, cuts)
         nbytes = sum(
             -(-(hi - lo) * 4 // PAGE) * PAGE for lo, hi in map(grid.bounds, range(grid.n_chunks))
         )
@@ -403,6 +450,8 @@ class NvmeTier(Tier):
             )
         self._reserve(key, nbytes)
         self.grids[key] = grid
+        if fill is None:
+            return
         buf = _aligned_empty(self.chunk_bytes).view(torch.float32).fill_(fill)
         for i in range(grid.n_chunks):
             self._check()

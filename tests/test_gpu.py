@@ -142,6 +142,8 @@ def device_cases(ws: int) -> list[z.Case]:
                 )
             )
     out.append(z.Case("gpt-zero3-sgd", "gpt", "zero3", opt="sgd"))
+    # Parameters and gradients of the shard in pinned host memory, gathered onto the GPU.
+    out.append(z.Case("gpt-zero3-params-host", "gpt", "zero3", offload="host"))
     out.append(z.Case("gpt-zero2-accum", "gpt", "zero2", micro=2))
     return out
 

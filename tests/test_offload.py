@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.models.gpt import GPT
+from collectives.flat import FlatLayout
 from collectives.offloaded_optim import OffloadedOptimizer, OffloadSpec
 from collectives.optim import OptimizerSpec, decay_ranges
 from collectives.zero import build_engine
@@ -237,6 +239,148 @@ def test_checkpoint_of_offloaded_state_restores_into_a_plain_engine(tmp_path):
         e.close()
 
 
+# -- parameters and gradients offloaded (zero3, offload.params) -------------------
+
+
+def _params_spec(tmp_path: Path, params: str = "nvme", **kw) -> OffloadSpec:
+    kw = {"chunk_mb": CHUNK_MB, "prefetch": 1, **kw}
+    return OffloadSpec("nvme", nvme_path=str(tmp_path / "nvme"), job_id="t", params=params, **kw)
+
+
+def _lazy_gpt() -> GPT:
+    with torch.device("meta"):
+        return GPT(vocab_size=64, n_layer=2, n_head=2, d_model=32, seq_len=16)
+
+
+@pytest.mark.parametrize("params", ["host", "nvme"])
+def test_parameters_offloaded_train_as_in_memory(params, tmp_path):
+    """A lazily built zero3 engine with everything in tiers = a plain one from the same start."""
+    engine = build_engine(
+        "zero3", _lazy_gpt(), ADAMW, grad_clip=1.0, offload=_params_spec(tmp_path, params)
+    )
+    start = engine.full_state_dict()
+    model = _model()
+    model.load_state_dict(start)
+    plain = build_engine("zero3", model, ADAMW, grad_clip=1.0)
+    for e in (engine, plain):
+        _train(e)
+    got, want = engine.full_state_dict(), plain.full_state_dict()
+    for name in want:
+        assert torch.equal(got[name], want[name]), name
+    memory = engine.memory_bytes()
+    assert memory["params"] == memory["grads"] == memory["optimizer"] == 0
+    shard = 4 * engine.layout.numel
+    assert memory[f"params_{params}"] == memory[f"grads_{params}"] == shard
+    assert memory["optimizer_nvme"] == 2 * shard
+    # Every parameter is a view of a freed unit buffer between steps.
+    assert sum(p.untyped_storage().nbytes() for p in engine.model.parameters()) == 0
+    engine.close()
+    assert not list((tmp_path / "nvme").glob("*/*"))
+
+
+def test_lazy_init_is_deterministic_tied_and_scaled(tmp_path):
+    a = build_engine("zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path), init_seed=3)
+    b = build_engine("zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path), init_seed=3)
+    c = build_engine("zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path), init_seed=4)
+    sa, sb, sc = (e.full_state_dict() for e in (a, b, c))
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert not torch.equal(sa["blocks.0.attn.qkv.weight"], sc["blocks.0.attn.qkv.weight"])
+    assert a.model.lm_head.weight is a.model.wte.weight  # still tied: one parameter
+    assert torch.equal(sa["lm_head.weight"], sa["wte.weight"])
+    # GPT's own rules, unit by unit: N(0, 0.02), residual projections scaled by depth.
+    assert sa["blocks.1.mlp.fc.weight"].std() == pytest.approx(0.02, rel=0.1)
+    assert sa["blocks.1.mlp.proj.weight"].std() == pytest.approx(0.02 / 2, rel=0.1)
+    assert torch.equal(sa["blocks.0.ln1.weight"], torch.ones(32))
+    for e in (a, b, c):
+        e.close()
+
+
+class RootParam(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+        self.scale = torch.nn.Parameter(torch.ones(4))  # the root's own: no unit initialises it
+
+    def forward(self, x):
+        return self.lin(x) * self.scale
+
+
+class NoInit(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(4, 4))  # no reset_parameters() to redo this
+
+    def forward(self, x):
+        return x @ self.w
+
+
+@pytest.mark.parametrize(
+    "make, match",
+    [
+        (RootParam, r"\['scale'\] belong to no submodule"),
+        (lambda: torch.nn.Sequential(NoInit()), r"'0.w' was not initialised"),
+    ],
+)
+def test_lazy_init_refuses_parameters_it_cannot_initialise(make, match, tmp_path):
+    with torch.device("meta"):
+        model = make()
+    with pytest.raises(ValueError, match=match):
+        build_engine("zero3", model, ADAMW, offload=_params_spec(tmp_path))
+    assert not list((tmp_path / "nvme").glob("*/*/*.bin"))  # the refused engine left no files
+
+
+def test_unit_pieces_are_read_ahead_in_the_order_of_use(tmp_path):
+    """After the first step recorded the order, each unit's piece is read before its turn."""
+    engine = build_engine(
+        "zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path, prefetch=2), init_seed=1
+    )
+    reads: list[tuple[int, bool]] = []  # (unit, read ahead?) in the order pieces are taken
+    piece = engine._piece
+
+    def logged(g_idx):
+        reads.append((g_idx, g_idx in engine._piece_reads))
+        return piece(g_idx)
+
+    engine._piece = logged
+    _train(engine, steps=1)  # records the order: every read waits
+    first = list(reads)
+    reads.clear()
+    _train(engine, steps=2, seed=3)
+    units = len(engine.units)
+    forward, backward = engine._order["forward"], engine._order["backward"]
+    # Blocks in order, the tied embedding again for the LM head; backward the reverse.
+    assert forward == (*range(units), 0) and backward == (0, *range(units - 1, 0, -1))
+    assert [u for u, _ in first] == [*forward, *backward]
+    assert not any(ahead for _, ahead in first)
+    assert [u for u, _ in reads] == [*forward, *backward] * 2
+    # Only each pass's first unit is read when needed; the rest were read ahead.
+    per_pass = [reads[: len(forward)], reads[len(forward) : len(forward) + len(backward)]]
+    for taken in per_pass:
+        assert [ahead for _, ahead in taken] == [False] + [True] * (len(taken) - 1)
+    engine.close()
+
+
+def test_host_budget_counts_offloaded_parameters(tmp_path):
+    # One host tier holds the state and the parameters: the state fits, 'param' does not.
+    state = 2 * 4 * FlatLayout.of(_model()).numel
+    spec = OffloadSpec("host", params="host", chunk_mb=CHUNK_MB, host_bytes=state + 1000)
+    with pytest.raises(OffloadBudgetError, match=rf"offload.host_bytes={state + 1000} .*'param'"):
+        build_engine("zero3", _lazy_gpt(), ADAMW, offload=spec)
+
+
+def test_full_disk_while_writing_gradients_is_a_clear_error(tmp_path):
+    engine = build_engine("zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path))
+    _train(engine, steps=1)
+    tier = engine.optimizer.param_tier
+    tier._pwrite = lambda fd, data, offset: (_ for _ in ()).throw(
+        OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    )
+    with pytest.raises(OffloadError, match=rf"offload.nvme_path {tmp_path / 'nvme'} is full: "):
+        _train(engine, steps=1, seed=2)
+    engine.close()
+    assert not list((tmp_path / "nvme").glob("*/*"))
+
+
 def _dead_pid() -> int:
     proc = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
@@ -320,8 +464,21 @@ def test_plan_refuses_what_cannot_fit_naming_the_budget():
     assert fits.tiers["NVMe"][0] == 40_000_000
     with pytest.raises(OffloadPlanError, match=r"NVMe would hold .*offload.nvme_bytes=1000000"):
         plan_offload(**common, optimizer="nvme", nvme_path="/x", nvme_bytes=1_000_000)
-    with pytest.raises(OffloadPlanError, match="offload.params: host is built for CPU workers"):
-        plan_offload(**{**common, "device": "cuda"}, params="host")
+    # Parameters and gradients on NVMe under zero3: the host keeps only staging buffers.
+    z3 = {**common, "strategy": "zero3"}
+    fits = plan_offload(**z3, optimizer="nvme", params="nvme", nvme_path="/x", chunk_mb=1)
+    assert fits.tiers["NVMe"][0] == 4 * 5_000_000 * 4  # params, grads, 2 states: the shard each
+    # (read ahead 1 + updated + written) chunks of 1 MiB for each of the 4 tensors streamed.
+    assert fits.tiers["host memory"][0] == fits.staging_bytes == (1 + 2) * 4 * (1 << 20)
+    with pytest.raises(OffloadPlanError, match=r"host memory would hold .*buddy replicas"):
+        plan_offload(
+            **z3,
+            optimizer="nvme",
+            params="nvme",
+            nvme_path="/x",
+            replica_elements=5 * 5_000_000,
+            budgets=Budgets(None, 200 << 20, None),
+        )
 
 
 @pytest.mark.parametrize(
@@ -331,6 +488,9 @@ def test_plan_refuses_what_cannot_fit_naming_the_budget():
         (["offload.optimizer=disk"], "offload.optimizer"),
         (["offload.optimizer=host", "strategy=pipeline"], "strategy.name"),
         (["offload.params=host", "cluster.gpus_per_worker=1"], "offload.params"),
+        (["offload.params=nvme", "offload.nvme_path=/x", "strategy=zero2"], "offload.params"),
+        (["offload.params=nvme", "offload.nvme_path=/x", "strategy=zero3"], "offload.optimizer"),
+        (["offload.params=nvme", "offload.optimizer=host", "strategy=zero3"], "offload.nvme_path"),
         (["offload.nvme_path=/tmp/x"], "offload.optimizer"),
         (["offload.optimizer=host", "offload.prefetch=-1"], "offload.prefetch"),
     ],
@@ -341,15 +501,19 @@ def test_config_errors_name_the_field(overrides, field):
     assert str(e.value).startswith(f"{field}:")
 
 
-def test_job_zero2_with_nvme_offload(tmp_path, ray_session):
-    """One small Ray job: the plan is made before it starts, it trains, the files are gone."""
+def test_job_zero3_with_everything_on_nvme(tmp_path, ray_session):
+    """One small Ray job, parameters, gradients and optimizer state on NVMe (buddy replicas
+    and checkpoints read them from the files): the plan is made before it starts, it
+    trains, the files are gone.
+    """
     from orchestrator.api import submit
 
     nvme = tmp_path / "nvme"
     spec = JobSpec.from_overrides(
         [
-            "strategy=zero2",
+            "strategy=zero3",
             "offload.optimizer=nvme",
+            "offload.params=nvme",
             f"offload.nvme_path={nvme}",
             "offload.chunk_mb=0.05",
             "model.n_layer=1",
@@ -372,7 +536,9 @@ def test_job_zero2_with_nvme_offload(tmp_path, ray_session):
     waits = [r["offload_wait_s"] for r in records]
     assert len(waits) == 4 and all(len(w) == 2 and min(w) >= 0 for w in waits)
     lines = handle.offload_plan.lines()
-    assert f"  optimizer state  NVMe files under {nvme}: " in "\n".join(lines)
+    for kind in ("parameters", "gradients", "optimizer state"):
+        assert f"  {kind:<16} NVMe files under {nvme}" in "\n".join(lines)
+    assert all(math.isfinite(r["loss"]) for r in records)
     assert (tmp_path / "run" / "offload_plan.txt").read_text().splitlines() == lines
     assert (tmp_path / "run" / "checkpoints" / "step-00000004" / "manifest.json").is_file()
     assert not list(nvme.glob("*/*"))  # the workers' files were removed at the job's end

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from collectives.flat import FlatLayout, flatten_into
+from collectives.offloaded_optim import OffloadSpec
 from collectives.optim import FlatOptimizer, OptimizerSpec, decay_ranges
 from collectives.zero import ZeroEngine, build_engine
 from orchestrator.shard_plan import batch_shares, shard_bounds
@@ -151,6 +152,8 @@ class Case:
     start: int = 0  # first step (> 0 when resuming from load_from)
     load_from: str | None = None
     save_as: str | None = None
+    # zero3 with offload.params: parameters, gradients and optimizer state in this tier.
+    offload: str = "none"
 
 
 def cases_for(ws: int) -> list[Case]:
@@ -178,15 +181,32 @@ def cases_for(ws: int) -> list[Case]:
     # Checkpoints across stages and world sizes; groups run in the order 2, 3, 1.
     if ws == 2:
         out.append(Case("ckpt-save-zero2", "gpt", "zero2", (2.0, 1.0), save_as="z2w2"))
+        # Parameters, gradients and optimizer state on NVMe: uneven, accumulating,
+        # clipped, and its checkpoint loaded by a plain engine (ws 1).
+        sw, bw = tuple(UNEVEN[2]), (1.0, 2.0)
+        out.append(Case("gpt-zero3-offload", "gpt", "zero3", sw, bw, micro=2, offload="nvme"))
+        out.append(Case("ckpt-save-zero3-offload", "gpt", "zero3", save_as="z3off", offload="host"))
     if ws == 3:
         out.append(
             Case("ckpt-load-zero3", "gpt", "zero3", (2.0, 1.0, 1.0), start=STEPS, load_from="z2w2")
         )
         out.append(Case("ckpt-load-zero1", "gpt", "zero1", start=STEPS, load_from="z2w2"))
+        out.append(
+            Case(
+                "ckpt-load-zero3-offload",
+                "gpt",
+                "zero3",
+                (1.0, 2.0, 1.0),
+                start=STEPS,
+                load_from="z2w2",
+                offload="nvme",
+            )
+        )
         out.append(Case("ckpt-save-zero3", "gpt", "zero3", (1.0, 1.0, 3.0), save_as="z3w3"))
     if ws == 1:
         out.append(Case("ckpt-load-ddp", "gpt", "ddp", start=STEPS, load_from="z2w2"))
         out.append(Case("ckpt-load-zero2", "gpt", "zero2", start=STEPS, load_from="z3w3"))
+        out.append(Case("ckpt-load-offloaded", "gpt", "zero2", start=STEPS, load_from="z3off"))
     return out
 
 
@@ -225,6 +245,10 @@ def _run_case(ws: int, rank: int, case: Case, ckpts: dict, device: str = "cpu") 
     """One rank's run of ``case`` (model and data on ``device``); tensors come back on it."""
     model = make_model(case.model).to(device)
     spec = ADAMW if case.opt == "adamw" else SGD
+    offload = None
+    if case.offload != "none":
+        nvme = os.path.join(_SCRATCH["dir"], "nvme")
+        offload = OffloadSpec("nvme", nvme_path=nvme, chunk_mb=0.004, params=case.offload)
     engine = build_engine(
         case.strategy,
         model,
@@ -236,6 +260,7 @@ def _run_case(ws: int, rank: int, case: Case, ckpts: dict, device: str = "cpu") 
             if case.shard_weights
             else None
         ),
+        offload=offload,
     )
     if case.load_from:
         ck = ckpts[case.load_from]
@@ -272,13 +297,18 @@ def _run_case(ws: int, rank: int, case: Case, ckpts: dict, device: str = "cpu") 
     }
     if case.save_as:
         s_lo, s_hi, tensors = engine.checkpoint_slice()
-        copies = {k: v.detach().to("cpu", copy=True) for k, v in tensors.items()}
+        copies = {k: v.detach().clone().cpu() for k, v in tensors.items()}  # TierFlat: read
         result["slice"] = (s_lo, s_hi, copies)
+    engine.close()
     return result
+
+
+_SCRATCH = {"dir": tempfile.gettempdir()}  # a child's: its group's temporary directory
 
 
 def _child(rank: int, ws: int, store_path: str, out_dir: str, cases: list[Case], ckpts: dict):
     torch.set_num_threads(1)
+    _SCRATCH["dir"] = out_dir
     dist.init_process_group("gloo", store=dist.FileStore(store_path, ws), rank=rank, world_size=ws)
     real = {name: getattr(dist, name) for name in COLLECTIVES}
     results = {}
@@ -413,7 +443,11 @@ def test_memory_follows_zero_formulas(results, ws_case):
             "zero3": (shard, shard, n_state * shard),
         }[case.strategy]
         got = res["memory"]
-        for key, w in zip(("params", "grads", "optimizer"), want, strict=True):
+        keys = ("params", "grads", "optimizer")
+        if case.offload != "none":  # nothing of it in memory between steps
+            assert (got["params"], got["grads"], got["optimizer"]) == (0, 0, 0)
+            keys = (f"params_{case.offload}", f"grads_{case.offload}", "optimizer_nvme")
+        for key, w in zip(keys, want, strict=True):
             assert got[key] == pytest.approx(w, rel=0.05), f"rank {r} {key}"
         # Stage 3 keeps no full parameter storage between steps.
         if case.strategy == "zero3":

@@ -105,12 +105,20 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(d_model, vocab_size, bias=False)
         # Weight tying: fewer parameters and better small-model perplexity.
         self.lm_head.weight = self.wte.weight
-        self.apply(self._init_weights)
+        self.init_parameters(self)
+
+    def init_parameters(self, module: nn.Module) -> None:
+        """Initialise ``module`` (this model or a part of it) by GPT-2's rules.
+
+        The constructor applies it to the whole model; a lazy build
+        (``collectives/lazy_init.py``, ``offload.params``) to one block at a time.
+        """
+        module.apply(self._init_weights)
         # GPT-2's scaled init of residual projections keeps the residual stream's
         # variance from growing with depth.
-        for name, p in self.named_parameters():
+        for name, p in module.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * len(self.blocks)))
 
     def _block(self, d_model: int, n_head: int, dropout: float) -> nn.Module:
         """One transformer block (a subclass may put something else in the MLP's place)."""

@@ -153,7 +153,8 @@ class DataParallelProgram(TrainingProgram):
     def min_worker_bytes(self, numel: int) -> int:
         """Parameters, gradients and optimizer state in fp32, each sharded as the stage says.
 
-        Optimizer state offloaded to NVMe (``offload.optimizer=nvme``) is not memory.
+        State offloaded to NVMe (``offload.optimizer``/``offload.params`` ``nvme``)
+        is not memory.
         """
         stage = {"ddp": 0, "zero1": 1, "zero2": 2, "zero3": 3}[self.spec.strategy.name]
         world = self.spec.cluster.workers
@@ -161,8 +162,11 @@ class DataParallelProgram(TrainingProgram):
         params = numel if stage < 3 else numel / world
         grads = numel if stage < 2 else numel / world
         optimizer = states * (numel if stage < 1 else numel / world)
+        # In files: orchestrator/offload_plan.py checks the disk's budget.
         if self.spec.offload.optimizer == "nvme":
-            optimizer = 0  # in files (orchestrator/offload_plan.py checks the disk's budget)
+            optimizer = 0
+        if self.spec.offload.params == "nvme":
+            params = grads = 0
         return int(4 * (params + grads + optimizer))
 
     def member_row(self, plan: DataParallelPlan, rank: int, numel: int) -> dict[str, Any]:
