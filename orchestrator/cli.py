@@ -59,7 +59,8 @@ overrides are Hydra-style KEY=VALUE pairs; pick a config group with GROUP=OPTION
                                shoal volunteer token create --run runs/JOB --name alice)
   offload.optimizer=host|nvme  ddp/zero1-3: optimizer state in host memory or NVMe files
                                (offload.nvme_path=DIR), streamed in offload.chunk_mb chunks,
-                               offload.prefetch ahead; budgets offload.host_bytes/nvme_bytes
+                               offload.prefetch ahead; budgets offload.host_bytes/nvme_bytes;
+                               zero3: offload.params=nvme puts parameters and gradients there too
   model=gpt_tiny|gpt_small|gpt_moe|mlp
                                gpt: model.n_layer, model.n_head, model.d_model, model.seq_len;
                                gpt_moe: + model.n_expert, model.top_k, model.capacity_factor;

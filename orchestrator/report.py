@@ -156,7 +156,8 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
             f"  rank {w['rank']}      {w.get('role', 'worker')}, pid {w['pid']} on "
             f"{w['node_ip']} ({w['device']}): "
             f"params {human_bytes(mem['params'])}, grads {human_bytes(mem['grads'])}, "
-            f"optimizer {human_bytes(mem['optimizer'])}, peak RSS {human_bytes(mem['peak_rss'])}"
+            f"optimizer {human_bytes(mem['optimizer'])}{_offloaded(mem)}, "
+            f"peak RSS {human_bytes(mem['peak_rss'])}"
         )
     if status.error:
         lines.append("  error       " + status.error.replace("\n", "\n              "))
@@ -191,3 +192,15 @@ if __name__ == "__main__":  # the reporter's plotting child: python -m orchestra
     import sys
 
     _plot_from_file(sys.argv[1], sys.argv[2])
+
+
+def _offloaded(mem: dict[str, int]) -> str:
+    """``; host 1.0 GiB, NVMe 3.0 GiB``: state a worker keeps in offload tiers, by tier."""
+    tiers = {"host": 0, "nvme": 0}
+    for key, n in mem.items():
+        kind = key.rsplit("_", 1)[-1]
+        if "_" in key and kind in tiers:
+            tiers[kind] += n
+    held = [f"{'NVMe' if k == 'nvme' else k} {human_bytes(n)}" for k, n in tiers.items() if n]
+    return f" (offloaded: {', '.join(held)})" if held else ""
+

@@ -381,6 +381,15 @@ def test_full_disk_while_writing_gradients_is_a_clear_error(tmp_path):
     assert not list((tmp_path / "nvme").glob("*/*"))
 
 
+def test_summary_names_what_each_tier_holds():
+    from orchestrator.report import _offloaded
+
+    mem = {"params": 0, "params_nvme": 4096, "grads_nvme": 4096, "optimizer_nvme": 8192}
+    assert _offloaded({**mem, "peak_rss": 1}) == " (offloaded: NVMe 16.0 KiB)"
+    assert _offloaded({"optimizer": 5, "params_host": 2048}) == " (offloaded: host 2.0 KiB)"
+    assert _offloaded({"params": 1, "optimizer": 3, "peak_rss": 3}) == ""
+
+
 def _dead_pid() -> int:
     proc = subprocess.run(
         [sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True
