@@ -203,4 +203,3 @@ def _offloaded(mem: dict[str, int]) -> str:
             tiers[kind] += n
     held = [f"{'NVMe' if k == 'nvme' else k} {human_bytes(n)}" for k, n in tiers.items() if n]
     return f" (offloaded: {', '.join(held)})" if held else ""
-
