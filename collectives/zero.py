@@ -181,6 +181,15 @@ class ZeroEngine:
     the root module itself gathers. Between steps, ``model.parameters()``
     have empty storage: use :meth:`full_state_dict` to read them.
 
+    ``offload`` places the optimizer state in a tier; with ``offload.params``
+    (stage 3) the shard's parameters and gradients are in the tier too
+    (``shard_param``/``shard_grad`` are None): a unit's piece is read from it,
+    ``offload.prefetch`` units ahead of the gather that needs it, reduced
+    gradients are added to it as they arrive, and the optimizer step streams
+    all of them (``collectives/offloaded_optim.py``). A model whose
+    parameters are on the meta device is initialised one unit at a time from
+    ``init_seed`` (``collectives/lazy_init.py``), never whole.
+
     ``prefetch`` (stage 3, default on): after the first forward and backward
     have recorded the order in which units are gathered, each unit's hook
     starts the asynchronous gather of the next unit in that order, so at most
