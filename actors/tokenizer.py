@@ -9,6 +9,14 @@ sha256, the requested vocab_size) and the sha256 of the tokenizer file
 itself. A resume (or any restart in the same run_dir) on the same corpus and
 vocab_size loads it instead of retraining, so its token ids stay the ones
 the checkpoints were trained on; anything else retrains and overwrites.
+
+Encoding the corpus costs seconds as well (~5.5 s for a few MB), so the
+token ids are saved beside the tokenizer, in ``tokenizer.tokens.safetensors``
+(data only: no pickle), with the sha256 of the corpus, of the tokenizer file
+and of the ids themselves in its metadata. They are reused only when the
+corpus and tokenizer hashes match and the ids read back hash to the saved
+value (so a truncated or damaged file is re-encoded, never loaded); anything
+else encodes again and overwrites them.
 """
 
 from __future__ import annotations
@@ -29,6 +37,7 @@ log = logging.getLogger(__name__)
 
 TOKENIZER_FILE = "tokenizer.json"
 META_FILE = "tokenizer.meta.json"
+TOKENS_FILE = "tokenizer.tokens.safetensors"  # the corpus's ids, encoded with TOKENIZER_FILE
 MIN_VOCAB_SIZE = 257  # the 256 byte symbols, plus at least one merge
 
 
@@ -107,11 +116,24 @@ def load_or_train(data: bytes, vocab_size: int, run_dir: str | Path | None) -> B
 def bpe_corpus(
     data: bytes, source: str, vocab_size: int, run_dir: str | Path | None = None
 ) -> TokenDataset:
-    """A text as BPE token ids (tokenizer trained on it, or reused from ``run_dir``)."""
+    """A text as BPE token ids (tokenizer trained on it, or reused from ``run_dir``, and the
+    ids encoded, or reused from ``run_dir`` when encoded from this corpus by this tokenizer)."""
     codec = load_or_train(data, vocab_size, run_dir)
     n_vocab = codec.vocab_size
     dtype = np.uint16 if n_vocab <= 2**16 else np.int32
-    tokens = np.asarray(codec.encode(data.decode("utf-8", errors="replace")), dtype=dtype)
+    key = {
+        "corpus_sha256": _sha256(data),
+        "tokenizer_sha256": _sha256(codec.tokenizer_json.encode()),
+    }
+    tokens = _load_tokens(Path(run_dir), key, dtype) if run_dir is not None else None
+    if tokens is not None:
+        log.info("reusing %d encoded tokens from %s", len(tokens), Path(run_dir) / TOKENS_FILE)
+    else:
+        t0 = time.monotonic()
+        tokens = np.asarray(codec.encode(data.decode("utf-8", errors="replace")), dtype=dtype)
+        log.info("encoded %d bytes in %.1fs", len(data), time.monotonic() - t0)
+        if run_dir is not None:
+            _save_tokens(Path(run_dir), tokens, key)
     return TokenDataset(
         tokens, n_vocab, f"{source} (byte-level BPE, vocab {n_vocab})", codec.decode, codec.encode
     )
@@ -142,10 +164,45 @@ def _save(run_dir: Path, tokenizer_json: str, meta: dict[str, object]) -> None:
     _write_atomic(run_dir / META_FILE, json.dumps(full_meta, indent=2) + "\n")
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def _load_tokens(run_dir: Path, key: dict[str, str], dtype: type) -> np.ndarray | None:
+    """The saved ids if saved for ``key`` (corpus and tokenizer) and intact, else None.
+
+    Intact: one 1-d ``dtype`` tensor whose length and sha256 are the ones saved with it.
+    """
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(run_dir / TOKENS_FILE), framework="np") as f:
+            meta = f.metadata() or {}
+            if any(meta.get(k) != v for k, v in key.items()) or list(f.keys()) != ["tokens"]:
+                return None
+            tokens = f.get_tensor("tokens")
+        count = int(meta["count"])
+    except Exception:  # noqa: BLE001 - missing, truncated or not safetensors: encode again
+        return None
+    if tokens.dtype != dtype or tokens.shape != (count,):
+        return None
+    if _sha256(tokens.tobytes()) != meta.get("tokens_sha256"):
+        return None
+    return tokens
+
+
+def _save_tokens(run_dir: Path, tokens: np.ndarray, key: dict[str, str]) -> None:
+    """Write the ids and their key and checksum as one safetensors file, atomically."""
+    from safetensors.numpy import save
+
+    meta = {**key, "count": str(len(tokens)), "tokens_sha256": _sha256(tokens.tobytes())}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    _write_atomic(run_dir / TOKENS_FILE, save({"tokens": tokens}, metadata=meta))
+
+
+def _write_atomic(path: Path, content: str | bytes) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # same folder: os.replace is atomic
     try:
-        tmp.write_text(text, encoding="utf-8")
+        if isinstance(content, bytes):
+            tmp.write_bytes(content)
+        else:
+            tmp.write_text(content, encoding="utf-8")
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

@@ -109,3 +109,94 @@ def test_bytes_tokenizer_keeps_byte_tokens(book):
 def test_bad_settings_name_the_field(book, kwargs, field):
     with pytest.raises(ValueError, match=field):
         text_file(str(book), **kwargs)
+
+
+class EncodeCounter:
+    """Counts BpeCodec.encode calls (encoding the corpus is what the token cache saves)."""
+
+    def __init__(self, monkeypatch):
+        self.calls = 0
+        original = bpe.BpeCodec.encode
+
+        def encode(codec, text):
+            self.calls += 1
+            return original(codec, text)
+
+        monkeypatch.setattr(bpe.BpeCodec, "encode", encode)
+
+
+def test_encoded_tokens_are_cached_and_reused(book, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    first = text_file(str(book), tokenizer="bpe", vocab_size=VOCAB, run_dir=str(run_dir))
+    cache = run_dir / bpe.TOKENS_FILE
+    assert cache.is_file()
+    mtime = cache.stat().st_mtime_ns
+    encodes = EncodeCounter(monkeypatch)
+    second = text_file(str(book), tokenizer="bpe", vocab_size=VOCAB, run_dir=str(run_dir))
+    assert encodes.calls == 0 and cache.stat().st_mtime_ns == mtime
+    assert second.tokens.dtype == first.tokens.dtype == np.uint16
+    assert np.array_equal(second.tokens, first.tokens)
+    assert second.fingerprint() == first.fingerprint()
+    assert second.decode(second.tokens.tolist()) == book.read_text(encoding="utf-8")
+    assert not list(run_dir.glob(".*.tmp"))
+    # No run folder: nothing is cached (and nothing read).
+    text_file(str(book), tokenizer="bpe", vocab_size=VOCAB)
+    assert encodes.calls == 1
+
+
+def test_tokens_of_another_corpus_or_tokenizer_are_encoded_again(book, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    text_file(str(book), tokenizer="bpe", vocab_size=VOCAB, run_dir=str(run_dir))
+    cache = run_dir / bpe.TOKENS_FILE
+    encodes = EncodeCounter(monkeypatch)
+    # Another vocab_size: another tokenizer, so the ids are encoded again (and re-cached).
+    ds = text_file(str(book), tokenizer="bpe", vocab_size=300, run_dir=str(run_dir))
+    assert encodes.calls == 1
+    assert ds.decode(ds.tokens.tolist()) == book.read_text(encoding="utf-8")
+    assert np.array_equal(bpe._load_tokens(run_dir, _key(book, run_dir), np.uint16), ds.tokens)
+    # A changed corpus, with the tokens of the old one left in the run folder.
+    old_tokens = cache.read_bytes()
+    book.write_text(make_text(seed=2, n_words=900), encoding="utf-8")
+    ds = text_file(str(book), tokenizer="bpe", vocab_size=300, run_dir=str(run_dir))
+    assert encodes.calls == 2 and cache.read_bytes() != old_tokens
+    assert ds.decode(ds.tokens.tolist()) == book.read_text(encoding="utf-8")
+    # The key names both the corpus and the tokenizer file.
+    key = _key(book, run_dir)
+    assert bpe._load_tokens(run_dir, key, np.uint16) is not None
+    for name in key:
+        assert bpe._load_tokens(run_dir, {**key, name: "0" * 64}, np.uint16) is None
+    assert bpe._load_tokens(run_dir, key, np.int32) is None  # another dtype: not these ids
+
+
+def _key(book, run_dir) -> dict[str, str]:
+    tokenizer_json = (run_dir / bpe.TOKENIZER_FILE).read_bytes()
+    return {
+        "corpus_sha256": bpe._sha256(book.read_bytes()),
+        "tokenizer_sha256": bpe._sha256(tokenizer_json),
+    }
+
+
+@pytest.mark.parametrize("damage", ["flipped byte", "truncated", "not safetensors", "empty"])
+def test_damaged_token_cache_is_detected_and_rebuilt(book, tmp_path, monkeypatch, damage):
+    run_dir = tmp_path / "run"
+    first = text_file(str(book), tokenizer="bpe", vocab_size=VOCAB, run_dir=str(run_dir))
+    cache = run_dir / bpe.TOKENS_FILE
+    good = cache.read_bytes()
+    if damage == "flipped byte":  # same size, valid header: only the checksum can tell
+        data = bytearray(good)
+        data[-3] ^= 0x01
+        cache.write_bytes(bytes(data))
+    elif damage == "truncated":
+        cache.write_bytes(good[: len(good) - 10])
+    elif damage == "not safetensors":
+        np.save(cache.with_suffix(".npy"), first.tokens)
+        cache.with_suffix(".npy").replace(cache)
+    else:
+        cache.write_bytes(b"")
+    assert bpe._load_tokens(run_dir, _key(book, run_dir), np.uint16) is None
+    encodes = EncodeCounter(monkeypatch)
+    again = text_file(str(book), tokenizer="bpe", vocab_size=VOCAB, run_dir=str(run_dir))
+    assert encodes.calls == 1
+    assert np.array_equal(again.tokens, first.tokens)
+    # Rewritten, and read back (its header's key order may differ from the first file's).
+    assert np.array_equal(bpe._load_tokens(run_dir, _key(book, run_dir), np.uint16), first.tokens)
