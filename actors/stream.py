@@ -174,8 +174,13 @@ class Cursor:
 # -- reading files (pyarrow only: used in the driver, in Ray Data tasks and in tests) -----------
 
 
-def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
-    """The pyarrow filesystem of ``uri`` and the path within it (``s3://``, ``file://``, a path)."""
+def filesystem(
+    uri: str, endpoint_url: str | None = None, region: str | None = None
+) -> tuple[Any, str]:
+    """The pyarrow filesystem of ``uri`` and the path within it (``s3://``, ``file://``, a path).
+
+    ``region``: the bucket's S3 region (None: the AWS configuration's, ``AWS_DEFAULT_REGION``).
+    """
     from pyarrow import fs
 
     if uri.startswith("s3://"):
@@ -184,6 +189,8 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
             scheme, sep, host = endpoint_url.partition("://")
             kwargs = {"endpoint_override": host, "scheme": scheme} if sep else {}
             kwargs = kwargs or {"endpoint_override": endpoint_url}
+        if region:
+            kwargs["region"] = region
         return fs.S3FileSystem(**kwargs), uri.removeprefix("s3://").rstrip("/")
     if "://" in uri and not uri.startswith("file://"):
         raise ValueError(f"data.uri: {uri!r}: only s3://, file:// and local paths are supported")
@@ -193,7 +200,9 @@ def filesystem(uri: str, endpoint_url: str | None = None) -> tuple[Any, str]:
     return fs.LocalFileSystem(), path
 
 
-def list_files(uri: str, fmt: str, endpoint_url: str | None = None) -> list[tuple[str, int]]:
+def list_files(
+    uri: str, fmt: str, endpoint_url: str | None = None, region: str | None = None
+) -> list[tuple[str, int]]:
     """``(path, size)`` of the data files under ``uri`` (or ``uri`` itself), in sorted order.
 
     A directory contributes its files (recursively) with the format's
@@ -201,7 +210,7 @@ def list_files(uri: str, fmt: str, endpoint_url: str | None = None) -> list[tupl
     """
     from pyarrow import fs
 
-    pfs, path = filesystem(uri, endpoint_url)
+    pfs, path = filesystem(uri, endpoint_url, region)
     try:
         info = pfs.get_file_info(path)
         if info.type == fs.FileType.File:
@@ -255,9 +264,16 @@ def read_file(pfs: Any, path: str, fmt: str, column: str) -> Iterator[pa.LargeBi
             yield pa.array([rest], pa.large_binary())
 
 
-def _read_files(batch: pa.Table, fmt: str, column: str, uri: str, endpoint_url: str | None):
+def _read_files(
+    batch: pa.Table,
+    fmt: str,
+    column: str,
+    uri: str,
+    endpoint_url: str | None,
+    region: str | None = None,
+):
     """Ray Data ``map_batches`` function: the rows of the files named in ``batch``."""
-    pfs, _ = filesystem(uri, endpoint_url)
+    pfs, _ = filesystem(uri, endpoint_url, region)
     for path in batch.column("path").to_pylist():
         for rows in read_file(pfs, path, fmt, column):
             yield pa.table({"rows": rows})
@@ -277,6 +293,7 @@ class StreamDataset:
     sizes: tuple[int, ...]
     endpoint_url: str | None = None
     tokenizer: str = "bytes"
+    region: str | None = None  # S3 only; not in the fingerprint (it does not change the data)
     kind = "tokens"
     vocab_size = VOCAB_SIZE
     # A worker's reader: created on first use, never pickled (see __getstate__).
@@ -357,11 +374,21 @@ class StreamDataset:
             return self._ray_pass()
         return self._arrow_pass()
 
+    def _read_options(self) -> dict[str, Any]:
+        """``_read_files``'s settings: the same in this process and in Ray Data's tasks."""
+        return {
+            "fmt": self.format,
+            "column": self.column,
+            "uri": self.uri,
+            "endpoint_url": self.endpoint_url,
+            "region": self.region,
+        }
+
     def _arrow_pass(self) -> Iterator[Rows]:
         """One pass read in this process with pyarrow (the driver's check, tests, no Ray)."""
-        pfs, _ = filesystem(self.uri, self.endpoint_url)
-        for path in self.files:
-            yield from read_file(pfs, path, self.format, self.column)
+        paths = pa.table({"path": list(self.files)})
+        for table in _read_files(paths, **self._read_options()):
+            yield table.column("rows")
 
     def _ray_pass(self) -> Iterator[Rows]:
         """One pass read by Ray Data tasks, in file order, streamed into this process."""
@@ -379,12 +406,7 @@ class StreamDataset:
             _read_files,
             batch_size=1,
             batch_format="pyarrow",
-            fn_kwargs={
-                "fmt": self.format,
-                "column": self.column,
-                "uri": self.uri,
-                "endpoint_url": self.endpoint_url,
-            },
+            fn_kwargs=self._read_options(),
             num_cpus=0,  # never wait for a CPU the job's workers hold
             compute=ray.data.TaskPoolStrategy(size=READ_TASKS),
         )
@@ -398,19 +420,21 @@ def ray_dataset(
     column: str = "text",
     endpoint_url: str | None = None,
     tokenizer: str = "bytes",
+    region: str | None = None,
 ) -> StreamDataset:
     """``data=ray_dataset``: the files under ``uri`` as a token stream (lists them; reads nothing).
 
     ``format``: parquet or json (JSON lines), whose ``column`` holds the
     text, or text (a row per line). ``endpoint_url``: an S3-compatible
-    server for ``s3://`` URIs (MinIO, a test server); credentials come from
-    the usual AWS environment.
+    server for ``s3://`` URIs (MinIO, a test server); ``region``: the
+    bucket's S3 region (``data.region``, by default ``storage.region``; None:
+    the AWS configuration's); credentials come from the usual AWS environment.
     """
     if format not in FORMATS:
         raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, not {format!r}")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"data.tokenizer must be 'bytes' for data=ray_dataset, not {tokenizer!r}")
-    listed = list_files(uri, format, endpoint_url)
+    listed = list_files(uri, format, endpoint_url, region)
     return StreamDataset(
         uri=uri,
         format=format,
@@ -419,4 +443,5 @@ def ray_dataset(
         sizes=tuple(s for _, s in listed),
         endpoint_url=endpoint_url,
         tokenizer=tokenizer,
+        region=region,
     )

@@ -195,6 +195,8 @@ class RayDatasetConfig:
     column: str = "text"
     # s3:// only: an S3-compatible server (MinIO, ...); null: AWS.
     endpoint_url: str | None = None
+    # s3:// only: the bucket's region; null: the AWS configuration's.
+    region: str | None = None
     # bytes only (vocabulary 256).
     tokenizer: str = "bytes"
 

@@ -247,3 +247,55 @@ def test_eval_every_on_a_stream_is_refused_naming_it(tmp_path):
     )
     with pytest.raises(ConfigError, match="train.eval_every: the dataset .* no held-out"):
         load_data(spec)
+
+
+def test_region_reaches_every_s3_filesystem_the_stream_opens(s3_server, tmp_path, monkeypatch):
+    """data.region (by default storage.region) is given to pyarrow's S3 filesystem when listing,
+    checking and reading (in-process here; Ray Data's tasks get the same ``_read_options``)."""
+    import pyarrow.fs as pafs
+
+    from orchestrator.api import load_data
+    from orchestrator.spec import JobSpec
+
+    rows = make_rows(40, seed=3)
+    bucket = s3_server.make_bucket()
+    s3 = pafs.S3FileSystem(
+        endpoint_override=s3_server.endpoint.removeprefix("http://"), scheme="http"
+    )
+    pq.write_table(pa.table({"text": rows}), f"{bucket}/corpus/part-0.parquet", filesystem=s3)
+    uri = f"s3://{bucket}/corpus/"
+
+    def spec(*extra: str) -> JobSpec:
+        common = [
+            "data=ray_dataset",
+            f"data.uri={uri}",
+            f"storage.endpoint_url={s3_server.endpoint}",
+            "model.seq_len=16",
+            "train.global_batch=4",
+        ]
+        return JobSpec.from_overrides([*common, f"run_dir={tmp_path / 'run'}", *extra])
+
+    assert spec().data.region is None
+    assert spec("storage.region=eu-west-3").data.region == "eu-west-3"
+    assert spec("storage.region=eu-west-3", "data.region=us-west-2").data.region == "us-west-2"
+    assert load_data(spec("storage.region=eu-west-3")).region == "eu-west-3"  # as a job builds it
+
+    regions = []
+    real = pafs.S3FileSystem
+
+    def recording(**kwargs):
+        regions.append(kwargs.get("region"))
+        return real(**kwargs)
+
+    monkeypatch.setattr(pafs, "S3FileSystem", recording)
+    data = ray_dataset(uri, endpoint_url=s3_server.endpoint, region="eu-west-3")  # lists
+    assert data.region == "eu-west-3" and data._read_options()["region"] == "eu-west-3"
+    data.check(2, SEQ_LEN)
+    monkeypatch.setattr(data, "_open_pass", data._arrow_pass)  # in-process even if Ray is up
+    np.testing.assert_array_equal(
+        data.batch(0, 1, 3, 0, 3, SEQ_LEN)["x"], reference(rows)[3:6, :-1]
+    )
+    assert regions == ["eu-west-3"] * 3
+    plain = ray_dataset(uri, endpoint_url=s3_server.endpoint)
+    assert plain.fingerprint() == data.fingerprint()  # the region does not change the data
+    assert regions[-1] is None  # no region given: pyarrow's default (the AWS configuration's)

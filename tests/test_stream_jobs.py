@@ -106,6 +106,7 @@ def _spec(tmp_path: Path, name: str, corpus: str, endpoint: str, *extra: str) ->
             "data.column=text",
             f"storage.endpoint_url={endpoint}",  # the stream's endpoint (data.endpoint_url)
             "storage.path_style=true",
+            "storage.region=us-east-1",  # reaches the Ray Data read tasks (data.region)
             f"model._target_={HeldStreamGPT.__module__}.{HeldStreamGPT.__qualname__}",
             "model.n_layer=1",
             "model.d_model=32",
