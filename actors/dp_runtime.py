@@ -149,11 +149,13 @@ class DataParallelRuntime(ElasticState):
         self._start_epoch(rdzv.world_size)
         torch.manual_seed(self.spec.train.seed)
         offload = offload_spec(self.spec, self.device)
+        init_seed = None
         if offload.params != "none" and self._engine_strategy == "zero3":
             # The whole model never sits in this worker's memory: built on the meta
             # device, initialised unit by unit into the tier (collectives/lazy_init.py).
             with torch.device("meta"):
                 model = self._build_model()
+            init_seed = self.spec.train.seed
         else:
             model = self._build_model().to(self.device)
         self._close_engine()  # the last epoch's offloaded state (its files) goes first
@@ -165,7 +167,7 @@ class DataParallelRuntime(ElasticState):
             bucket_mb=self.spec.strategy.bucket_mb,
             shard_bounds=shard_bounds,
             offload=offload,
-            init_seed=self.spec.train.seed,
+            init_seed=init_seed,
         )
         return self._ready_to_train()
 

@@ -186,9 +186,9 @@ class ZeroEngine:
     (``shard_param``/``shard_grad`` are None): a unit's piece is read from it,
     ``offload.prefetch`` units ahead of the gather that needs it, reduced
     gradients are added to it as they arrive, and the optimizer step streams
-    all of them (``collectives/offloaded_optim.py``). A model whose
-    parameters are on the meta device is initialised one unit at a time from
-    ``init_seed`` (``collectives/lazy_init.py``), never whole.
+    all of them (``collectives/offloaded_optim.py``). Given ``init_seed``, a
+    model whose parameters are on the meta device is initialised one unit at
+    a time from it (``collectives/lazy_init.py``), never whole.
 
     ``prefetch`` (stage 3, default on): after the first forward and backward
     have recorded the order in which units are gathered, each unit's hook
@@ -214,7 +214,7 @@ class ZeroEngine:
         group: dist.ProcessGroup | None = None,
         prefetch: bool = True,
         offload: OffloadSpec | None = None,
-        init_seed: int = 0,
+        init_seed: int | None = None,
     ):
         if stage not in (1, 2, 3):
             raise ValueError(f"ZeRO stage must be 1, 2 or 3, got {stage!r}")
@@ -242,9 +242,11 @@ class ZeroEngine:
 
         params = dict(model.named_parameters())
         self._params = [params[s.name] for s in self.layout.slots]
-        lazy = LazyInit(model, init_seed) if any(p.is_meta for p in self._params) else None
-        if lazy is not None and stage < 3:
-            raise ValueError("a model on the meta device (built lazily) needs ZeRO stage 3")
+        lazy = None
+        if init_seed is not None and any(p.is_meta for p in self._params):
+            if stage < 3:
+                raise ValueError("a model built lazily (on the meta device) needs ZeRO stage 3")
+            lazy = LazyInit(model, init_seed)
         self.device = torch.device("cpu") if lazy is not None else self._params[0].device
         # ZeRO-3 with offload.params: the shard's parameters and gradients live in a
         # tier beside the optimizer state, not in tensors of this engine.
@@ -860,7 +862,7 @@ def build_engine(
     group: dist.ProcessGroup | None = None,
     prefetch: bool = True,
     offload: OffloadSpec | None = None,
-    init_seed: int = 0,
+    init_seed: int | None = None,
 ) -> DDPEngine | ZeroEngine:
     """The engine for ``strategy`` (``ddp``, ``zero1``, ``zero2``, ``zero3``).
 
@@ -870,8 +872,9 @@ def build_engine(
     only affects ``zero3`` (see :class:`ZeroEngine`). ``offload`` places the
     optimizer state (``collectives/offloaded_optim.py``; None: beside the parameters)
     and, for ``zero3``, with ``offload.params`` the parameters and gradients too.
-    A model built on the meta device (``zero3`` only) is initialised one unit at
-    a time from ``init_seed`` (``collectives/lazy_init.py``).
+    With ``init_seed``, a model built on the meta device (``zero3`` only) is
+    initialised one unit at a time from it (``collectives/lazy_init.py``);
+    without, a meta model stays on the meta device (shapes only).
     """
     if strategy == "ddp":
         return DDPEngine(

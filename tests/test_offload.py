@@ -256,7 +256,12 @@ def _lazy_gpt() -> GPT:
 def test_parameters_offloaded_train_as_in_memory(params, tmp_path):
     """A lazily built zero3 engine with everything in tiers = a plain one from the same start."""
     engine = build_engine(
-        "zero3", _lazy_gpt(), ADAMW, grad_clip=1.0, offload=_params_spec(tmp_path, params)
+        "zero3",
+        _lazy_gpt(),
+        ADAMW,
+        grad_clip=1.0,
+        offload=_params_spec(tmp_path, params),
+        init_seed=0,
     )
     start = engine.full_state_dict()
     model = _model()
@@ -325,7 +330,7 @@ def test_lazy_init_refuses_parameters_it_cannot_initialise(make, match, tmp_path
     with torch.device("meta"):
         model = make()
     with pytest.raises(ValueError, match=match):
-        build_engine("zero3", model, ADAMW, offload=_params_spec(tmp_path))
+        build_engine("zero3", model, ADAMW, offload=_params_spec(tmp_path), init_seed=0)
     assert not list((tmp_path / "nvme").glob("*/*/*.bin"))  # the refused engine left no files
 
 
@@ -365,11 +370,11 @@ def test_host_budget_counts_offloaded_parameters(tmp_path):
     state = 2 * 4 * FlatLayout.of(_model()).numel
     spec = OffloadSpec("host", params="host", chunk_mb=CHUNK_MB, host_bytes=state + 1000)
     with pytest.raises(OffloadBudgetError, match=rf"offload.host_bytes={state + 1000} .*'param'"):
-        build_engine("zero3", _lazy_gpt(), ADAMW, offload=spec)
+        build_engine("zero3", _lazy_gpt(), ADAMW, offload=spec, init_seed=0)
 
 
 def test_full_disk_while_writing_gradients_is_a_clear_error(tmp_path):
-    engine = build_engine("zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path))
+    engine = build_engine("zero3", _lazy_gpt(), ADAMW, offload=_params_spec(tmp_path), init_seed=0)
     _train(engine, steps=1)
     tier = engine.optimizer.param_tier
     tier._pwrite = lambda fd, data, offset: (_ for _ in ()).throw(
