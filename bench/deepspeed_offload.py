@@ -35,8 +35,18 @@ Printed: per side the median step time after ``--warmup`` steps (per step
 the slowest rank; a barrier before each step), the ratio shoal / DeepSpeed,
 each side's peak RSS per worker, and the losses of the first and last step
 (the same model, data and optimizer, so they should agree closely; ZeRO-3
-reduces in a different order, so not to the bit). A side that cannot run
-prints the exact error its workers raised instead of numbers.
+reduces in a different order, so not to the bit; with shoal's parameters
+offloaded the model is initialised by the engine, unit by unit, so its
+initial weights and losses differ). A side that cannot run prints the exact
+error its workers raised instead of numbers.
+
+On a CPU-only machine DeepSpeed 0.19.8 runs with its CPU accelerator and gloo
+(no oneCCL or intel_extension_for_pytorch needed); the first run JIT-builds
+DeepSpeedCPUAdam and its shared-memory collectives with the system's g++
+(into ``<venv>/torch_extensions``, a few minutes). ``--offload nvme`` also
+builds its ``async_io`` op, which needs libaio's headers (Debian:
+``apt-get install libaio-dev``); without them DeepSpeed stops with "Unable
+to JIT load the async_io op due to it not being compatible".
 
     python bench/deepspeed_offload.py                       # cpu offload, 2 workers
     python bench/deepspeed_offload.py --offload nvme --nvme-path /tmp/shoal-nvme
@@ -136,7 +146,9 @@ else:
     spec = OptimizerSpec(name="adamw", weight_decay=0.0, beta1=0.9, beta2=0.95, eps=1e-8)
     engine = build_engine("zero3", model, spec, offload=OffloadSpec(**kw), **extra)
     marks["engine_built_mb"] = rss_mb()
-    marks["optimizer"] = type(engine.optimizer).__name__
+    marks["optimizer"] = type(engine.optimizer).__name__ + "".join(
+        f" {k}={v}" for k, v in kw.items() if k in ("optimizer", "params")
+    )
 
     def train_step(step):
         engine.zero_grad()
@@ -321,7 +333,13 @@ def launch(side: str, python: Path, cfg: dict, args: argparse.Namespace, work: P
         rank = failed if failed is not None else 0
         msg = f"rank {rank} exited with {procs[rank].returncode}"
     tail = (work / f"{side}.rank{rank}.log").read_text()[-args.error_chars :]
-    return Side(side, False, error=f"{msg}; its output ends with:\n{tail}")
+    hint = ""
+    if "async_io" in tail:
+        hint = (
+            "\n(DeepSpeed's NVMe offload builds its async_io op against libaio: "
+            "`apt-get install libaio-dev`, then run again)"
+        )
+    return Side(side, False, error=f"{msg}; its output ends with:\n{tail}{hint}")
 
 
 def median(xs: list[float]) -> float:

@@ -57,8 +57,20 @@ peak RSS; at the end one row per arm: largest ``n_layer``, its parameters,
 its peak usage, and its parameters relative to the ``none`` arm (the goal:
 >= 4x). A ``>=`` marks an arm that still fit at ``--max-layers``.
 
-    sudo python bench/offload_memcap.py --cap-mb 1500
-    python bench/offload_memcap.py --cap-mb 3000 --d-model 768 --arms none,params-nvme
+Two knobs show where memory goes besides the engine's own tensors:
+``--malloc-mmap-threshold`` sets glibc's ``MALLOC_MMAP_THRESHOLD_`` in the
+workers (by default glibc raises its mmap threshold after freeing a large
+block, so the per-unit buffers stage 3 allocates and frees every step come
+from heaps that keep the freed memory; a fixed threshold gives it back, at
+some cost in page faults), and ``--chunk-mb`` sets ``OffloadSpec.chunk_mb``
+(the NVMe tier keeps the chunk-sized buffers it has used for reuse).
+``--phases`` prints, per trial, rank 0's peak cgroup usage in each phase
+(model build, engine build, each step's forward, backward and optimizer
+step; the cgroup's peak is reset between phases). "after X" in a failed
+trial names the last phase a worker completed.
+
+    .venv/bin/python bench/offload_memcap.py --cap-mb 1500 --phases    # as root (cgroups)
+    .venv/bin/python bench/offload_memcap.py --malloc-mmap-threshold 1048576 --chunk-mb 2
 """
 
 from __future__ import annotations
@@ -298,6 +310,8 @@ def run_trial(arm: Arm, n_layer: int, args: argparse.Namespace, use_cgroup: bool
     offload = None
     if arm.offload is not None:
         offload = dict(arm.offload, job_id=job_id)
+        if args.chunk_mb:
+            offload["chunk_mb"] = args.chunk_mb
         if "nvme" in arm.offload.values():
             offload["nvme_path"] = args.nvme_path
     cfg = {
@@ -495,6 +509,9 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--nvme-path", default=os.path.join(tempfile.gettempdir(), "shoal-nvme"))
     p.add_argument("--arms", default=DEFAULT_ARMS, help=f"of {[a.name for a in ARMS]}")
+    p.add_argument(
+        "--chunk-mb", type=float, default=0, help="OffloadSpec.chunk_mb (0: its default)"
+    )
     p.add_argument("--start-layers", type=int, default=2)
     p.add_argument("--max-layers", type=int, default=128, help="the search stops here")
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
