@@ -59,6 +59,7 @@ import argparse
 import json
 import os
 import shlex
+import shutil
 import socket
 import subprocess
 import sys
@@ -232,11 +233,16 @@ def ensure_venv(venv: Path, ds_version: str) -> tuple[Path | None, str]:
     return py, r.stdout.strip().splitlines()[-1]
 
 
+def run_nvme_dir(args: argparse.Namespace) -> Path:
+    """This run's files under --nvme-path (removed at the end: DeepSpeed leaves its swap files)."""
+    return Path(args.nvme_path) / f"ds-bench-{os.getpid()}"
+
+
 def ds_config(args: argparse.Namespace) -> dict:
     def place(kind: str) -> dict:
         out = {"device": args.offload}
         if args.offload == "nvme":
-            out["nvme_path"] = str(Path(args.nvme_path) / f"deepspeed-{kind}")
+            out["nvme_path"] = str(run_nvme_dir(args) / f"deepspeed-{kind}")
         if kind == "optimizer":
             out["pin_memory"] = False
         return out
@@ -265,7 +271,7 @@ def shoal_offload(args: argparse.Namespace) -> dict:
 
     kw: dict = {"optimizer": "host" if args.offload == "cpu" else "nvme", "job_id": "ds-bench"}
     if args.offload == "nvme":
-        kw["nvme_path"] = str(Path(args.nvme_path) / "shoal")
+        kw["nvme_path"] = str(run_nvme_dir(args) / "shoal")
         if "params" in OffloadSpec.__dataclass_fields__:
             kw["params"] = "nvme"
     return kw
@@ -408,6 +414,7 @@ def main() -> None:
         if "shoal" in args.sides:
             c = dict(cfg, offload=shoal_offload(args))
             sides["shoal"] = launch("shoal", Path(sys.executable), c, args, work)
+    shutil.rmtree(run_nvme_dir(args), ignore_errors=True)
 
     print(
         f"\nGPT n_layer={args.n_layer} d_model={args.d_model} n_head={args.n_head} "
