@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from actors.elastic_state import ElasticState
-from actors.memory import worker_available_bytes
+from actors.memory import fix_mmap_threshold, worker_available_bytes
 from actors.task import build_model, make_task
 from collectives.ddp import DDPEngine
 from collectives.errors import PeerLostError, classify_peer_loss
@@ -156,6 +156,7 @@ class DataParallelRuntime(ElasticState):
             with torch.device("meta"):
                 model = self._build_model()
             init_seed = self.spec.train.seed
+            fix_mmap_threshold()  # freed block buffers go back to the system
         else:
             model = self._build_model().to(self.device)
         self._close_engine()  # the last epoch's offloaded state (its files) goes first

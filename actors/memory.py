@@ -66,3 +66,28 @@ def worker_available_bytes(device: torch.device) -> int:
     node = node_available_bytes()
     headroom = cgroup_headroom_bytes()
     return node if headroom is None else min(node, headroom)
+
+
+M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter number (malloc.h)
+
+
+def fix_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Make glibc serve every allocation of ``nbytes`` or more with its own mmap.
+
+    glibc raises its mmap threshold each time a large block is freed, after
+    which ZeRO-3's per-block gather and gradient buffers come from the heap,
+    which it does not hand back: a worker's memory grows to several blocks'
+    worth more than it uses. A fixed threshold returns every such buffer to
+    the system when it is freed (measured in BENCHMARKS.md: the largest model
+    under a memory cap roughly doubles), at the price of fresh page faults
+    for each one. Used where memory is the constraint (offloaded
+    parameters). Returns False where the C library has no ``mallopt``.
+    """
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c"))
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)))
+    except (OSError, AttributeError):
+        return False

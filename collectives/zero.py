@@ -75,6 +75,9 @@ from collectives.offloaded_optim import (
 from collectives.optim import OptimizerSpec, decay_ranges
 
 STAGE_OF_STRATEGY = {"zero1": 1, "zero2": 2, "zero3": 3}
+# Stages 2-3: reduce-scatters in flight during a backward (each holds a group's
+# full-size gradient until it is folded into the shard).
+MAX_REDUCTIONS_IN_FLIGHT = 2
 
 
 def _check_bounds(bounds: list[tuple[int, int]], total: int, world_size: int) -> None:
@@ -199,7 +202,10 @@ class ZeroEngine:
     is lost). ``prefetch_stats`` counts ``sync`` gathers (started by the hook
     that needs the unit), ``prefetched`` gathers (started one unit ahead) and
     ``hits`` (hooks that found their unit prefetched). Reduce-scatters are
-    asynchronous in every stage.
+    asynchronous in every stage; in stages 2-3 at most
+    ``MAX_REDUCTIONS_IN_FLIGHT`` are in flight in a backward (the oldest is
+    folded into the shard when another starts), so a backward holds a few
+    groups' full-size gradients, never the whole model's.
     """
 
     def __init__(
@@ -637,12 +643,18 @@ class ZeroEngine:
             chunks.append(full[a : a + n])
         if self.world_size == 1:
             self._inflight.append(_Pending(None, chunks[0], g_idx, [full]))
-            return
-        out = full.new_empty(g.splits[self.rank])
-        work = dist.reduce_scatter(
-            out, chunks, op=dist.ReduceOp.SUM, group=self.group, async_op=True
-        )
-        self._inflight.append(_Pending(work, out, g_idx, [full]))
+        else:
+            out = full.new_empty(g.splits[self.rank])
+            work = dist.reduce_scatter(
+                out, chunks, op=dist.ReduceOp.SUM, group=self.group, async_op=True
+            )
+            self._inflight.append(_Pending(work, out, g_idx, [full]))
+        if self.stage > 1:
+            # Each reduction in flight holds its group's full-size gradient buffer:
+            # folding the oldest into the shard as the next ones start keeps the
+            # backward's gradient memory at a few groups, not the whole model.
+            while len(self._inflight) > MAX_REDUCTIONS_IN_FLIGHT:
+                self._fold(self._inflight.pop(0))
 
     def _on_grad_ready(self, param: torch.Tensor) -> None:
         i = self._slot_of[id(param)]
@@ -684,18 +696,22 @@ class ZeroEngine:
     def _drain(self) -> None:
         """Wait for every in-flight reduce-scatter and fold the results into the shard gradient."""
         for pend in self._inflight:
-            if pend.work is not None:
-                pend.work.wait()
-            g = self.groups[pend.group]
-            if self.params_offloaded:  # one reduced micro-batch more, into the tier
-                self.optimizer.add_grad(g.mine[0] - self.lo, g.mine[1] - self.lo, pend.out)
-                continue
-            dst = self.shard_grad[g.mine[0] - self.lo : g.mine[1] - self.lo]
-            if self.stage == 1:
-                dst.copy_(pend.out)  # the full local gradient was reduced in one go
-            else:
-                dst.add_(pend.out)  # one reduced micro-batch more
+            self._fold(pend)
         self._inflight = []
+
+    def _fold(self, pend: _Pending) -> None:
+        """Wait for one reduce-scatter and fold its result into the shard gradient."""
+        if pend.work is not None:
+            pend.work.wait()
+        g = self.groups[pend.group]
+        if self.params_offloaded:  # one reduced micro-batch more, into the tier
+            self.optimizer.add_grad(g.mine[0] - self.lo, g.mine[1] - self.lo, pend.out)
+            return
+        dst = self.shard_grad[g.mine[0] - self.lo : g.mine[1] - self.lo]
+        if self.stage == 1:
+            dst.copy_(pend.out)  # the full local gradient was reduced in one go
+        else:
+            dst.add_(pend.out)  # one reduced micro-batch more
 
     # -- backward ---------------------------------------------------------
 

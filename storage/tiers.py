@@ -431,7 +431,10 @@ class NvmeTier(Tier):
     def discard(self, buf: torch.Tensor) -> None:
         if buf.numel() == self.chunk_numel:  # one of ours (a read's, never a resized view)
             with self._lock:
-                self._buffers.append(buf)
+                # Keep no more free buffers than can be in flight at once: more would
+                # only hold memory that the next step does not need.
+                if len(self._buffers) < self._inflight.limit // self.chunk_bytes + 1:
+                    self._buffers.append(buf)
 
     # -- the tier -------------------------------------------------------------
 

@@ -673,3 +673,27 @@ def test_flat_optimizer_is_torch_bitwise(opt):
         flat_opt.step(LR)
         ref_opt.step()
     assert torch.equal(flat, torch.cat([p.detach().reshape(-1) for p in ref_params]))
+
+
+@pytest.mark.parametrize("strategy", ["zero2", "zero3"])
+def test_a_backward_holds_few_groups_gradients(strategy):
+    """Reductions are folded into the shard as the backward goes: gradient buffers of at most
+    MAX_REDUCTIONS_IN_FLIGHT groups are alive at once, however many groups the model has."""
+    from collectives.zero import MAX_REDUCTIONS_IN_FLIGHT
+
+    model = make_model("gpt")
+    engine = build_engine(strategy, model, ADAMW, bucket_mb=0.001)  # a group per parameter
+    assert len(engine.groups) > 2 * MAX_REDUCTIONS_IN_FLIGHT
+    peak = 0
+    launch = engine._launch
+
+    def counted(g_idx):
+        nonlocal peak
+        launch(g_idx)
+        peak = max(peak, len(engine._inflight))
+
+    engine._launch = counted
+    x, y = global_batch("gpt", 0)
+    engine.zero_grad()
+    engine.backward(summed_loss("gpt", model, x, y))
+    assert peak == MAX_REDUCTIONS_IN_FLIGHT
