@@ -190,6 +190,12 @@ def _worker(rank: int, world: int, port: int, cfg: dict, cgroup: str | None, log
         )
         extra = {}
         if cfg["meta_init"]:
+            # As actors/dp_runtime.py does for offloaded parameters: a lazy build,
+            # and glibc's mmap threshold fixed (a no-op if the bench already set it).
+            from actors.memory import fix_mmap_threshold
+
+            if not os.environ.get("MALLOC_MMAP_THRESHOLD_"):
+                fix_mmap_threshold()
             with torch.device("meta"):
                 model = GPT(**kwargs)
             extra["init_seed"] = cfg["seed"]
