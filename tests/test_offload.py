@@ -239,6 +239,17 @@ def test_checkpoint_of_offloaded_state_restores_into_a_plain_engine(tmp_path):
         e.close()
 
 
+def test_chunk_grid_ends_chunks_at_cuts():
+    from storage.tiers import ChunkGrid
+
+    grid = ChunkGrid(25, 10, cuts=(7, 12, 25, 40))
+    assert [grid.bounds(i) for i in range(grid.n_chunks)] == [(0, 7), (7, 12), (12, 22), (22, 25)]
+    assert list(grid.chunks_of(7, 12)) == [1] and list(grid.chunks_of(6, 13)) == [0, 1, 2]
+    assert list(grid.chunks_of(24, 25)) == [3] and list(grid.chunks_of(3, 3)) == []
+    plain = ChunkGrid(25, 10)
+    assert [plain.bounds(i) for i in range(plain.n_chunks)] == [(0, 10), (10, 20), (20, 25)]
+
+
 # -- parameters and gradients offloaded (zero3, offload.params) -------------------
 
 
