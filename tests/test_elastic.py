@@ -23,6 +23,7 @@ from orchestrator import JobSpec, JobState, submit
 from storage.checkpoint import CheckpointReader, latest_manifest
 from storage.object_store import open_store
 from tests.faulty_models import HeldGPT
+from tests.job_helpers import wait_for_step
 from tests.reference import train_reference
 
 ATOL = 2e-5
@@ -54,17 +55,6 @@ def _final_params(spec: JobSpec) -> torch.Tensor:
     manifest = latest_manifest(store)
     assert manifest is not None and manifest.step == spec.train.steps
     return CheckpointReader(store, manifest).read("param", 0, manifest.numel)
-
-
-def _wait_for_step(handle, step: int, timeout: float = 120) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        metrics = handle.metrics()
-        if metrics and metrics[-1]["step"] >= step:
-            return
-        assert not handle.done(), handle.status().error
-        time.sleep(0.05)
-    raise TimeoutError(f"job did not reach step {step}")
 
 
 def _kill_rank(handle, rank: int) -> int:
@@ -105,7 +95,7 @@ def test_sigkill_a_worker_loses_no_committed_step(ray_session, tmp_path, strateg
         f"elastic.replication={replication}",
     )
     handle = submit(spec)
-    _wait_for_step(handle, rng.randrange(2, 6))
+    wait_for_step(handle, rng.randrange(2, 6))
     _kill_rank(handle, rng.randrange(3))
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
@@ -150,7 +140,7 @@ def test_two_workers_killed_in_different_epochs(ray_session, tmp_path):
     HeldGPT.HOLD_FILE.touch()
     try:
         handle = submit(spec)
-        _wait_for_step(handle, 2)
+        wait_for_step(handle, 2)
         _kill_rank(handle, 1)
         # The second kill waits until the replacement has joined, so that
         # the killed worker's buddy is alive to hold its shard.
@@ -185,13 +175,13 @@ def test_worker_added_and_drained_mid_run(ray_session, tmp_path):
         steps=300,  # long enough for a new worker process to start and join
     )
     handle = submit(spec)
-    _wait_for_step(handle, 2)
+    wait_for_step(handle, 2)
     assert handle.scale(3) == 3
     while len(handle.status().workers) < 3:
         assert not handle.done(), handle.status().error
         time.sleep(0.05)
     scaled_up_at = handle.metrics()[-1]["step"]
-    _wait_for_step(handle, scaled_up_at + 3)
+    wait_for_step(handle, scaled_up_at + 3)
     assert handle.scale(1) == 1
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
@@ -209,7 +199,7 @@ def test_controller_killed_then_resumed(ray_session, tmp_path):
     HeldGPT.HOLD_FILE.touch()
     try:
         handle = submit(spec)
-        _wait_for_step(handle, 9)
+        wait_for_step(handle, 9)
         ray.kill(handle._controller, no_restart=True)
         status = handle.wait(timeout=60)
     finally:

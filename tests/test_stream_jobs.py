@@ -42,6 +42,7 @@ from orchestrator.status import JobStatus
 from storage.checkpoint import CheckpointReader, committed_steps, read_manifest
 from storage.object_store import open_store
 from tests.faulty_models import HeldGPT
+from tests.job_helpers import wait_for_step
 from tests.reference import final_params, train_reference
 
 pytest_plugins = ["tests.s3_server"]
@@ -132,17 +133,6 @@ def _params_at(spec: JobSpec, step: int) -> torch.Tensor:
     return CheckpointReader(store, manifest).read("param", 0, manifest.numel)
 
 
-def _wait_for_step(handle, step: int, timeout: float = 300) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        metrics = handle.metrics()
-        if metrics and metrics[-1]["step"] >= step:
-            return
-        assert not handle.done(), handle.status().error
-        time.sleep(0.05)
-    raise TimeoutError(f"job did not reach step {step}")
-
-
 @pytest.fixture(scope="module")
 def corpus(s3_server) -> tuple[str, np.ndarray]:
     """``s3://bucket/corpus/`` (three parquet files) and its samples in stream order."""
@@ -202,7 +192,7 @@ def runs(ray_session, s3_server, corpus, tmp_path_factory) -> dict[str, Run]:
         HeldStreamGPT.HOLD_FILE.touch()  # both jobs train slowly until the kill
         try:
             handles["reference"], handles["killed"] = submit(reference), submit(killed)
-            _wait_for_step(handles["killed"], KILL_AFTER)
+            wait_for_step(handles["killed"], KILL_AFTER, timeout=300)
             os.kill(handles["killed"].worker_pids()[0], signal.SIGKILL)
         finally:
             HeldStreamGPT.HOLD_FILE.unlink(missing_ok=True)
