@@ -28,6 +28,7 @@ from collectives.offloaded_optim import OffloadSpec
 from collectives.optim import OptimizerSpec
 from collectives.process_group import Rendezvous, host_store, join_group, leave_group
 from collectives.zero import ZeroEngine, build_engine
+from orchestrator.schema import params_leave_worker
 from orchestrator.spec import JobSpec
 from storage.checkpoint import CheckpointReader, CorruptCheckpointError, Manifest
 from storage.object_store import open_store
@@ -78,7 +79,7 @@ def offload_spec(spec: JobSpec, device: torch.device) -> OffloadSpec:
     nothing moves.
     """
     o = spec.offload
-    params = "none" if o.params == "host" and device.type == "cpu" else o.params
+    params = o.params if params_leave_worker(o.params, on_gpu=device.type != "cpu") else "none"
     return OffloadSpec(
         params=params,
         optimizer=o.optimizer,

@@ -20,6 +20,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
+from orchestrator.schema import params_leave_worker
 from orchestrator.spec import ConfigError
 from storage.tiers import chunk_numel_for, human
 
@@ -114,22 +115,17 @@ def plan_offload(
     state_bytes = b * n_states * (numel if stage < 1 else shard)
     chunk_bytes = chunk_numel_for(chunk_mb) * b
 
-    # Parameters leave the worker (ZeRO-3 only, spec.py checks) when they go to
-    # NVMe, or to host memory from a GPU; on a CPU worker host memory is theirs anyway.
-    moved = params == "nvme" or (params == "host" and device == "cuda")
+    # Parameters go to their tier with their gradients (ZeRO-3 only, spec.py checks).
+    moved = params_leave_worker(params, on_gpu=device == "cuda")
+    where = params if moved else "device"
     if moved:
-        where = params
         note = "with their gradients; one block gathered at a time, read ahead"
-        placements = [
-            Placement("parameters", where, param_bytes, note),
-            Placement("gradients", where, grad_bytes),
-        ]
     else:
         note = "CPU worker: already there" if params == "host" else ""
-        placements = [
-            Placement("parameters", "device", param_bytes, note),
-            Placement("gradients", "device", grad_bytes),
-        ]
+    placements = [
+        Placement("parameters", where, param_bytes, note),
+        Placement("gradients", where, grad_bytes),
+    ]
     placements.append(
         Placement("optimizer state", "device" if optimizer == "none" else optimizer, state_bytes)
     )

@@ -27,6 +27,14 @@ REPLICATION_MODES = ("async", "sync")
 TASK_TYPES = ("auto", "lm", "classification")
 OFFLOAD_OPTIMIZER = ("none", "host", "nvme")
 OFFLOAD_PARAMS = ("none", "host", "nvme")
+
+
+def params_leave_worker(params: str, on_gpu: bool) -> bool:
+    """Whether ``offload.params`` moves parameters: to NVMe, or to host memory off a GPU
+    (a CPU worker's parameters are in host memory already)."""
+    return params == "nvme" or (params == "host" and on_gpu)
+
+
 OFFLOAD_STRATEGIES = ("ddp", "zero1", "zero2", "zero3")
 
 

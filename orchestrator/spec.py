@@ -35,6 +35,7 @@ from orchestrator.schema import (
     TASK_TYPES,
     ClusterConfig,
     JobConfig,
+    params_leave_worker,
     register_schemas,
 )
 
@@ -375,8 +376,7 @@ def _validate_offload(c: JobConfig) -> None:
         "data-parallel strategies only)",
         c.strategy.name,
     )
-    moves_params = o.params == "nvme" or (o.params == "host" and c.cluster.gpus_per_worker > 0)
-    if moves_params:
+    if params_leave_worker(o.params, on_gpu=c.cluster.gpus_per_worker > 0):
         _check(
             c.strategy.name == "zero3",
             "offload.params",
