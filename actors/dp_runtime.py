@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from actors.elastic_state import ElasticState
 from actors.memory import fix_mmap_threshold, worker_available_bytes
+from actors.prefetch import BatchPrefetcher
 from actors.task import build_model, make_task
 from collectives.ddp import DDPEngine
 from collectives.errors import PeerLostError, classify_peer_loss
@@ -59,6 +60,7 @@ class StepResult:
     peak_rss: int  # bytes, this worker process's high-water mark so far
     # The optimizer step waiting on offloaded state (None: the state is not offloaded).
     io_wait_s: float | None = None
+    data_s: float = 0.0  # waiting for this step's batch (read ahead: ~0)
 
 
 def optimizer_spec(spec: JobSpec) -> OptimizerSpec:
@@ -116,6 +118,8 @@ class DataParallelRuntime(ElasticState):
         self._bounds: list[tuple[int, int]] | None = None
         self.data = data  # the job's dataset (actors/datasets.py), mapped from Ray's object store
         self.task = make_task(spec.task, data, spec.seq_len)
+        # The next step's rows are read while this one trains (actors/prefetch.py).
+        self._batches = BatchPrefetcher(self._read_batch, enabled=spec.train.prefetch)
         self._store = None
         self._rdzv_store: torch.distributed.TCPStore | None = None
         self.engine: DDPEngine | ZeroEngine | None = None
@@ -207,6 +211,7 @@ class DataParallelRuntime(ElasticState):
         )
 
     def shutdown(self) -> None:
+        self._batches.close()
         self._close_engine()
         leave_group()
 
@@ -242,10 +247,15 @@ class DataParallelRuntime(ElasticState):
             raise PeerLostError("peer failure earlier in this epoch: the process group is gone")
         return self._train_step(step, lr, batch_lo, batch_hi)
 
+    def _read_batch(self, step: int, lo: int, hi: int) -> dict[str, torch.Tensor]:
+        """Rows ``[lo, hi)`` of step ``step``'s global batch, on the host (any thread)."""
+        t = self.spec.train
+        return self.task.batch(self.data, t.seed, step, t.global_batch, lo, hi)
+
     def _train_step(self, step: int, lr: float, batch_lo: int, batch_hi: int) -> StepResult:
         t, task = self.spec.train, self.task
         start = time.perf_counter()
-        batch = task.batch(self.data, t.seed, step, t.global_batch, batch_lo, batch_hi)
+        batch, data_s = self._batches.get(step, batch_lo, batch_hi)
         batch = {k: v.to(self.device) for k, v in batch.items()}
         n = batch_hi - batch_lo
         # Scaled by a constant every rank knows (the global batch's units):
@@ -267,7 +277,7 @@ class DataParallelRuntime(ElasticState):
             engine.backward(objective.float() / scale, sync=i == len(micro) - 1)
             loss_sum += float(loss.detach())
             units += count
-        compute_s = time.perf_counter() - start
+        compute_s = time.perf_counter() - start - data_s
         # A ZeRO step updates this rank's shard before its last collective (the
         # all-gather), so if that fails the live shard is neither before nor
         # after the step; DDP's update follows its last collective.
@@ -294,6 +304,7 @@ class DataParallelRuntime(ElasticState):
             step_s=time.perf_counter() - start,
             peak_rss=peak_rss_bytes(),
             io_wait_s=getattr(engine.optimizer, "last_io_wait_s", None),
+            data_s=data_s,
         )
 
     # -- checkpoints --------------------------------------------------------
@@ -426,6 +437,7 @@ class DataParallelRuntime(ElasticState):
         rank calls it with the same ``bounds`` and runs the same forwards.
         """
         task, model = self.task, self.engine.model
+        self._batches.wait()  # the dataset is used from one thread at a time
         items = [
             ({k: v.to(self.device) for k, v in part.items()}, counted)
             for part, counted in self._eval_parts(*bounds[self.rank])

@@ -66,6 +66,7 @@ class StageStepResult:
     step_s: float
     peak_activation_bytes: int
     peak_rss: int
+    data_s: float = 0.0  # waiting for this step's batch (first and last stages)
 
 
 class _GivenOutputs(nn.Module):
@@ -164,8 +165,9 @@ class StageRuntime(DataParallelRuntime):
         n = batch_hi - batch_lo
         micro = np.array_split(np.arange(n), min(t.micro_batches, n))
         parts: list[dict[str, torch.Tensor]] = []
+        data_s = 0.0
         if self._is_first or self._is_last:  # middle stages need no data
-            batch = task.batch(self.data, t.seed, step, t.global_batch, batch_lo, batch_hi)
+            batch, data_s = self._batches.get(step, batch_lo, batch_hi)
             parts = [{k: v[torch.from_numpy(r)] for k, v in batch.items()} for r in micro]
         # Scaled by a constant every rank knows, as in data parallelism.
         scale = t.global_batch * task.units_per_sample
@@ -210,6 +212,7 @@ class StageRuntime(DataParallelRuntime):
             step_s=time.perf_counter() - start,
             peak_activation_bytes=stats.peak_activation_bytes,
             peak_rss=peak_rss_bytes(),
+            data_s=data_s,
         )
 
     # -- state held for recovery -----------------------------------------------

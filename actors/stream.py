@@ -41,8 +41,10 @@ every worker reads (and tokenizes) the whole stream and keeps only its own
 rows: input I/O is world size times the data. Going back (a recovery, a
 resume) reopens the stream at the start of the pass and reads forward again.
 
-**Eval.** No held-out split: ``eval_batches`` yields nothing (point another
-job at held-out files to evaluate).
+**Eval.** The held-out split is other files: ``data.eval_uri`` (same
+formats). Its first ``train.eval_batches`` global batches of windows, cut as
+the training stream's, are read once per process with pyarrow and kept (a
+few hundred KB). Without ``eval_uri`` a stream has no held-out split.
 """
 
 from __future__ import annotations
@@ -201,12 +203,17 @@ def filesystem(
 
 
 def list_files(
-    uri: str, fmt: str, endpoint_url: str | None = None, region: str | None = None
+    uri: str,
+    fmt: str,
+    endpoint_url: str | None = None,
+    region: str | None = None,
+    key: str = "data.uri",
 ) -> list[tuple[str, int]]:
     """``(path, size)`` of the data files under ``uri`` (or ``uri`` itself), in sorted order.
 
     A directory contributes its files (recursively) with the format's
     extensions, except hidden and ``_``-prefixed ones (``_SUCCESS``).
+    ``key``: the config field that gave ``uri``, for the errors.
     """
     from pyarrow import fs
 
@@ -216,10 +223,10 @@ def list_files(
         if info.type == fs.FileType.File:
             return [(info.path, info.size)]
         if info.type != fs.FileType.Directory:
-            raise DataError(f"data.uri: {uri!r} does not exist")
+            raise DataError(f"{key}: {uri!r} does not exist")
         found = pfs.get_file_info(fs.FileSelector(path, recursive=True))
     except OSError as e:
-        raise DataError(f"data.uri: cannot list {uri!r}: {e}") from None
+        raise DataError(f"{key}: cannot list {uri!r}: {e}") from None
     ext = EXTENSIONS[fmt]
     files = sorted(
         (f.path, f.size)
@@ -230,7 +237,7 @@ def list_files(
     )
     if not files:
         kinds = f" ({', '.join(ext)})" if ext else ""
-        raise DataError(f"data.uri: no {fmt} files{kinds} under {uri!r}")
+        raise DataError(f"{key}: no {fmt} files{kinds} under {uri!r}")
     return files
 
 
@@ -294,17 +301,26 @@ class StreamDataset:
     endpoint_url: str | None = None
     tokenizer: str = "bytes"
     region: str | None = None  # S3 only; not in the fingerprint (it does not change the data)
+    # The held-out split (data.eval_uri): its URI and files; not in the fingerprint either.
+    eval_uri: str | None = None
+    eval_files: tuple[str, ...] = ()
     kind = "tokens"
     vocab_size = VOCAB_SIZE
     # A worker's reader: created on first use, never pickled (see __getstate__).
     _cursor: Cursor | None = field(default=None, init=False, repr=False, compare=False)
     _lock: Any = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    # (batch_size, window, limit) -> the held-out batches, read once per process.
+    _held_out: dict[tuple[int, int, int], list[np.ndarray]] = field(
+        default_factory=dict, init=False, repr=False, compare=False
+    )
+
+    _UNPICKLED = ("_cursor", "_lock", "_held_out")
 
     def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k not in ("_cursor", "_lock")}
+        return {k: v for k, v in self.__dict__.items() if k not in self._UNPICKLED}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state, _cursor=None, _lock=threading.Lock())
+        self.__dict__.update(state, _cursor=None, _lock=threading.Lock(), _held_out={})
 
     @property
     def facts(self) -> DataFacts:
@@ -354,11 +370,28 @@ class StreamDataset:
                 self._cursor = None
 
     def eval_batches(self, batch_size: int, seq_len: int, limit: int) -> Iterator[np.ndarray]:
-        """None: a stream has no held-out split (evaluate with another job on held-out files)."""
-        return iter(())
+        """Up to ``limit`` batches of ``batch_size`` held-out windows (``[n, seq_len + 1]``
+        token arrays; the last may be short) from ``data.eval_uri``; none without it."""
+        if not self.eval_files:
+            return iter(())
+        key = (batch_size, seq_len + 1, limit)
+        with self._lock:
+            if key not in self._held_out:
+                paths = pa.table({"path": list(self.eval_files)})
+                options = {**self._read_options(), "uri": self.eval_uri}
+                cursor = Cursor(
+                    lambda: (t.column("rows") for t in _read_files(paths, **options)), key[1]
+                )
+                windows = cursor.read(0, batch_size * limit)
+                cursor.close()
+                self._held_out[key] = [
+                    windows[i : i + batch_size] for i in range(0, len(windows), batch_size)
+                ]
+            return iter(list(self._held_out[key]))
 
     def eval_batch(self, rows: np.ndarray, seq_len: int) -> dict[str, torch.Tensor]:
-        raise DataError("a streamed dataset has no held-out split")
+        window = torch.from_numpy(rows.astype(np.int64))
+        return {"x": window[:, :-1], "y": window[:, 1:]}
 
     def decode(self, ids: list[int]) -> str:
         return decode_bytes(ids)
@@ -421,6 +454,7 @@ def ray_dataset(
     endpoint_url: str | None = None,
     tokenizer: str = "bytes",
     region: str | None = None,
+    eval_uri: str | None = None,
 ) -> StreamDataset:
     """``data=ray_dataset``: the files under ``uri`` as a token stream (lists them; reads nothing).
 
@@ -429,12 +463,17 @@ def ray_dataset(
     server for ``s3://`` URIs (MinIO, a test server); ``region``: the
     bucket's S3 region (``data.region``, by default ``storage.region``; None:
     the AWS configuration's); credentials come from the usual AWS environment.
+    ``eval_uri``: held-out files of the same format (the same server and
+    credentials), evaluated every ``train.eval_every`` steps.
     """
     if format not in FORMATS:
         raise ValueError(f"data.format must be one of {', '.join(FORMATS)}, not {format!r}")
     if tokenizer not in TOKENIZERS:
         raise ValueError(f"data.tokenizer must be 'bytes' for data=ray_dataset, not {tokenizer!r}")
     listed = list_files(uri, format, endpoint_url, region)
+    held_out = []
+    if eval_uri:
+        held_out = list_files(eval_uri, format, endpoint_url, region, "data.eval_uri")
     return StreamDataset(
         uri=uri,
         format=format,
@@ -444,4 +483,6 @@ def ray_dataset(
         endpoint_url=endpoint_url,
         tokenizer=tokenizer,
         region=region,
+        eval_uri=eval_uri,
+        eval_files=tuple(p for p, _ in held_out),
     )

@@ -228,7 +228,8 @@ def load_data(spec: JobSpec):
     if t.eval_every and first_eval is None:
         raise ConfigError(
             f"train.eval_every: the dataset ({spec.data._target_}) has no held-out samples to "
-            "evaluate on; set train.eval_every=0, or use a dataset with a held-out split"
+            "evaluate on; set train.eval_every=0, or use a dataset with a held-out split "
+            "(data=ray_dataset: held-out files in data.eval_uri)"
         )
     return data
 

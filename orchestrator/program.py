@@ -287,6 +287,7 @@ def common_record(
     tokens = sum(r.n_tokens for r in losses)
     if tokens:
         record["tokens_per_s"] = tokens / step_time_s
+    record["data_wait_s"] = [round(getattr(r, "data_s", 0.0), 5) for r in results]
     io_wait = [getattr(r, "io_wait_s", None) for r in results]
     if any(w is not None for w in io_wait):  # offloaded optimizer state: waits on its tier
         record["offload_wait_s"] = [round(w or 0.0, 5) for w in io_wait]

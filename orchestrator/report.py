@@ -73,6 +73,16 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} TiB"
 
 
+def data_wait_share(metrics: list[dict[str, Any]], warmup: int = 2) -> float | None:
+    """Seconds the most-waiting rank spent waiting for its batch, over step time, summed over
+    the steps after ``warmup`` (the first reads open files and start readers). None: no steps
+    that say."""
+    steady = [m for m in metrics[warmup:] if m.get("data_wait_s") and m.get("step_time_s")]
+    if not steady:
+        return None
+    return sum(max(m["data_wait_s"]) for m in steady) / sum(m["step_time_s"] for m in steady)
+
+
 def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     """A short end-of-run report: outcome, loss, time, throughput, memory, outputs."""
     lines = [f"job {status.job_id}: {status.state.value}"]
@@ -99,6 +109,9 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
     lines.append(
         f"  steps       {status.step}/{status.total_steps} in {status.elapsed_s:.1f}s{rate}"
     )
+    share = data_wait_share(metrics)
+    if share is not None:
+        lines.append(f"  input       waiting for data {share:.1%} of step time (slowest rank)")
     if status.eval_loss is not None:
         metric = ""
         if status.accuracy is not None:

@@ -192,7 +192,8 @@ class RayDatasetConfig:
     """``data=ray_dataset data.uri=...``: text files larger than memory, streamed with Ray Data.
 
     Samples are consecutive windows of the rows' byte tokens, in sorted file
-    order, repeated every epoch (``actors/stream.py``); no held-out split.
+    order, repeated every epoch (``actors/stream.py``); the held-out split is
+    ``eval_uri``'s files.
     """
 
     _target_: str = "actors.stream.ray_dataset"
@@ -207,6 +208,9 @@ class RayDatasetConfig:
     region: str | None = None
     # bytes only (vocabulary 256).
     tokenizer: str = "bytes"
+    # The held-out split: other files of the same format (train.eval_every);
+    # null: none.
+    eval_uri: str | None = None
 
 
 @dataclass
@@ -237,6 +241,10 @@ class TrainConfig:
     # the result is the global-batch gradient either way.
     balance: str = "equal"
     balance_every: int = 20
+    # Read the next step's batch on a background thread while this one trains
+    # (actors/prefetch.py). false: read in the step, e.g. for a dataset whose
+    # batch() is not safe to run beside the model (it reseeds torch's global RNG).
+    prefetch: bool = True
     seed: int = 0
     log_every: int = 10
     # Evaluate on the held-out split every this many steps (and at the end);

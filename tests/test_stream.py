@@ -227,26 +227,58 @@ def test_ray_data_stream_in_a_worker_matches_the_in_memory_order(ray_session, s3
             np.testing.assert_array_equal(x, want, err_msg=f"rows {lo}:{hi} of step {step}")
 
 
-def test_eval_every_on_a_stream_is_refused_naming_it(tmp_path):
-    """A stream has no held-out split: asking to evaluate on it is an error, not a no-op."""
+@pytest.mark.parametrize("fmt", ["parquet", "json", "text"])
+def test_held_out_files_give_the_first_windows_of_their_own_stream(tmp_path, fmt):
+    """data.eval_uri: batches of windows cut from the held-out files as training cuts its own,
+    at most ``limit`` of them, read once per process (and not pickled)."""
+    rows, held = make_rows(40), make_rows(50, seed=9)
+    (tmp_path / "train").mkdir()
+    (tmp_path / "held").mkdir()
+    ref = reference(held)
+    data = ray_dataset(
+        write_formats(rows, tmp_path / "train")[fmt],
+        format=fmt,
+        eval_uri=write_formats(held, tmp_path / "held")[fmt],
+    )
+    got = list(data.eval_batches(4, SEQ_LEN, 3))
+    assert [len(b) for b in got] == [4, 4, 4]
+    np.testing.assert_array_equal(np.concatenate(got), ref[:12])
+    batch = data.eval_batch(got[1], SEQ_LEN)
+    np.testing.assert_array_equal(batch["x"].numpy(), ref[4:8, :-1])
+    np.testing.assert_array_equal(batch["y"].numpy(), ref[4:8, 1:])
+    whole = list(data.eval_batches(16, SEQ_LEN, 100))  # all of it; the last batch is short
+    assert [len(b) for b in whole] == [16] * (len(ref) // 16) + [len(ref) % 16]
+    copy = pickle.loads(pickle.dumps(data))
+    assert copy._held_out == {} and copy.eval_files == data.eval_files
+    assert copy.fingerprint() == ray_dataset(data.uri, format=fmt).fingerprint()
+    with pytest.raises(DataError, match="data.eval_uri: .* does not exist"):
+        ray_dataset(data.uri, format=fmt, eval_uri=str(tmp_path / "nowhere"))
+
+
+def test_eval_every_on_a_stream_needs_held_out_files(tmp_path):
+    """Without data.eval_uri a stream has no held-out split: asking to evaluate on it is an
+    error naming the field, not a no-op; with it the job is accepted."""
     import pyarrow.parquet as pq
 
     from orchestrator.api import load_data
     from orchestrator.spec import ConfigError, JobSpec
 
-    pq.write_table(pa.table({"text": ["some text to read " * 40] * 50}), tmp_path / "a.parquet")
-    spec = JobSpec.from_overrides(
-        [
-            "data=ray_dataset",
-            f"data.uri={tmp_path}",
-            "model.seq_len=16",
-            "train.global_batch=4",
-            "train.eval_every=5",
-            f"run_dir={tmp_path / 'run'}",
-        ]
-    )
-    with pytest.raises(ConfigError, match="train.eval_every: the dataset .* no held-out"):
-        load_data(spec)
+    (tmp_path / "train").mkdir()
+    text = pa.table({"text": ["some text to read " * 40] * 50})
+    pq.write_table(text, tmp_path / "train" / "a.parquet")
+    overrides = [
+        "data=ray_dataset",
+        f"data.uri={tmp_path / 'train'}",
+        "model.seq_len=16",
+        "train.global_batch=4",
+        "train.eval_every=5",
+        f"run_dir={tmp_path / 'run'}",
+    ]
+    with pytest.raises(ConfigError, match="train.eval_every: the dataset .* data.eval_uri"):
+        load_data(JobSpec.from_overrides(overrides))
+    pq.write_table(pa.table({"text": ["other text " * 30] * 20}), tmp_path / "held.parquet")
+    spec = JobSpec.from_overrides([*overrides, f"data.eval_uri={tmp_path / 'held.parquet'}"])
+    assert len(next(load_data(spec).eval_batches(4, 16, 1))) == 4
 
 
 def test_region_reaches_every_s3_filesystem_the_stream_opens(s3_server, tmp_path, monkeypatch):

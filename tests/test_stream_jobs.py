@@ -19,10 +19,13 @@ The uninterrupted 2-worker run is shared (module fixture). Against it:
   the same in either order, so nothing but the samples can differ;
 * 3 workers resuming from its step-``RESUME_AT`` checkpoint must end within
   ``ATOL`` of it: a third rank changes only the order of fp32 sums.
+
+The uninterrupted run also evaluates on held-out files (``data.eval_uri``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import signal
 import tempfile
@@ -37,6 +40,8 @@ import pytest
 import torch
 
 from actors.datasets import DataFacts
+from actors.task import build_model, eval_metrics, make_task
+from collectives.flat import FlatLayout
 from orchestrator import JobSpec, JobState, submit
 from orchestrator.status import JobStatus
 from storage.checkpoint import CheckpointReader, committed_steps, read_manifest
@@ -57,6 +62,7 @@ STEPS = 16  # 112 samples: ~2.5 passes of the corpus below
 RESUME_AT = 7  # the checkpoint the 3-worker run resumes from: its next step straddles passes
 KILL_AFTER = 8  # the kill lands once step 8 (in pass 1) is committed
 ATOL = 2e-5  # as tests/test_jobs.py: another world size only reorders fp32 sums
+EVAL_EVERY, EVAL_BATCHES = 8, 2  # the reference run's held-out evaluations
 
 
 class HeldStreamGPT(HeldGPT):
@@ -155,6 +161,23 @@ def corpus(s3_server) -> tuple[str, np.ndarray]:
     return f"s3://{bucket}/corpus/", samples
 
 
+@pytest.fixture(scope="module")
+def held_out(s3_server, corpus) -> tuple[str, np.ndarray]:
+    """``s3://bucket/heldout/`` (one parquet file of other rows) and its windows."""
+    import pyarrow.fs as pafs
+
+    uri, _ = corpus
+    bucket = uri.removeprefix("s3://").split("/")[0]
+    rows = make_rows(40, seed=8)
+    s3 = pafs.S3FileSystem(
+        endpoint_override=s3_server.endpoint.removeprefix("http://"), scheme="http"
+    )
+    pq.write_table(pa.table({"text": rows}), f"{bucket}/heldout/part-0.parquet", filesystem=s3)
+    samples = windows(rows)
+    assert len(samples) > EVAL_BATCHES * B  # the evaluation reads only the first batches
+    return f"s3://{bucket}/heldout/", samples
+
+
 class Run(NamedTuple):
     spec: JobSpec
     status: JobStatus
@@ -168,7 +191,7 @@ def _finish(handle, spec: JobSpec) -> Run:
 
 
 @pytest.fixture(scope="module")
-def runs(ray_session, s3_server, corpus, tmp_path_factory) -> dict[str, Run]:
+def runs(ray_session, s3_server, corpus, held_out, tmp_path_factory) -> dict[str, Run]:
     """This module's three jobs, run once; each test below checks its own.
 
     All three run side by side (a job's start-up is mostly waiting for processes):
@@ -177,7 +200,15 @@ def runs(ray_session, s3_server, corpus, tmp_path_factory) -> dict[str, Run]:
     """
     uri, _ = corpus
     tmp = tmp_path_factory.mktemp("stream")
-    reference = _spec(tmp, "reference", uri, s3_server.endpoint)
+    reference = _spec(
+        tmp,
+        "reference",
+        uri,
+        s3_server.endpoint,
+        f"data.eval_uri={held_out[0]}",
+        f"train.eval_every={EVAL_EVERY}",
+        f"train.eval_batches={EVAL_BATCHES}",
+    )
     killed = _spec(tmp, "killed", uri, s3_server.endpoint)
     resumed = _spec(
         tmp,
@@ -244,3 +275,27 @@ def test_resume_at_another_world_size_matches(runs):
     torch.testing.assert_close(
         _params_at(spec, STEPS), _params_at(runs["reference"].spec, STEPS), atol=ATOL, rtol=0
     )
+
+
+def test_held_out_files_are_evaluated_as_one_process_would(runs, held_out):
+    """``data.eval_uri``: every EVAL_EVERY steps and at the end, the held-out loss of the
+    job's parameters over the first EVAL_BATCHES global batches of the held-out windows."""
+    spec, status, metrics = runs["reference"]
+    evals = [m for m in metrics if "eval_loss" in m]
+    assert len(evals) == STEPS // EVAL_EVERY
+    assert all(math.isfinite(m["perplexity"]) for m in evals)
+    # The job's input waits are recorded per rank and step.
+    assert all(len(m["data_wait_s"]) == 2 for m in metrics)
+    _, samples = held_out
+    data = Oracle(samples)
+    torch.manual_seed(0)
+    model = build_model(spec.model, data.facts)
+    params, flat = dict(model.named_parameters()), final_params(spec)
+    with torch.no_grad():
+        for slot in FlatLayout.of(model).slots:
+            params[slot.name].copy_(flat[slot.offset : slot.end].view(slot.shape))
+    task = make_task(spec.task, data, SEQ_LEN)
+    items = [(data.batch(0, k, B, 0, B, SEQ_LEN), True) for k in range(EVAL_BATCHES)]
+    model.eval()
+    expected = eval_metrics([task.evaluate(model, items)])
+    assert status.eval_loss == pytest.approx(expected["eval_loss"], abs=1e-5)
