@@ -129,6 +129,7 @@ def common_overrides(args: argparse.Namespace) -> list[str]:
         "train.sample_tokens=0",
         "checkpoint.every=0",
         "strategy.rebalance_every=0",  # the partition planned at the start, all run long
+        *args.extra,
     ]
 
 
@@ -717,6 +718,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--recovery-timeout", type=float, default=240.0)
     p.add_argument("--job-timeout", type=float, default=600.0)
     p.add_argument("--keep-runs", action="store_true", help="keep the jobs' run folders")
+    p.add_argument(
+        "--extra",
+        nargs="*",
+        default=[],
+        help="more overrides for every job, e.g. elastic.enabled=false",
+    )
     args = p.parse_args()
     quick = args.quick
 

@@ -14,6 +14,8 @@ chosen at random strictly between two checkpoints (``N+2 .. 2N-2``):
   is rebuilt from its buddy's replica, and training continues in a new
   epoch. ``cluster.min_workers=2`` is measured too ("shoal, survivors
   only"): the survivors go on without waiting for the replacement to start.
+  And ``elastic.spares=1`` ("shoal, 1 spare"): a fourth worker is started
+  with the job and stands by; the lost worker's place goes to it at once.
 * **restart + checkpoint**: what Ray Train's ``FailureConfig(max_failures=N)``
   does: the failure ends the whole worker group, a new one starts and loads
   the latest checkpoint. Done with shoal itself: ``elastic.enabled=false``
@@ -65,6 +67,7 @@ from orchestrator.api import NAMESPACE  # noqa: E402
 POLL_S = 0.02
 SHOAL = "shoal in-memory"
 SURVIVORS = "shoal, survivors only"
+SPARE = "shoal, 1 spare"
 RESTART = "restart + checkpoint"
 
 
@@ -158,9 +161,9 @@ def stop(handle) -> None:
 
 
 def measure_shoal(
-    args: argparse.Namespace, strategy: str, run_dir: Path, kill_at: int, rank: int, survivors: bool
+    args: argparse.Namespace, strategy: str, run_dir: Path, kill_at: int, rank: int, method: str
 ) -> Recovery:
-    extra = ["cluster.min_workers=2"] if survivors else []
+    extra = {SURVIVORS: ["cluster.min_workers=2"], SPARE: ["elastic.spares=1"]}.get(method, [])
     handle = submit(job_spec(args, strategy, run_dir, *extra))
     wait_until(handle, lambda r: committed(r) >= kill_at, f"step {kill_at}")
     start = controller_start(handle)
@@ -184,7 +187,7 @@ def measure_shoal(
         print(f"  warning: {seen} steps seen at the kill, {done_before} by the controller")
     return Recovery(
         strategy=strategy,
-        method=SURVIVORS if survivors else SHOAL,
+        method=method,
         kill_at=seen,
         committed=done_before,
         resumed_from=resumed_from,
@@ -272,7 +275,7 @@ def print_recovery_table(results: list[Recovery]) -> None:
     print("\nratios (restart + checkpoint / shoal), medians:")
     for strategy in dict.fromkeys(r.strategy for r in results):
         base = groups.get((strategy, RESTART))
-        for method in (SHOAL, SURVIVORS):
+        for method in (SHOAL, SURVIVORS, SPARE):
             ours = groups.get((strategy, method))
             if not base or not ours:
                 continue
@@ -307,6 +310,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--every", type=int, default=20, help="checkpoint.every")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--no-survivors", action="store_true", help="skip cluster.min_workers=2")
+    p.add_argument("--no-spare", action="store_true", help="skip elastic.spares=1")
     p.add_argument(
         "--no-restart", action="store_true", help="skip the restart + checkpoint baseline"
     )
@@ -322,7 +326,7 @@ def start_ray(args: argparse.Namespace) -> None:
     ray.init(
         address="local",  # our own instance, never another user's cluster on this machine
         namespace=NAMESPACE,
-        num_cpus=max(os.cpu_count() or 1, args.workers),
+        num_cpus=max(os.cpu_count() or 1, args.workers + 1),  # + a spare
         include_dashboard=False,
         log_to_driver=False,
         logging_level=logging.WARNING,
@@ -342,6 +346,7 @@ def main() -> None:
             rank = rng.randrange(args.workers)
             methods = ([] if args.no_restart else [RESTART]) + [SHOAL]
             methods += [] if args.no_survivors else [SURVIVORS]
+            methods += [] if args.no_spare else [SPARE]
             if rep % 2:
                 methods.reverse()
             for method in methods:
@@ -354,7 +359,7 @@ def main() -> None:
                 if method == RESTART:
                     r = measure_restart(args, strategy, run_dir, kill_at, rank)
                 else:
-                    r = measure_shoal(args, strategy, run_dir, kill_at, rank, method == SURVIVORS)
+                    r = measure_shoal(args, strategy, run_dir, kill_at, rank, method)
                 print(f"    -> {r}", flush=True)
                 results.append(r)
     print(f"\nload average at end: {load_average()}")

@@ -52,7 +52,10 @@ def ensure_ray(spec: JobSpec) -> None:
 
         training, *standing = job_roles(program_for(spec))
         needed = int(
-            np.ceil(training.maximum * training.cpus + sum(r.count * r.cpus for r in standing))
+            np.ceil(
+                (training.maximum + training.spares) * training.cpus
+                + sum(r.count * r.cpus for r in standing)
+            )
         )
         # address="local": always a new instance of our own, never a cluster
         # that happens to run on this machine.

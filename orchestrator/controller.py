@@ -254,7 +254,7 @@ class JobController:
             self._events,
             self.spec.elastic.max_failures,
         )
-        group.spawn(training.count)
+        group.spawn(training.count + group.spares)
         self._standing.spawn()
         # The planner needs the parameter count; it is worked out while the
         # workers start. On the meta device (shapes only, no memory), whose
@@ -266,7 +266,9 @@ class JobController:
             # Training FLOPs per token, for the achieved TFLOP/s (and MFU) of each step.
             flops = getattr(model, "flops_per_token", None)
             self._flops_per_token = flops() if callable(flops) else None
-        members = group.admit_ready(timeout=min(START_GRACE_S, cl.start_timeout_s))
+        members = group.admit_ready(
+            timeout=min(START_GRACE_S, cl.start_timeout_s), limit=group.target
+        )
         members = group.wait_for_members(
             members,
             training.minimum,
@@ -499,8 +501,9 @@ class JobController:
         phase("leave")
         self._forget_checkpoint_committer()
         phase("committer")
-        members = survivors + g.admit_ready()
-        missing = g.target - len(members) - len(g.pending)
+        # A spare (elastic.spares) is placed and started already: it joins at once.
+        members = survivors + g.admit_ready(limit=g.target - len(survivors))
+        missing = g.target + g.spares - len(members) - len(g.pending)
         if missing > 0:
             g.spawn(missing)
         members = g.wait_for_members(
@@ -603,8 +606,11 @@ class JobController:
             else:
                 joiners.append(m)
         drain = self._drain_decision(joining=len(joiners), admitted=len(joiners))
-        decision = decide_membership(g.members, drain.leaving, joiners, g.target, len(g.pending))
-        g.remove(list(decision.surplus))  # more were placed than the target needs
+        decision = decide_membership(
+            g.members, drain.leaving, joiners, g.target, len(g.pending), g.spares
+        )
+        g.remove(list(decision.surplus))  # more were placed than the target and spares need
+        g.stand_by(list(decision.standby))
         if decision.changed:
             self._move_state(
                 done,

@@ -101,7 +101,8 @@ class MembershipDecision:
     joining: tuple[Hashable, ...]  # placed joiners admitted now
     drained: tuple[Hashable, ...]  # members leaving a draining node
     scaled_down: tuple[Hashable, ...]  # members above the target
-    surplus: tuple[Hashable, ...]  # placed joiners the target has no room for: killed
+    surplus: tuple[Hashable, ...]  # placed joiners beyond the target and the spares: killed
+    standby: tuple[Hashable, ...]  # placed joiners kept idle as spares (elastic.spares)
     spawn: int  # new members to ask Ray for
 
     @property
@@ -116,26 +117,30 @@ def decide_membership(
     joiners: Sequence[Hashable],
     target: int,
     pending: int,
+    spares: int = 0,
 ) -> MembershipDecision:
     """At a quiescent step boundary: the next epoch's membership.
 
     ``draining``: members leaving because their node drains (already decided
     by ``node_drain.plan_drain``); ``joiners``: placed, admitted members;
-    ``pending``: members still being placed. Members above ``target`` leave
-    from the end of the rank order; joiners fill the room up to it.
+    ``pending``: members still being placed (spares included). Members above
+    ``target`` leave from the end of the rank order; joiners fill the room up
+    to it, and up to ``spares`` more stand by.
     """
     staying = [m for m in members if m not in draining]
     scaled_down = staying[target:]
     staying = staying[:target]
     room = max(0, target - len(staying))
-    joining, surplus = list(joiners[:room]), list(joiners[room:])
-    spawn = max(0, target - len(staying) - len(joining) - pending)
+    joining = list(joiners[:room])
+    standby, surplus = list(joiners[room : room + spares]), list(joiners[room + spares :])
+    spawn = max(0, target + spares - len(staying) - len(joining) - len(standby) - pending)
     return MembershipDecision(
         staying=tuple(staying),
         joining=tuple(joining),
         drained=tuple(m for m in members if m in draining),
         scaled_down=tuple(scaled_down),
         surplus=tuple(surplus),
+        standby=tuple(standby),
         spawn=spawn,
     )
 

@@ -62,6 +62,9 @@ class RoleSpec:
     # expert host's experts): they save it with every checkpoint and load it
     # on resume, beside the training role's members.
     saves_state: bool = False
+    # Members started beyond the count and kept idle (the training role's
+    # elastic.spares): a lost member is replaced by one at once.
+    spares: int = 0
 
     @property
     def minimum(self) -> int:
@@ -89,6 +92,7 @@ def training_role(
         env_vars=env_vars,
         min_count=cl.min_workers,
         max_count=cl.max_workers,
+        spares=spec.elastic.spares if spec.elastic.enabled else 0,
     )
 
 

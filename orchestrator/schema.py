@@ -304,6 +304,11 @@ class ElasticConfig:
     wait_timeout_s: float = 300.0
     # Give up after this many failures (a crash loop is not elasticity).
     max_failures: int = 20
+    # Workers started beyond cluster.workers and kept idle (each holds its
+    # cluster.cpus_per_worker / gpus_per_worker): a lost worker is replaced
+    # by a spare at once instead of waiting seconds for a new process, and a
+    # new spare is started behind it.
+    spares: int = 0
 
 
 @dataclass

@@ -285,6 +285,7 @@ def validate(c: JobConfig) -> None:
     _check(e.step_timeout_s > 0, "elastic.step_timeout_s", "> 0", e.step_timeout_s)
     _check(e.wait_timeout_s > 0, "elastic.wait_timeout_s", "> 0", e.wait_timeout_s)
     _check(e.max_failures >= 0, "elastic.max_failures", ">= 0", e.max_failures)
+    _check(e.spares >= 0, "elastic.spares", ">= 0", e.spares)
 
     _validate_gateway(c)
     _validate_offload(c)

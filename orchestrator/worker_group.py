@@ -167,6 +167,7 @@ class WorkerGroup:
         self.plan: Any = None  # the program's plan for the current epoch
         self.epoch = 0
         self.target = role.count
+        self.spares = role.spares  # started beyond the target, idle until one is needed
         self.failures = 0
         self.last_holdings: list[str] = []  # what the survivors held at the last recovery
         self._next_id = 0
@@ -202,17 +203,20 @@ class WorkerGroup:
         bundle = {"CPU": self.role.cpus}
         if self.role.gpus:
             bundle["GPU"] = self.role.gpus
-        _WANTED[(self.spec.job_id, self.role.name)] = [bundle] * self.target
+        _WANTED[(self.spec.job_id, self.role.name)] = [bundle] * (self.target + self.spares)
         if self.spec.cluster.address is None:
             return  # an embedded local Ray: no autoscaler can add nodes to it
         file_request(self.spec.job_id, job_bundles(self.spec.job_id))
 
-    def admit_ready(self, timeout: float = 0.0) -> list[Member]:
-        """Pending workers that Ray has placed and started (waiting up to ``timeout``)."""
-        if not self.pending:
+    def admit_ready(self, timeout: float = 0.0, limit: int | None = None) -> list[Member]:
+        """Pending workers that Ray has placed and started (waiting up to ``timeout`` for
+        ``limit`` of them, or all); at most ``limit``, the rest stay pending (spares)."""
+        if not self.pending or (limit is not None and limit <= 0):
             return []
         refs = [ref for _, ref in self.pending]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout)
+        want = len(refs) if limit is None else min(limit, len(refs))
+        ready, _ = ray.wait(refs, num_returns=want, timeout=timeout)
+        ready = set(ready) if limit is None else set(_ready_now(refs)[:limit])
         admitted, still = [], []
         for member, ref in self.pending:
             if ref not in ready:
@@ -229,6 +233,17 @@ class WorkerGroup:
             admitted.append(member)
         self.pending = still
         return admitted
+
+    def stand_by(self, members: list[Member]) -> None:
+        """Put admitted members back among the pending, placed and idle (spares)."""
+        for m in members:
+            probe = {
+                "pid": m.pid,
+                "available_memory": m.available_memory,
+                "node_id": m.node_id,
+                "profile": m.profile,
+            }
+            self.pending.append((m, ray.put(probe)))
 
     def ready_joiners(self) -> int:
         """How many pending workers Ray has placed and started (without waiting)."""
@@ -253,7 +268,8 @@ class WorkerGroup:
             if len(members) + len(self.pending) < minimum:
                 self.spawn(minimum - len(members) - len(self.pending))
             members += self.admit_ready(
-                timeout=min(POLL_S * 4, max(0.0, deadline - time.monotonic()))
+                timeout=min(POLL_S * 4, max(0.0, deadline - time.monotonic())),
+                limit=self.target - len(members),
             )
             if time.monotonic() > deadline and len(members) < minimum:
                 role, free = self.role, ray.available_resources()
@@ -594,3 +610,9 @@ class WorkerGroup:
         for m in self.members + [m for m, _ in self.pending]:
             ray.kill(m.actor, no_restart=True)
         self.members, self.pending = [], []
+
+
+def _ready_now(refs: list[ray.ObjectRef]) -> list[ray.ObjectRef]:
+    """Those of ``refs`` that are ready now, in their order (ray.wait's order is its own)."""
+    ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
+    return [r for r in refs if r in ready]

@@ -147,6 +147,7 @@ class InProcessGroup:
         self.plan: Any = None
         self.epoch = 0
         self.target = role.count
+        self.spares = role.spares
         self.failures = 0
         self.last_holdings: list[str] = []
         self.removed: list[int] = []
@@ -166,18 +167,22 @@ class InProcessGroup:
             self._next_id += 1
             self.pending.append((member, None))
 
-    def admit_ready(self, timeout: float = 0.0) -> list[ScriptedMember]:
-        admitted = [m for m, _ in self.pending]
+    def admit_ready(self, timeout: float = 0.0, limit: int | None = None) -> list[ScriptedMember]:
+        n = len(self.pending) if limit is None else max(0, limit)
+        admitted = [m for m, _ in self.pending[:n]]
         for m in admitted:
             m.numel = self.numel  # known once the controller has sized the model
-        self.pending = []
+        self.pending = self.pending[n:]
         return admitted
+
+    def stand_by(self, members: list[ScriptedMember]) -> None:
+        self.pending += [(m, None) for m in members]
 
     def ready_joiners(self) -> int:
         return len(self.pending)
 
     def wait_for_members(self, have, minimum, timeout, on_wait) -> list[ScriptedMember]:
-        members = list(have) + self.admit_ready()
+        members = list(have) + self.admit_ready(limit=self.target - len(have))
         if len(members) < minimum:
             raise RuntimeError(f"only {len(members)} of {minimum} members")
         return members

@@ -150,6 +150,32 @@ def test_failure_recovers_from_buddies_with_no_step_lost(tmp_path):
     assert steps == list(range(8))
 
 
+def test_a_spare_replaces_a_lost_member_and_a_new_spare_is_started(tmp_path):
+    spec, controller, rec = _controller(
+        tmp_path, "strategy=zero2", "train.steps=8", "elastic.spares=1"
+    )
+    seen = {}
+
+    def lose_rank_1(group):
+        seen["spare"] = [m.worker_id for m, _ in group.pending]
+        group.members[1].lost = True
+
+    def note_spare(group):
+        seen["after"] = [m.worker_id for m, _ in group.pending]
+
+    def setup(r):
+        _at_step(r, 4, lose_rank_1)
+        _at_step(r, 6, note_spare)
+
+    final = _run_with(controller, rec, setup)
+    assert final.state == JobState.SUCCEEDED, final.error
+    assert seen["spare"] == [2]  # workers 0 and 1 train, worker 2 stands by
+    joined = [e["worker_id"] for e in controller.events() if e["event"] == "joined"]
+    assert joined == [0, 1, 2]  # the spare took the lost member's place
+    assert seen["after"] == [3]  # and a new spare stands by
+    assert final.failures_survived == 1 and final.steps_redone == 0 and len(final.workers) == 2
+
+
 def test_failure_without_copies_falls_back_to_the_checkpoint(tmp_path):
     rec = Recorder(holdings_cover=lambda: False)
     spec, controller, rec = _controller(

@@ -74,17 +74,20 @@ def _events(spec: JobSpec) -> list[str]:
 
 
 @pytest.mark.parametrize(
-    "strategy, replication",
+    "strategy, replication, spares",
     # zero1 and zero2 shard less than zero3 but keep, copy and restore their
     # shard the same way (one dp range per rank, its buddy's copy): to keep
-    # the Ray tier lean it kills ddp, zero3, and zero2 with sync copies.
+    # the Ray tier lean it kills ddp, zero3, and zero2 with sync copies (and
+    # a spare standing by, which takes the lost worker's place).
     [
-        ("ddp", "async"),
-        ("zero3", "async"),
-        ("zero2", "sync"),
+        ("ddp", "async", 0),
+        ("zero3", "async", 0),
+        ("zero2", "sync", 1),
     ],
 )
-def test_sigkill_a_worker_loses_no_committed_step(ray_session, tmp_path, strategy, replication):
+def test_sigkill_a_worker_loses_no_committed_step(
+    ray_session, tmp_path, strategy, replication, spares
+):
     # A different, reproducible kill for each case.
     rng = random.Random(strategy if replication == "async" else f"{strategy}-{replication}")
     spec = _spec(
@@ -93,9 +96,14 @@ def test_sigkill_a_worker_loses_no_committed_step(ray_session, tmp_path, strateg
         f"strategy={strategy}",
         "cluster.workers=3",
         f"elastic.replication={replication}",
+        f"elastic.spares={spares}",
     )
     handle = submit(spec)
     wait_for_step(handle, rng.randrange(2, 6))
+    # Three workers train; with a spare, a fourth is started with them and stands by.
+    prefix = f"shoal-{spec.job_id}-worker"
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    assert sum(name.startswith(prefix) for name in names) == 3 + spares
     _kill_rank(handle, rng.randrange(3))
     status = handle.wait(timeout=240)
     assert status.state == JobState.SUCCEEDED, status.error
@@ -112,6 +120,10 @@ def test_sigkill_a_worker_loses_no_committed_step(ray_session, tmp_path, strateg
     assert status.steps_redone <= (1 if replication == "async" and strategy != "ddp" else 0)
     assert "died" in events and "restored-from-buddy" in events
     assert "restored-from-checkpoint" not in events
+    lines = (spec.run_dir / "events.jsonl").read_text().splitlines()
+    joined = [json.loads(line)["worker_id"] for line in lines if '"joined"' in line]
+    # One replacement joined: a new worker, or the spare (the first three placed train).
+    assert sorted(joined) == [0, 1, 2, 3]
     steps = [m["step"] for m in handle.metrics()]
     assert steps == sorted(set(steps)) and steps[-1] == STEPS - 1
     # Replicated (ddp) survivors hold no copy of earlier steps: if they all

@@ -77,6 +77,21 @@ def test_a_draining_member_leaves_and_a_replacement_takes_its_place():
     assert d.spawn == 1
 
 
+def test_spares_stand_by_beyond_the_target_and_are_replaced_when_used():
+    # Two placed joiners, room for one: the other stands by as the one spare.
+    d = decide_membership(["a", "b"], [], ["c", "d", "e"], target=3, pending=0, spares=1)
+    assert d.joining == ("c",) and d.standby == ("d",) and d.surplus == ("e",)
+    assert d.spawn == 0
+    # A full epoch whose spare joined elsewhere (a recovery): a new spare is asked for.
+    d = decide_membership(["a", "b", "c"], [], [], target=3, pending=0, spares=1)
+    assert not d.changed and d.spawn == 1
+    d = decide_membership(["a", "b", "c"], [], [], target=3, pending=1, spares=1)
+    assert d.spawn == 0
+    # Scaled up by two with one spare and one being placed: the spare joins, one more is asked.
+    d = decide_membership(["a", "b"], [], ["s"], target=4, pending=1, spares=1)
+    assert d.joining == ("s",) and d.standby == () and d.spawn == 1
+
+
 def _dp_program(*overrides: str):
     spec = JobSpec.from_overrides(
         ["model.n_layer=1", "model.d_model=32", "model.n_head=2", "model.seq_len=16", *overrides]
