@@ -36,7 +36,10 @@ command line and the job overrides that produced it:
    ``--partition-repeats`` times each. Also ``partition=auto`` with the run-time
    re-cut (``strategy.rebalance_every=--recut-every``; the partitions seen while
    it runs are printed), and the cut the planner makes from a layer profile
-   this driver takes alone, for reference.
+   this driver takes alone, for reference. ``--slowed-ms X`` uses
+   ``SlowedMLP`` instead: the same 6:4:4:2:2:2 costs spent waiting (X ms per
+   unit per forward), as layers on devices of their own would cost, so the
+   step follows the slowest stage even on two shared cores.
 4. **Recovery after killing a stage**: a 2-stage x 1-replica job with
    ``checkpoint.every`` beyond the run; once ``--kill-at`` steps have
    committed, one stage's worker is SIGKILLed (its pid from
@@ -79,6 +82,7 @@ from orchestrator import JobSpec, JobState, submit  # noqa: E402
 from orchestrator.api import NAMESPACE, load_data  # noqa: E402
 
 UNEQUAL = "bench.pipeline_models.UnequalMLP"
+SLOWED = "bench.pipeline_models.SlowedMLP"
 
 
 # -- jobs -----------------------------------------------------------------------
@@ -469,14 +473,16 @@ def driver_plan(args: argparse.Namespace) -> list[str]:
 
 
 def unequal_overrides(args: argparse.Namespace) -> list[str]:
+    slowed = [f"+model.ms_per_unit={args.slowed_ms:g}"] if args.slowed_ms else []
     return [
         "model=mlp",
         "data=digits",
-        f"model._target_={UNEQUAL}",
+        f"model._target_={SLOWED if args.slowed_ms else UNEQUAL}",
         f"+model.width={args.unequal_width}",
         f"+model.expansions=[{','.join(str(k) for k in args.expansions)}]",
+        *slowed,
         f"train.global_batch={args.unequal_batch}",
-        "train.micro_batches=4",
+        f"train.micro_batches={args.unequal_micro_batches}",
         "strategy.schedule=1f1b",
         "strategy.stages=2",
         "cluster.workers=2",
@@ -699,6 +705,13 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--unequal-width", type=int, default=384)
     p.add_argument("--expansions", type=int, nargs="+", default=[6, 4, 4, 2, 2, 2])
     p.add_argument("--unequal-batch", type=int, default=512)
+    p.add_argument("--unequal-micro-batches", type=int, default=4)
+    p.add_argument(
+        "--slowed-ms",
+        type=float,
+        default=0.0,
+        help="part 3 on SlowedMLP: ms of waiting per cost unit per forward (0: UnequalMLP)",
+    )
     p.add_argument(
         "--elastic-off-m",
         type=int,

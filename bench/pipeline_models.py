@@ -13,10 +13,15 @@ Use it as a job's model (the workers import it from the repository root)::
 
     model=mlp data=digits model._target_=bench.pipeline_models.UnequalMLP \
         +model.width=384 '+model.expansions=[6,4,4,2,2,2]'
+
+``SlowedMLP`` has the same shape of costs, but spent waiting (a sleep per
+block), as layers on devices of their own would look to a CPU: see its
+docstring.
 """
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import torch
@@ -61,3 +66,53 @@ class UnequalMLP(nn.Sequential):
         """``input``, one layer per block named by its expansion (``block0.x6``, ...), ``head``."""
         blocks = [(f"block{i}.x{k}", self[i + 1]) for i, k in enumerate(self.expansions)]
         return [("input", self[0]), *blocks, ("head", self[len(self) - 1])]
+
+
+class _Wait(torch.autograd.Function):
+    """Identity that sleeps ``forward_s`` in forward and twice that in backward (a backward
+    costs about two forwards): time spent without using a core."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, forward_s: float) -> torch.Tensor:
+        time.sleep(forward_s)
+        ctx.forward_s = forward_s
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        time.sleep(2 * ctx.forward_s)
+        return grad, None
+
+
+class WaitBlock(ExpandBlock):
+    """An ``ExpandBlock`` of expansion 1 that also waits ``k * ms_per_unit`` per forward."""
+
+    def __init__(self, width: int, k: int, ms_per_unit: float):
+        super().__init__(width, 1)
+        self.wait_s = k * ms_per_unit / 1e3
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _Wait.apply(super().forward(x), self.wait_s)
+
+
+class SlowedMLP(UnequalMLP):
+    """``UnequalMLP`` whose block ``i`` costs ``expansions[i]`` units of *waiting* (a sleep of
+    ``ms_per_unit`` per unit in forward, twice that in backward) over a small computation.
+
+    Stands for layers on devices of their own: two stages on two shared CPU
+    cores compete for the cores, so a better cut of compute-bound layers
+    cannot shorten the step there; waiting layers leave the cores free, and
+    the step follows the slowest stage as it would with a device per stage.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_classes: int,
+        width: int = 64,
+        expansions: Sequence[int] = (6, 4, 4, 2, 2, 2),
+        ms_per_unit: float = 5.0,
+    ):
+        super().__init__(in_features, num_classes, width, expansions)
+        for i, k in enumerate(self.expansions):
+            self[i + 1] = WaitBlock(width, k, ms_per_unit)
