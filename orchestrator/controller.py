@@ -397,6 +397,9 @@ class JobController:
             if self._standing.tend():
                 self._standing_changed()
                 self._set(workers=self._member_rows())
+            spares = self._group.standing_by()
+            if spares != self._status.spares:
+                self._set(spares=spares)
             # A join or drain waits for the steps in flight, then runs between steps.
             change = self._membership_change_wanted()
             # Or the same members with a fresh plan (e.g. stages re-cut to measured speeds).
@@ -861,6 +864,8 @@ class JobController:
         if self._group is not None:
             self._group.kill_all()
         self._standing.kill_all()
+        with self._lock:
+            self._status.spares = []
         withdraw_capacity(self.spec)
         o = self.spec.offload
         if o.optimizer == "nvme":

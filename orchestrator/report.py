@@ -164,6 +164,11 @@ def summary(status: JobStatus, metrics: list[dict[str, Any]]) -> str:
                 + (f", {w['compute_s'] * 1000:.0f} ms compute" if "compute_s" in w else "")
                 + (f", {w['busy_s'] * 1000:.0f} ms busy" if "busy_s" in w else "")
             )
+        for w in status.spares:  # placed, outside the epoch: the next lost worker's place
+            lines.append(
+                f"  spare       {w.get('role', 'worker')} {w['worker_id']}, pid {w['pid']}, "
+                "standing by"
+            )
     for w, mem in zip(status.workers, status.memory, strict=False):
         lines.append(
             f"  rank {w['rank']}      {w.get('role', 'worker')}, pid {w['pid']} on "

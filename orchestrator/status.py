@@ -55,6 +55,8 @@ class JobStatus:
     # shard_bytes (parameters + optimizer state owned), batch_share, compute_s.
     workers: list[dict[str, Any]] = field(default_factory=list)
     epoch: int = 0
+    # Placed workers standing by outside the epoch (elastic.spares): worker_id, pid, node_id.
+    spares: list[dict[str, Any]] = field(default_factory=list)
     batch_shares: list[int] = field(default_factory=list)
     # The training program's own fields (e.g. a pipeline's stages, partition and
     # bubble); "summary" holds the lines `shoal status` shows for them.

@@ -234,6 +234,27 @@ class WorkerGroup:
         self.pending = still
         return admitted
 
+    def standing_by(self) -> list[dict[str, Any]]:
+        """Status rows of the pending members Ray has placed and started (spares, and
+        joiners not admitted yet); their probes are read once."""
+        if not self.pending:
+            return []
+        ready = set(_ready_now([ref for _, ref in self.pending]))
+        rows = []
+        for m, ref in self.pending:
+            if ref not in ready:
+                continue
+            if m.pid is None:
+                try:
+                    probe = ray.get(ref)
+                except ray.exceptions.RayError:
+                    continue  # died before joining: admit_ready forgets it
+                m.pid, m.node_id = probe["pid"], probe.get("node_id")
+            rows.append(
+                {"role": m.role, "worker_id": m.worker_id, "pid": m.pid, "node_id": m.node_id}
+            )
+        return rows
+
     def stand_by(self, members: list[Member]) -> None:
         """Put admitted members back among the pending, placed and idle (spares)."""
         for m in members:

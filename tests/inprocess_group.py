@@ -175,6 +175,12 @@ class InProcessGroup:
         self.pending = self.pending[n:]
         return admitted
 
+    def standing_by(self) -> list[dict]:
+        return [
+            {"role": m.role, "worker_id": m.worker_id, "pid": m.pid, "node_id": None}
+            for m, _ in self.pending
+        ]
+
     def stand_by(self, members: list[ScriptedMember]) -> None:
         self.pending += [(m, None) for m in members]
 

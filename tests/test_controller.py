@@ -162,6 +162,7 @@ def test_a_spare_replaces_a_lost_member_and_a_new_spare_is_started(tmp_path):
 
     def note_spare(group):
         seen["after"] = [m.worker_id for m, _ in group.pending]
+        seen["status"] = [row["worker_id"] for row in controller.status().spares]
 
     def setup(r):
         _at_step(r, 4, lose_rank_1)
@@ -173,6 +174,8 @@ def test_a_spare_replaces_a_lost_member_and_a_new_spare_is_started(tmp_path):
     joined = [e["worker_id"] for e in controller.events() if e["event"] == "joined"]
     assert joined == [0, 1, 2]  # the spare took the lost member's place
     assert seen["after"] == [3]  # and a new spare stands by
+    assert seen["status"] == [3]  # shown in the status
+    assert final.spares == []  # and gone with the job
     assert final.failures_survived == 1 and final.steps_redone == 0 and len(final.workers) == 2
 
 
